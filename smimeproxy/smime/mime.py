@@ -1,0 +1,333 @@
+"""A raw MIME codec that keeps bytes exactly as they came.
+
+Python's :mod:`email` package re-folds headers and re-encodes bodies when it writes a
+message back, which breaks the bytes a signature covers. Everything the engine must
+keep byte for byte (a clear-signed part, an untouched body) goes through this module
+instead: it splits a message into header fields and body, and a multipart body into
+its parts (RFC 2046 section 5.1.1), and puts them back together without changing a
+byte it was not asked to change. Header *values* are interpreted with :mod:`email`'s
+parsers, which know RFC 2047 and RFC 2231.
+
+Not guaranteed: this is not a validating parser. Malformed structure (a missing
+closing boundary, say) is tolerated the way mail clients tolerate it, and reported
+through :class:`MalformedMessage` only where the engine must refuse to continue.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.message
+import email.utils
+import quopri
+import re
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from smimeproxy.errors import MalformedMessage
+
+CRLF = b"\r\n"
+LF = b"\n"
+
+#: Headers that describe the content of an entity (RFC 2045 section 9 and RFC 2183); they
+#: move with the content when it is signed or encrypted, the rest stay outside.
+CONTENT_HEADER_PREFIX = "content-"
+
+_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_LINE_END = re.compile(rb"\r\n|\n|\r")
+
+#: Hard limits against hostile input (each is far beyond any real message).
+MAX_HEADER_FIELDS = 10_000
+MAX_PARTS = 10_000
+
+
+@dataclass
+class HeaderField:
+    """One header field exactly as it appeared, continuation lines and line end included."""
+
+    name: str
+    raw: bytes
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+    def value(self) -> str:
+        """The unfolded value, decoded as UTF-8 (with replacement for stray bytes)."""
+        _, _, rest = self.raw.partition(b":")
+        unfolded = _LINE_END.sub(b"", rest).strip()
+        return unfolded.decode("utf-8", "replace")
+
+    @classmethod
+    def make(cls, name: str, value: str, eol: bytes = CRLF) -> HeaderField:
+        """A new field; ``value`` must already be folded/encoded as the caller wants it."""
+        if "\r" in value or "\n" in value:
+            raise ValueError("header values must not contain line breaks")
+        return cls(name, f"{name}: {value}".encode() + eol)
+
+
+@dataclass
+class Entity:
+    """A MIME entity: header fields and the raw body, plus the line ending it uses."""
+
+    headers: list[HeaderField] = field(default_factory=list)
+    body: bytes = b""
+    eol: bytes = CRLF
+    #: whether the header block was closed by an empty line (false for truncated input)
+    terminated: bool = True
+
+    # -- reading --------------------------------------------------------------------
+    def get(self, name: str, default: str | None = None) -> str | None:
+        key = name.lower()
+        for h in self.headers:
+            if h.key == key:
+                return h.value()
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        key = name.lower()
+        return [h.value() for h in self.headers if h.key == key]
+
+    def content_type(self) -> tuple[str, dict[str, str]]:
+        """(``type/subtype`` lower-cased, parameters); ``text/plain`` when absent (RFC 2045)."""
+        return parse_content_type(self.get("Content-Type"))
+
+    @property
+    def mime_type(self) -> str:
+        return self.content_type()[0]
+
+    def transfer_encoding(self) -> str:
+        return (self.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+
+    def decoded_body(self) -> bytes:
+        """The body with its Content-Transfer-Encoding removed."""
+        return decode_transfer_encoding(self.body, self.transfer_encoding())
+
+    def is_multipart(self) -> bool:
+        return self.mime_type.startswith("multipart/")
+
+    # -- writing --------------------------------------------------------------------
+    def header_bytes(self) -> bytes:
+        return b"".join(h.raw for h in self.headers)
+
+    def to_bytes(self) -> bytes:
+        return self.header_bytes() + self.eol + self.body
+
+    def remove(self, name: str) -> None:
+        key = name.lower()
+        self.headers = [h for h in self.headers if h.key != key]
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every field called ``name`` with one new field (kept in place)."""
+        new = HeaderField.make(name, value, self.eol)
+        for i, h in enumerate(self.headers):
+            if h.key == name.lower():
+                self.headers[i] = new
+                self.headers = [x for j, x in enumerate(self.headers) if j <= i or x.key != h.key]
+                return
+        self.headers.append(new)
+
+    def add(self, name: str, value: str, *, first: bool = False) -> None:
+        new = HeaderField.make(name, value, self.eol)
+        if first:
+            self.headers.insert(0, new)
+        else:
+            self.headers.append(new)
+
+    def content_headers(self) -> list[HeaderField]:
+        return [h for h in self.headers if h.key.startswith(CONTENT_HEADER_PREFIX)]
+
+    def other_headers(self) -> list[HeaderField]:
+        return [
+            h
+            for h in self.headers
+            if not h.key.startswith(CONTENT_HEADER_PREFIX) and h.key != "mime-version"
+        ]
+
+
+def detect_eol(data: bytes) -> bytes:
+    """The line ending of the first line: CRLF or LF (files on Unix often use LF)."""
+    i = data.find(b"\n")
+    if i > 0 and data[i - 1 : i] == b"\r":
+        return CRLF
+    return LF if i >= 0 else CRLF
+
+
+def parse_entity(data: bytes) -> Entity:
+    """Split ``data`` into header fields and body without changing any byte.
+
+    A message without an empty line is all header (and ``terminated`` is false);
+    a first line that is not a header field means there are no headers at all.
+    """
+    eol = detect_eol(data)
+    headers: list[HeaderField] = []
+    pos = 0
+    n = len(data)
+    terminated = False
+    while pos < n:
+        m = _LINE_END.search(data, pos)
+        end = m.end() if m else n
+        line = data[pos:end]
+        if line in (b"\r\n", b"\n", b"\r"):
+            pos = end
+            terminated = True
+            break
+        if line[:1] in (b" ", b"\t") and headers:
+            headers[-1].raw += line
+        else:
+            hm = _HEADER_NAME.match(line)
+            if hm is None:
+                if not headers:
+                    # no header block at all: everything is body (RFC 2045 defaults apply)
+                    return Entity([], data, eol, True)
+                # a stray line inside the header block: treat it as the end of headers
+                terminated = False
+                break
+            headers.append(HeaderField(hm.group(1).decode("ascii"), line))
+            if len(headers) > MAX_HEADER_FIELDS:
+                raise MalformedMessage("too many header fields")
+        pos = end
+    return Entity(headers, data[pos:], eol, terminated)
+
+
+def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
+    """``type/subtype`` lower-cased and its parameters (RFC 2045, RFC 2231 continuations)."""
+    if not value:
+        return "text/plain", {}
+    msg = email.message.Message()
+    msg["Content-Type"] = value
+    ctype = msg.get_content_type()
+    params: dict[str, str] = {}
+    for item in msg.get_params(failobj=[])[1:]:
+        k, v = item
+        params[k.lower()] = email.utils.collapse_rfc2231_value(v)
+    return ctype, params
+
+
+def split_multipart(body: bytes, boundary: str) -> tuple[bytes, list[bytes], bytes, bool]:
+    """Split a multipart body into (preamble, parts, epilogue, closed).
+
+    Each part is returned exactly as it stands between its delimiters: the line ending
+    before a delimiter belongs to the delimiter (RFC 2046 section 5.1.1), so a signed
+    part comes out with precisely the bytes that were signed. ``closed`` is false when
+    the closing delimiter is missing (a truncated message).
+    """
+    if not boundary or len(boundary) > 200:
+        raise MalformedMessage("multipart without a usable boundary parameter")
+    delim = b"--" + boundary.encode("ascii", "replace")
+    # a delimiter line: at the start of the body or after a line ending, followed by
+    # optional "--", optional whitespace and a line ending (or the end of the data)
+    pattern = re.compile(
+        rb"(?:\A|\r\n|\n)" + re.escape(delim) + rb"(--)?[ \t]*(?=\r\n|\n|\Z)(?:\r\n|\n)?"
+    )
+    parts: list[bytes] = []
+    preamble = b""
+    start: int | None = None
+    closed = False
+    for m in pattern.finditer(body):
+        if start is None:
+            preamble = body[: m.start()]
+        else:
+            parts.append(body[start : m.start()])
+            if len(parts) > MAX_PARTS:
+                raise MalformedMessage("too many MIME parts")
+        if m.group(1):
+            closed = True
+            return preamble, parts, body[m.end() :], closed
+        start = m.end()
+    if start is None:
+        return body, [], b"", False
+    parts.append(body[start:])
+    return preamble, parts, b"", closed
+
+
+def iter_leaves(entity: Entity, depth: int = 0, max_depth: int = 32) -> Iterator[Entity]:
+    """Every non-multipart entity below ``entity``, depth first."""
+    if depth > max_depth:
+        raise MalformedMessage("MIME nesting too deep")
+    if entity.is_multipart():
+        boundary = entity.content_type()[1].get("boundary", "")
+        _, parts, _, _ = split_multipart(entity.body, boundary)
+        for raw in parts:
+            yield from iter_leaves(parse_entity(raw), depth + 1, max_depth)
+    else:
+        yield entity
+
+
+def decode_transfer_encoding(body: bytes, encoding: str) -> bytes:
+    """Remove a Content-Transfer-Encoding; unknown encodings are an error, not a guess."""
+    encoding = encoding.lower()
+    if encoding in ("7bit", "8bit", "binary", ""):
+        return body
+    if encoding == "base64":
+        cleaned = re.sub(rb"[^A-Za-z0-9+/=]", b"", body)
+        cleaned = cleaned.split(b"=", 1)[0] if b"=" in cleaned[:-2] else cleaned
+        cleaned += b"=" * (-len(cleaned) % 4)
+        try:
+            return base64.b64decode(cleaned)
+        except (binascii.Error, ValueError) as e:
+            raise MalformedMessage(f"bad base64 body: {e}") from None
+    if encoding == "quoted-printable":
+        return quopri.decodestring(body)
+    raise MalformedMessage(f"unknown Content-Transfer-Encoding {encoding!r}")
+
+
+def base64_body(data: bytes, eol: bytes = CRLF) -> bytes:
+    """Base64 in lines of 76 characters (RFC 2045 section 6.8), ending with a line end."""
+    encoded = base64.b64encode(data)
+    return b"".join(encoded[i : i + 76] + eol for i in range(0, len(encoded), 76))
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Canonical line endings (RFC 5751 section 3.1.1): every line ends with CRLF."""
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")
+    return _LINE_END.sub(b"\r\n", data)
+
+
+def to_eol(data: bytes, eol: bytes) -> bytes:
+    """Convert canonical CRLF data to ``eol`` (LF for files that use it)."""
+    if eol == CRLF:
+        return to_crlf(data)
+    return data.replace(b"\r\n", b"\n")
+
+
+def new_boundary() -> str:
+    """A boundary that cannot occur in base64 or quoted-printable text (RFC 2046)."""
+    return "=_smimeproxy_" + secrets.token_hex(12)
+
+
+def build_multipart(
+    headers: Iterable[HeaderField],
+    subtype: str,
+    parts: Iterable[bytes],
+    *,
+    params: str = "",
+    eol: bytes = CRLF,
+    boundary: str | None = None,
+) -> Entity:
+    """A new multipart entity with ``parts`` placed verbatim between delimiters."""
+    boundary = boundary or new_boundary()
+    entity = Entity([*headers], b"", eol)
+    entity.set("Content-Type", f'multipart/{subtype}; {params}boundary="{boundary}"')
+    delim = b"--" + boundary.encode()
+    chunks = []
+    for part in parts:
+        chunks.append(delim + eol + part + eol)
+    entity.body = b"".join(chunks) + delim + b"--" + eol
+    return entity
+
+
+def needs_transport_encoding(entity: Entity, max_line: int = 998) -> bool:
+    """True when a leaf body is not 7bit-clean or has over-long lines (RFC 5322 2.1.1)."""
+    if entity.transfer_encoding() in ("base64", "quoted-printable"):
+        return False
+    body = entity.body
+    if any(b > 127 for b in body) or b"\0" in body:
+        return True
+    return any(len(line) > max_line for line in body.split(b"\n"))
+
+
+def is_ascii(data: bytes) -> bool:
+    return all(b < 128 for b in data)
