@@ -1,0 +1,782 @@
+"""CMS SignedData (RFC 5652 section 5): build and verify, at the CMS level only.
+
+:func:`sign_data` produces a DER ``ContentInfo(signedData)`` the way S/MIME agents
+expect it (RFC 8551): one SignerInfo identified by issuerAndSerialNumber, signed
+attributes contentType, messageDigest, signingTime, SMIMECapabilities and optionally
+SMIMEEncryptionKeyPreference, the signer's certificate and chain included.
+
+:func:`verify_data` checks the *cryptography* of every SignerInfo of a received object
+and reports it as :class:`~smimeproxy.smime.status.Check` values. It does **not**
+validate certificates (chain, validity, key usage, revocation: see
+``smimeproxy.pki.validation``), does not look at MIME, and does not decide whether a
+signer is trusted. A cryptographic failure is a ``FAIL`` check, never an exception;
+only structurally unusable input raises :class:`~smimeproxy.errors.MalformedMessage`.
+
+Weak digests: SHA-1 and MD5 still verify (old archives need them) but every such signer
+gets a ``digest-strength`` check with outcome ``FAIL``, so that
+``SignerStatus.cryptographically_valid`` is false by default, as in Thunderbird. A
+caller whose policy accepts SHA-1 may drop that one check.
+"""
+
+from __future__ import annotations
+
+import binascii
+import datetime
+import hashlib
+import hmac
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from asn1crypto import algos, cms, core
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding, rsa
+
+from smimeproxy.errors import MalformedMessage, UnsupportedAlgorithm
+from smimeproxy.smime.algorithms import (
+    DEFAULT_CAPABILITIES,
+    SIGNING_DIGESTS,
+    VERIFY_DIGESTS,
+    WEAK_DIGESTS,
+    capability_attribute,
+    digest_algorithm_id,
+    parse_capabilities,
+)
+from smimeproxy.smime.keys import KeyPair, hash_algorithm
+from smimeproxy.smime.status import Check, Outcome
+
+__all__ = [
+    "DEFAULT_CAPABILITIES",
+    "SignedDataResult",
+    "SignerInfoResult",
+    "decode_pem",
+    "sign_data",
+    "verify_data",
+]
+
+#: Bounds for hostile input: far above anything a mail client produces.
+MAX_SIGNERS = 1000
+MAX_CERTIFICATES = 1000
+MAX_CRLS = 100
+MAX_SIGNED_ATTRIBUTES = 64
+MAX_SIGNED_ATTRIBUTES_BYTES = 64 * 1024
+
+#: id-signedData (RFC 5652 section 5.1), and the mistyped OID that web.de once sent
+#: (1.2.840.113546 instead of 113549; gpgsm accepts it, see its samplemsgs).
+_SIGNED_DATA_OID = "1.2.840.113549.1.7.2"
+_WEBDE_SIGNED_DATA_OID = "1.2.840.113546.1.7.2"
+
+# ecPublicKey (RFC 5480) used as a signature algorithm by some producers: ECDSA with the
+# SignerInfo's digest algorithm.
+_EC_PUBLIC_KEY_OID = "1.2.840.10045.2.1"
+
+_PEM_RE = re.compile(
+    rb"-----BEGIN (PKCS7|CMS|SIGNED MESSAGE|PKCS #7 SIGNED DATA)-----(.*?)-----END \1-----",
+    re.DOTALL,
+)
+
+# asn1crypto raises these (and only these, as far as fuzzing found) on bad encodings.
+_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+
+
+@dataclass(frozen=True)
+class SignerInfoResult:
+    """The cryptographic verdict on one SignerInfo (no certificate validation)."""
+
+    certificate: x509.Certificate | None
+    digest_algorithm: str
+    signature_algorithm: str
+    checks: tuple[Check, ...]
+    signing_time: datetime.datetime | None = None
+    capabilities: tuple[str, ...] = ()
+    encryption_key_preference: x509.Certificate | None = None
+    errors: tuple[str, ...] = ()
+
+    @property
+    def valid(self) -> bool:
+        """Every check passed (including ``digest-strength``)."""
+        return bool(self.checks) and all(c.outcome is Outcome.PASS for c in self.checks)
+
+    def check(self, name: str) -> Check | None:
+        return next((c for c in self.checks if c.name == name), None)
+
+
+@dataclass(frozen=True)
+class SignedDataResult:
+    """A parsed and checked SignedData.
+
+    ``content`` is the eContent when encapsulated, else the detached content passed in
+    (when both exist, the *detached* content is what was checked: see ``verify_data``).
+    """
+
+    content: bytes
+    content_type: str
+    detached: bool
+    signers: tuple[SignerInfoResult, ...]
+    certificates: tuple[x509.Certificate, ...]
+    crls: tuple[x509.CertificateRevocationList, ...]
+    errors: tuple[str, ...] = ()  # certificates or CRLs that could not be read, etc.
+
+
+# --------------------------------------------------------------------------- signing
+
+
+def sign_data(
+    content: bytes,
+    signer: KeyPair,
+    *,
+    chain: Sequence[x509.Certificate] = (),
+    detached: bool = True,
+    digest: str = "sha256",
+    pss: bool = False,
+    capabilities: Sequence[str] = DEFAULT_CAPABILITIES,
+    encryption_certificate: x509.Certificate | None = None,
+    signing_time: datetime.datetime | None = None,
+) -> bytes:
+    """Sign ``content`` and return a DER ``ContentInfo(signedData)``.
+
+    RSA keys sign with PKCS#1 v1.5 (signature algorithm rsaEncryption, as OpenSSL
+    writes it) or RSASSA-PSS when ``pss`` (RFC 4056: MGF1 with the same hash, salt as
+    long as the hash); EC keys with ecdsa-with-SHA*; Ed25519 keys with id-Ed25519 and
+    always SHA-512 as the message digest (RFC 8419 section 3), whatever ``digest`` says.
+    The private key is only used through ``signer.key.sign``.
+
+    ``detached=False`` puts the content inside (opaque signed-data). When
+    ``encryption_certificate`` is given, an SMIMEEncryptionKeyPreference attribute names
+    it (RFC 8551 section 2.5.3) and the certificate is included.
+
+    Not guaranteed: that the certificate suits signing (key usage, validity) is not
+    checked here; that is the PKI layer's job.
+    """
+    if not isinstance(content, bytes | bytearray | memoryview):
+        raise TypeError("content must be bytes")
+    content = bytes(content)
+    public = signer.key.public_key()
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        digest = "sha512"
+    if digest not in SIGNING_DIGESTS:
+        raise UnsupportedAlgorithm(f"we do not sign with digest {digest!r}")
+    signature_algorithm = _signature_algorithm_for(public, digest, pss)
+
+    cert_asn1 = _to_asn1(signer.certificate)
+    when = signing_time or datetime.datetime.now(datetime.UTC)
+    if when.tzinfo is None:
+        raise ValueError("signing_time must be timezone-aware")
+    attributes = [
+        cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
+        cms.CMSAttribute({"type": "signing_time", "values": [_cms_time(when)]}),
+        cms.CMSAttribute(
+            {"type": "message_digest", "values": [hashlib.new(digest, content).digest()]}
+        ),
+    ]
+    if capabilities:
+        attributes.append(capability_attribute(capabilities))
+    if encryption_certificate is not None:
+        enc_asn1 = _to_asn1(encryption_certificate)
+        attributes.append(
+            cms.CMSAttribute(
+                {
+                    "type": "encrypt_key_pref",
+                    "values": [
+                        cms.SMIMEEncryptionKeyPreference(
+                            name="issuer_and_serial_number",
+                            value=_issuer_and_serial(enc_asn1),
+                        )
+                    ],
+                }
+            )
+        )
+    # DER: a SET OF is sorted by the encodings of its elements (X.690 11.6).
+    encoded = sorted(attribute.dump() for attribute in attributes)
+    signed_set = cms.CMSAttributes.load(
+        _der_header(0x31, len(b"".join(encoded))) + b"".join(encoded)
+    )
+    to_sign = signed_set.dump()
+    hash_name = None if isinstance(public, ed25519.Ed25519PublicKey) else digest
+    signature = signer.key.sign(to_sign, hash_name, pss=pss)
+
+    signer_info = cms.SignerInfo(
+        {
+            "version": "v1",
+            "sid": cms.SignerIdentifier(
+                name="issuer_and_serial_number", value=_issuer_and_serial(cert_asn1)
+            ),
+            "digest_algorithm": digest_algorithm_id(digest),
+            "signed_attrs": signed_set,
+            "signature_algorithm": signature_algorithm,
+            "signature": signature,
+        }
+    )
+    certificates = []
+    seen = set()
+    extra = [encryption_certificate] if encryption_certificate is not None else []
+    for cert in [signer.certificate, *chain, *extra]:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        if der not in seen:
+            seen.add(der)
+            certificates.append(asn1_x509.Certificate.load(der))
+    encap: dict[str, object] = {"content_type": "data"}
+    if not detached:
+        encap["content"] = content
+    signed_data = cms.SignedData(
+        {
+            "version": "v1",
+            "digest_algorithms": [digest_algorithm_id(digest)],
+            "encap_content_info": encap,
+            "certificates": certificates,
+            "signer_infos": [signer_info],
+        }
+    )
+    return cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+
+
+def _signature_algorithm_for(public: object, digest: str, pss: bool) -> algos.SignedDigestAlgorithm:
+    if isinstance(public, rsa.RSAPublicKey):
+        if pss:
+            # RFC 4056 section 2: hash, MGF1 over the same hash, salt = hash length.
+            params = algos.RSASSAPSSParams(
+                {
+                    "hash_algorithm": {"algorithm": digest},
+                    "mask_gen_algorithm": {
+                        "algorithm": "mgf1",
+                        "parameters": {"algorithm": digest},
+                    },
+                    "salt_length": hashlib.new(digest).digest_size,
+                }
+            )
+            return algos.SignedDigestAlgorithm({"algorithm": "rsassa_pss", "parameters": params})
+        # rsaEncryption with NULL parameters (RFC 3370 section 3.2), as OpenSSL writes it.
+        return algos.SignedDigestAlgorithm(
+            {"algorithm": "rsassa_pkcs1v15", "parameters": core.Null()}
+        )
+    if pss:
+        raise UnsupportedAlgorithm("RSASSA-PSS needs an RSA key")
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        # ecdsa-with-SHA*, parameters absent (RFC 5758 section 3.2).
+        return algos.SignedDigestAlgorithm({"algorithm": f"{digest}_ecdsa"})
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        # id-Ed25519, parameters absent (RFC 8419 section 2.3).
+        return algos.SignedDigestAlgorithm({"algorithm": "ed25519"})
+    raise UnsupportedAlgorithm(f"cannot sign with a {type(public).__name__}")
+
+
+def _cms_time(when: datetime.datetime) -> core.Choice:
+    # RFC 5652 section 11.3: UTCTime for 1950-2049, GeneralizedTime otherwise.
+    when = when.astimezone(datetime.UTC).replace(microsecond=0)
+    if 1950 <= when.year < 2050:
+        return cms.Time(name="utc_time", value=when)
+    return cms.Time(name="general_time", value=when)
+
+
+def _to_asn1(cert: x509.Certificate) -> asn1_x509.Certificate:
+    return asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+
+
+def _issuer_and_serial(cert: asn1_x509.Certificate) -> cms.IssuerAndSerialNumber:
+    return cms.IssuerAndSerialNumber({"issuer": cert.issuer, "serial_number": cert.serial_number})
+
+
+def _der_header(tag: int, length: int) -> bytes:
+    if length < 0x80:
+        return bytes([tag, length])
+    body = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(body)]) + body
+
+
+# ------------------------------------------------------------------------- verifying
+
+
+def decode_pem(data: bytes) -> bytes:
+    """DER bytes of a PEM-armoured CMS object (``PKCS7``, ``CMS``, ``SIGNED MESSAGE``).
+
+    Text before the armour (comment lines) is ignored. Raises :class:`MalformedMessage`
+    when there is no armour or its base64 is broken.
+    """
+    match = _PEM_RE.search(data)
+    if match is None:
+        raise MalformedMessage("no PEM-armoured CMS object found")
+    lines = [
+        line.strip()
+        for line in match.group(2).splitlines()
+        if line.strip() and b":" not in line  # skip RFC 1421-style headers
+    ]
+    try:
+        return binascii.a2b_base64(b"".join(lines), strict_mode=True)
+    except binascii.Error:
+        raise MalformedMessage("PEM armour holds broken base64") from None
+
+
+def verify_data(data: bytes, detached_content: bytes | None = None) -> SignedDataResult:
+    """Parse a ``ContentInfo(signedData)`` (DER, BER, or PEM) and check every signer.
+
+    ``detached_content`` is the content of a detached signature (the signed MIME part,
+    canonical). If the object *also* encapsulates content and it differs, the signers
+    are checked against ``detached_content`` (what a reader sees) and each gets an
+    ``encapsulated-content`` check with outcome ``FAIL``: that combination is the
+    eContent-confusion attack (CVE-2018-18509).
+
+    Checks per signer: ``message-digest`` and ``content-type`` (only when signed
+    attributes exist), ``signature``, ``digest-strength``. The signer's certificate is
+    looked up among the message's own certificates by issuerAndSerialNumber or
+    subjectKeyIdentifier; when it is missing, ``signature`` fails ("certificate not
+    in message"): callers with a certificate store may retry with
+    ``verify_data`` after adding certificates themselves (not supported here).
+
+    Not guaranteed: anything about trust. A ``PASS`` means "this key signed these
+    bytes", not "this person sent this mail".
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError("data must be bytes")
+    data = bytes(data)
+    if data.lstrip()[:1] == b"-" or b"-----BEGIN" in data[:4096]:
+        data = decode_pem(data)
+    try:
+        return _verify(data, detached_content)
+    except RecursionError:
+        raise MalformedMessage("CMS structure nested too deeply") from None
+    except _PARSE_ERRORS as e:
+        raise MalformedMessage(f"malformed SignedData ({type(e).__name__})") from None
+
+
+def _verify(data: bytes, detached_content: bytes | None) -> SignedDataResult:
+    signed_data = _parse_signed_data(data)
+    errors: list[str] = []
+
+    encap = signed_data["encap_content_info"]
+    content_type_oid = encap["content_type"]
+    content_type = content_type_oid.native
+    econtent = encap["content"]
+    encapsulated: bytes | None = None
+    if not isinstance(econtent, core.Void):
+        encapsulated = _octets(econtent)
+
+    if detached_content is not None:
+        content = bytes(detached_content)
+    else:
+        content = encapsulated if encapsulated is not None else b""
+    confusion = (
+        detached_content is not None
+        and encapsulated is not None
+        and not hmac.compare_digest(encapsulated, content)
+    )
+
+    certs_asn1, certificates = _read_certificates(signed_data, errors)
+    crls = _read_crls(signed_data, errors)
+
+    signer_infos = signed_data["signer_infos"]
+    if len(signer_infos) > MAX_SIGNERS:
+        raise MalformedMessage(f"more than {MAX_SIGNERS} signers")
+    index = _CertificateIndex(certs_asn1)
+    signers = []
+    for signer_info in signer_infos:
+        signers.append(
+            _verify_signer(
+                signer_info,
+                content=content,
+                have_content=encapsulated is not None or detached_content is not None,
+                content_type_oid=content_type_oid.dotted,
+                index=index,
+                confusion=confusion,
+            )
+        )
+    return SignedDataResult(
+        content=content,
+        content_type=str(content_type),
+        detached=encapsulated is None,
+        signers=tuple(signers),
+        certificates=tuple(certificates),
+        crls=tuple(crls),
+        errors=tuple(errors),
+    )
+
+
+def _parse_signed_data(data: bytes) -> cms.SignedData:
+    if not data:
+        raise MalformedMessage("empty input")
+    info = cms.ContentInfo.load(data, strict=True)
+    oid = info["content_type"].dotted
+    if oid == _SIGNED_DATA_OID:
+        signed_data = info["content"]
+    elif oid == _WEBDE_SIGNED_DATA_OID:
+        signed_data = cms.SignedData.load(info["content"].dump())
+    else:
+        raise MalformedMessage(f"not a SignedData (content type {oid})")
+    if not isinstance(signed_data, cms.SignedData):
+        raise MalformedMessage("SignedData missing")
+    # Touch the required fields now, so a broken encoding is reported as malformed.
+    signed_data["version"].native  # noqa: B018
+    signed_data["encap_content_info"]["content_type"].dotted  # noqa: B018
+    return signed_data
+
+
+def _octets(econtent: core.Any | core.OctetString | core.ParsableOctetString) -> bytes:
+    """eContent bytes, whatever asn1crypto parsed them as (BER constructed OCTET
+    STRINGs are joined by asn1crypto itself)."""
+    value = econtent.parsed if isinstance(econtent, core.Any) else econtent
+    if isinstance(value, core.OctetString | core.ParsableOctetString):
+        native = value.native
+        if isinstance(native, bytes):
+            return native
+        return bytes(value.contents)
+    raise MalformedMessage("eContent is not an OCTET STRING")
+
+
+def _read_certificates(
+    signed_data: cms.SignedData, errors: list[str]
+) -> tuple[list[asn1_x509.Certificate], list[x509.Certificate]]:
+    choices = signed_data["certificates"]
+    if isinstance(choices, core.Void):
+        return [], []
+    if len(choices) > MAX_CERTIFICATES:
+        raise MalformedMessage(f"more than {MAX_CERTIFICATES} certificates")
+    asn1_certs = []
+    certs = []
+    for choice in choices:
+        if choice.name != "certificate":
+            continue  # attribute certificates and others: not used for S/MIME
+        der = choice.chosen.dump()
+        try:
+            certs.append(x509.load_der_x509_certificate(der))
+        except ValueError:
+            errors.append("a certificate in the message could not be read")
+            continue
+        asn1_certs.append(choice.chosen)
+    return asn1_certs, certs
+
+
+def _read_crls(
+    signed_data: cms.SignedData, errors: list[str]
+) -> list[x509.CertificateRevocationList]:
+    choices = signed_data["crls"]
+    if isinstance(choices, core.Void):
+        return []
+    if len(choices) > MAX_CRLS:
+        raise MalformedMessage(f"more than {MAX_CRLS} CRLs")
+    out = []
+    for choice in choices:
+        if choice.name != "crl":
+            continue
+        try:
+            out.append(x509.load_der_x509_crl(choice.chosen.dump()))
+        except ValueError:
+            errors.append("a CRL in the message could not be read")
+    return out
+
+
+class _CertificateIndex:
+    """Certificates of the message by (issuer, serial) and by subjectKeyIdentifier."""
+
+    def __init__(self, certificates: Sequence[asn1_x509.Certificate]):
+        self._by_issuer_serial: dict[tuple[str, int], asn1_x509.Certificate] = {}
+        self._by_ski: dict[bytes, asn1_x509.Certificate] = {}
+        for cert in certificates:
+            try:
+                tbs = cert["tbs_certificate"]
+                key = (tbs["issuer"].hashable, tbs["serial_number"].native)
+                self._by_issuer_serial.setdefault(key, cert)
+                ski = cert.key_identifier
+                if ski:
+                    self._by_ski.setdefault(ski, cert)
+                self._by_ski.setdefault(cert.public_key.sha1, cert)  # RFC 5280 4.2.1.2 (1)
+            except _PARSE_ERRORS:
+                continue
+
+    def by_issuer_serial(self, ias: cms.IssuerAndSerialNumber) -> asn1_x509.Certificate | None:
+        return self._by_issuer_serial.get((ias["issuer"].hashable, ias["serial_number"].native))
+
+    def by_ski(self, ski: bytes) -> asn1_x509.Certificate | None:
+        return self._by_ski.get(ski)
+
+    def find(self, sid: cms.SignerIdentifier) -> asn1_x509.Certificate | None:
+        if sid.name == "issuer_and_serial_number":
+            return self.by_issuer_serial(sid.chosen)
+        return self.by_ski(sid.chosen.native)
+
+
+def _verify_signer(
+    signer_info: cms.SignerInfo,
+    *,
+    content: bytes,
+    have_content: bool,
+    content_type_oid: str,
+    index: _CertificateIndex,
+    confusion: bool,
+) -> SignerInfoResult:
+    errors: list[str] = []
+    checks: list[Check] = []
+    digest_name = _algorithm_name(signer_info["digest_algorithm"]["algorithm"])
+    signature_name = _algorithm_name(signer_info["signature_algorithm"]["algorithm"])
+
+    cert_asn1 = index.find(signer_info["sid"])
+    certificate = None
+    if cert_asn1 is not None:
+        try:
+            certificate = x509.load_der_x509_certificate(cert_asn1.dump())
+        except ValueError:
+            errors.append("signer certificate could not be read")
+
+    signing_time = None
+    capabilities: tuple[str, ...] = ()
+    key_preference = None
+    signed_attrs = signer_info["signed_attrs"]
+    if not isinstance(signed_attrs, core.Void):
+        if len(signed_attrs) > MAX_SIGNED_ATTRIBUTES or (
+            len(signed_attrs.contents) > MAX_SIGNED_ATTRIBUTES_BYTES
+        ):
+            raise MalformedMessage("signed attributes too large")
+        attrs = _attributes_by_type(signed_attrs)
+        checks.append(_message_digest_check(attrs, digest_name, content, have_content))
+        checks.append(_content_type_check(attrs, content_type_oid))
+        signing_time = _signing_time(attrs, errors)
+        capabilities = _capabilities(attrs, errors)
+        key_preference = _key_preference(attrs, index, errors)
+        # The signature covers DER(SET OF attributes): the original bytes under the
+        # explicit SET tag, not a re-sorted re-encoding (RFC 5652 section 5.4).
+        signed_bytes = _der_header(0x31, len(signed_attrs.contents)) + signed_attrs.contents
+        data_digest = digest_name
+    else:
+        signed_bytes = content
+        data_digest = digest_name
+        if not have_content:
+            checks.append(Check("message-digest", Outcome.FAIL, "no content to check"))
+
+    checks.append(
+        _signature_check(
+            signer_info, certificate, signature_name, data_digest, signed_bytes, errors
+        )
+    )
+    if confusion:
+        checks.append(
+            Check(
+                "encapsulated-content",
+                Outcome.FAIL,
+                "the signature carries a different encapsulated content than the signed part",
+            )
+        )
+    weak = sorted({digest_name, _signature_hash(signature_name) or ""} & WEAK_DIGESTS)
+    if weak:
+        checks.append(Check("digest-strength", Outcome.FAIL, f"weak digest {weak[0]}"))
+        errors.append(f"weak digest algorithm {weak[0]}")
+    else:
+        checks.append(Check("digest-strength", Outcome.PASS, digest_name))
+    return SignerInfoResult(
+        certificate=certificate,
+        digest_algorithm=digest_name,
+        signature_algorithm=signature_name,
+        checks=tuple(checks),
+        signing_time=signing_time,
+        capabilities=capabilities,
+        encryption_key_preference=key_preference,
+        errors=tuple(errors),
+    )
+
+
+def _algorithm_name(oid: core.ObjectIdentifier) -> str:
+    native = oid.native
+    return native if isinstance(native, str) else oid.dotted
+
+
+def _attributes_by_type(signed_attrs: cms.CMSAttributes) -> dict[str, list[cms.CMSAttribute]]:
+    out: dict[str, list[cms.CMSAttribute]] = {}
+    for attr in signed_attrs:
+        out.setdefault(attr["type"].dotted, []).append(attr)
+    return out
+
+
+_OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+_OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+_OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
+_OID_SMIME_CAPABILITIES = "1.2.840.113549.1.9.15"
+_OID_ENCRYPT_KEY_PREF = "1.2.840.113549.1.9.16.2.11"
+
+
+def _single_value(attrs: dict[str, list[cms.CMSAttribute]], oid: str) -> core.Asn1Value | None:
+    """The one value of a single-valued attribute (RFC 5652 section 11: exactly one
+    attribute instance with exactly one value); None if absent, error if repeated."""
+    found = attrs.get(oid)
+    if not found:
+        return None
+    if len(found) != 1 or len(found[0]["values"]) != 1:
+        raise _AttributeError(f"attribute {oid} must occur once with one value")
+    return found[0]["values"][0]
+
+
+class _AttributeError(Exception):
+    """Internal: a signed attribute breaks the single-value rule."""
+
+
+def _message_digest_check(
+    attrs: dict[str, list[cms.CMSAttribute]], digest_name: str, content: bytes, have_content: bool
+) -> Check:
+    name = "message-digest"
+    try:
+        value = _single_value(attrs, _OID_MESSAGE_DIGEST)
+    except _AttributeError as e:
+        return Check(name, Outcome.FAIL, str(e))
+    if value is None:
+        return Check(name, Outcome.FAIL, "messageDigest attribute missing")
+    if not have_content:
+        return Check(name, Outcome.FAIL, "no content to check (detached signature)")
+    if digest_name not in VERIFY_DIGESTS:
+        return Check(name, Outcome.FAIL, f"unsupported digest algorithm {digest_name}")
+    expected = value.native
+    if not isinstance(expected, bytes):
+        return Check(name, Outcome.FAIL, "messageDigest is not an OCTET STRING")
+    actual = hashlib.new(digest_name, content).digest()
+    if hmac.compare_digest(actual, expected):
+        return Check(name, Outcome.PASS, digest_name)
+    return Check(name, Outcome.FAIL, "content does not match the signed digest")
+
+
+def _content_type_check(attrs: dict[str, list[cms.CMSAttribute]], econtent_type: str) -> Check:
+    name = "content-type"
+    try:
+        value = _single_value(attrs, _OID_CONTENT_TYPE)
+    except _AttributeError as e:
+        return Check(name, Outcome.FAIL, str(e))
+    if value is None:
+        # RFC 5652 section 11.1: MUST be present when there are signed attributes.
+        return Check(name, Outcome.FAIL, "contentType attribute missing")
+    if not isinstance(value, core.ObjectIdentifier):
+        return Check(name, Outcome.FAIL, "contentType is not an OID")
+    if value.dotted != econtent_type:
+        return Check(name, Outcome.FAIL, f"contentType {value.dotted} != eContentType")
+    return Check(name, Outcome.PASS, econtent_type)
+
+
+def _signing_time(
+    attrs: dict[str, list[cms.CMSAttribute]], errors: list[str]
+) -> datetime.datetime | None:
+    try:
+        value = _single_value(attrs, _OID_SIGNING_TIME)
+        if value is None:
+            return None
+        native = value.native
+    except (_AttributeError, *_PARSE_ERRORS):
+        errors.append("signingTime attribute unreadable")
+        return None
+    return native if isinstance(native, datetime.datetime) else None
+
+
+def _capabilities(attrs: dict[str, list[cms.CMSAttribute]], errors: list[str]) -> tuple[str, ...]:
+    try:
+        value = _single_value(attrs, _OID_SMIME_CAPABILITIES)
+        if value is None:
+            return ()
+        return parse_capabilities(value if isinstance(value, bytes) else value.dump())
+    except (_AttributeError, MalformedMessage, *_PARSE_ERRORS):
+        errors.append("SMIMECapabilities attribute unreadable")
+        return ()
+
+
+def _key_preference(
+    attrs: dict[str, list[cms.CMSAttribute]], index: _CertificateIndex, errors: list[str]
+) -> x509.Certificate | None:
+    try:
+        value = _single_value(attrs, _OID_ENCRYPT_KEY_PREF)
+        if value is None:
+            return None
+        pref = cms.SMIMEEncryptionKeyPreference.load(value.dump())
+        if pref.name == "issuer_and_serial_number":
+            found = index.by_issuer_serial(pref.chosen)
+        elif pref.name == "recipientKeyId":
+            found = index.by_ski(pref.chosen["subject_key_identifier"].native)
+        else:
+            found = None
+        if found is None:
+            errors.append("SMIMEEncryptionKeyPreference names a certificate not in the message")
+            return None
+        return x509.load_der_x509_certificate(found.dump())
+    except (_AttributeError, *_PARSE_ERRORS):
+        errors.append("SMIMEEncryptionKeyPreference attribute unreadable")
+        return None
+
+
+def _signature_hash(signature_name: str) -> str | None:
+    """The hash named by a combined signature OID (``sha256_rsa`` -> ``sha256``)."""
+    head, _, tail = signature_name.partition("_")
+    if tail in ("rsa", "ecdsa", "dsa") and head in VERIFY_DIGESTS | WEAK_DIGESTS:
+        return head
+    return None
+
+
+def _signature_check(
+    signer_info: cms.SignerInfo,
+    certificate: x509.Certificate | None,
+    signature_name: str,
+    digest_name: str,
+    signed_bytes: bytes,
+    errors: list[str],
+) -> Check:
+    name = "signature"
+    if certificate is None:
+        return Check(name, Outcome.FAIL, "signer certificate not in message")
+    try:
+        public = certificate.public_key()
+    except (ValueError, UnsupportedAlgorithm, TypeError):
+        return Check(name, Outcome.FAIL, "signer public key unusable")
+    signature = signer_info["signature"].native
+    try:
+        _verify_signature(public, signer_info, signature_name, digest_name, signature, signed_bytes)
+    except InvalidSignature:
+        return Check(name, Outcome.FAIL, "signature does not match")
+    except UnsupportedAlgorithm as e:
+        errors.append(str(e))
+        return Check(name, Outcome.FAIL, str(e))
+    except _PARSE_ERRORS:
+        return Check(name, Outcome.FAIL, "signature or its parameters are malformed")
+    return Check(name, Outcome.PASS, signature_name)
+
+
+def _verify_signature(
+    public: object,
+    signer_info: cms.SignerInfo,
+    signature_name: str,
+    digest_name: str,
+    signature: bytes,
+    data: bytes,
+) -> None:
+    """Raise InvalidSignature or UnsupportedAlgorithm; return when the signature holds."""
+    if signature_name == "ed25519":
+        if not isinstance(public, ed25519.Ed25519PublicKey):
+            raise UnsupportedAlgorithm("Ed25519 signature but the certificate has another key")
+        public.verify(signature, data)
+        return
+    if signature_name == "rsassa_pss":
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise UnsupportedAlgorithm("RSASSA-PSS signature but the certificate is not RSA")
+        params = signer_info["signature_algorithm"]["parameters"]
+        pss_hash = params["hash_algorithm"]["algorithm"].native
+        mgf = params["mask_gen_algorithm"]
+        if mgf["algorithm"].native != "mgf1":
+            raise UnsupportedAlgorithm("RSASSA-PSS with a mask generation other than MGF1")
+        mgf_hash = mgf["parameters"]["algorithm"].native
+        if params["trailer_field"].native not in (1, "trailer_field_bc"):
+            raise UnsupportedAlgorithm("RSASSA-PSS trailer field other than 1")
+        salt = params["salt_length"].native
+        pad = padding.PSS(mgf=padding.MGF1(hash_algorithm(mgf_hash)), salt_length=salt)
+        public.verify(signature, data, pad, hash_algorithm(pss_hash))
+        return
+    hash_name = _signature_hash(signature_name) or digest_name
+    if hash_name not in VERIFY_DIGESTS:
+        raise UnsupportedAlgorithm(f"unsupported digest algorithm {hash_name}")
+    digest = hash_algorithm(hash_name)
+    if signature_name in ("rsassa_pkcs1v15",) or signature_name.endswith("_rsa"):
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise UnsupportedAlgorithm("RSA signature but the certificate is not RSA")
+        public.verify(signature, data, padding.PKCS1v15(), digest)
+        return
+    if signature_name in ("ecdsa", _EC_PUBLIC_KEY_OID) or signature_name.endswith("_ecdsa"):
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise UnsupportedAlgorithm("ECDSA signature but the certificate is not EC")
+        public.verify(signature, data, ec.ECDSA(digest))
+        return
+    if signature_name == "dsa" or signature_name.endswith("_dsa"):
+        if not isinstance(public, dsa.DSAPublicKey):
+            raise UnsupportedAlgorithm("DSA signature but the certificate is not DSA")
+        public.verify(signature, data, digest)
+        return
+    raise UnsupportedAlgorithm(f"unsupported signature algorithm {signature_name}")
