@@ -54,9 +54,10 @@ __all__ = [
 #: What the gateway does with outbound mail (issue 4). ``encrypt-if-possible`` signs and
 #: encrypts when every recipient's certificate is known, signs otherwise.
 OutboundPolicy = Literal["encrypt-if-possible", "must-encrypt", "sign-only", "pass-through"]
+#: strictest first
 OUTBOUND_POLICIES: tuple[str, ...] = (
-    "encrypt-if-possible",
     "must-encrypt",
+    "encrypt-if-possible",
     "sign-only",
     "pass-through",
 )
@@ -235,6 +236,9 @@ _ENDPOINT_CHECKS = {
 }
 
 
+_T = TypeVar("_T")
+_V = TypeVar("_V")
+
 # -- the typed configuration ----------------------------------------------------------
 
 
@@ -297,6 +301,34 @@ class SMTPConfig:
     recipient_policy: Mapping[str, OutboundPolicy]
     sender_policy: Mapping[str, OutboundPolicy]
     force_encrypt_keyword: str | None
+
+    def policy_for(self, sender: str, recipient: str) -> OutboundPolicy:
+        """The outbound policy for one recipient of a message from ``sender``.
+
+        An override for the address wins over one for its domain; when both the sender
+        and the recipient have an override, the stricter applies (must-encrypt >
+        encrypt-if-possible > sign-only > pass-through); without any, ``outbound_policy``.
+        Not considered here: the subject keyword and whether a certificate exists.
+        """
+        found = [
+            p
+            for table, address in ((self.recipient_policy, recipient), (self.sender_policy, sender))
+            if (p := _lookup(table, address)) is not None
+        ]
+        if not found:
+            return self.outbound_policy
+        return min(found, key=OUTBOUND_POLICIES.index)
+
+    def storage_for(self, domain: str) -> InboundStorage:
+        """How inbound mail for a local ``domain`` is stored."""
+        return self.inbound_storage_by_domain.get(domain.lower(), self.inbound_storage)
+
+
+def _lookup(table: Mapping[str, _V], address: str) -> _V | None:
+    address = address.lower()
+    if address in table:
+        return table[address]
+    return table.get(address.rpartition("@")[2])
 
 
 @dataclass(frozen=True)
@@ -400,11 +432,23 @@ class Config:
 
 # -- reading one table ----------------------------------------------------------------
 
-_T = TypeVar("_T")
 _REQUIRED: Any = object()
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_SECRET_WORDS = frozenset({"password", "passwd", "passphrase", "secret", "pin", "pw", "token"})
+_SECRET_WORDS = frozenset({"password", "passwd", "passphrase", "secret", "pin", "pw"})
 _SECRET_NAMES = frozenset({"master_key", "tsig_key", "private_key", "key_material"})
+#: the keys through which each section takes its secrets (by file or environment)
+_SECRET_HOLDERS = {
+    "keystore": (
+        "master_key_file",
+        "master_key_env",
+        "passphrase_file",
+        "passphrase_env",
+        "database_password_file",
+        "pkcs11_pin_file",
+    ),
+    "directory.push": ("tsig_key_file",),
+    "archive.sources": ("master_password_file",),
+}
 _DURATION = re.compile(r"\s*(\d+)\s*([smhd]?)\s*\Z")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -419,12 +463,26 @@ def _looks_secret(key: str) -> bool:
 class _Table:
     """Typed access to one TOML table; remembers what it read to reject the rest."""
 
-    def __init__(self, data: Mapping[str, Any], name: str, source: Path) -> None:
+    def __init__(
+        self, data: Mapping[str, Any], name: str, source: Path, user_keys: bool = False
+    ) -> None:
         self.data = data
         self.name = name
         self.source = source
         self.base = source.parent
         self.known: list[str] = []
+        # No key of ours looks like a secret, so refuse those first: "is required" for
+        # the *_file key would hide the real mistake. Tables keyed by addresses are not
+        # schema, so they are not checked.
+        for key in () if user_keys else data:
+            if _looks_secret(key):
+                holders = _SECRET_HOLDERS.get(re.sub(r"\[\d+\]$", "", name), ())
+                hint = (
+                    f"name a file or an environment variable with {', '.join(holders)}"
+                    if holders
+                    else f"no secret belongs in [{name}]"
+                )
+                raise self.error(key, f"secrets are never written inline: {hint}")
 
     def key(self, key: str) -> str:
         return f"{self.name}.{key}" if self.name else key
@@ -513,18 +571,18 @@ class _Table:
         except ConfigError as e:
             raise self.error(key, f"endpoint {value!r}: {e}") from None
 
-    def table(self, key: str) -> _Table | None:
+    def table(self, key: str, user_keys: bool = False) -> _Table | None:
         self.known.append(key)
         value = self.data.get(key)
         if value is None:
             return None
         if not isinstance(value, dict):
             raise self.error(key, f"must be a table ([{self.key(key)}]), not {_describe(value)}")
-        return _Table(value, self.key(key), self.source)
+        return _Table(value, self.key(key), self.source, user_keys)
 
     def mapping(self, key: str) -> dict[str, Any]:
         """A user-keyed table (addresses or domains as keys), keys lower-cased."""
-        sub = self.table(key)
+        sub = self.table(key, user_keys=True)
         if sub is None:
             return {}
         out: dict[str, Any] = {}
@@ -539,13 +597,6 @@ class _Table:
         for key in self.data:
             if key in self.known:
                 continue
-            if _looks_secret(key):
-                raise self.error(
-                    key,
-                    "secrets are never written inline: put it in a file and name the file "
-                    f"with {key}_file (or an environment variable with {key}_env where the "
-                    "section offers it)",
-                )
             allowed = ", ".join(sorted(self.known)) or "none"
             if not self.name:
                 raise self.error(key, f"unknown section; allowed sections: {allowed}")
@@ -819,7 +870,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     inline-secret key, a bad enumeration value or endpoint string. Files named by the
     configuration are not opened here.
     """
-    source = Path(path).expanduser().absolute()
+    source = Path(os.path.abspath(Path(path).expanduser()))
     try:
         with source.open("rb") as f:
             data = tomllib.load(f)
