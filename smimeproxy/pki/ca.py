@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import quote
@@ -26,7 +26,7 @@ from urllib.parse import quote
 import idna
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
@@ -36,7 +36,6 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from smimeproxy.errors import CertificateError, ConfigError, UnsupportedAlgorithm
-from smimeproxy.smime.keys import hash_algorithm
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -67,7 +66,7 @@ _PURPOSES = ("both", "sign", "encrypt")
 
 # Key kinds by name. RSA below 2048 bits and curves other than P-256/P-384 are refused
 # for new certificates (RFC 8551 section 2.2 / 2.4; CA/B Forum S/MIME BR 6.1.5).
-_GENERATORS = {
+_GENERATORS: dict[str, Callable[[], PrivateKeyTypes]] = {
     "rsa2048": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
     "rsa3072": lambda: rsa.generate_private_key(public_exponent=65537, key_size=3072),
     "rsa4096": lambda: rsa.generate_private_key(public_exponent=65537, key_size=4096),
@@ -78,6 +77,15 @@ _GENERATORS = {
 }
 USER_KEY_KINDS = ("rsa2048", "rsa3072", "p256")
 CA_KEY_KINDS = ("p256", "p384", "rsa3072", "rsa4096", "ed25519")
+
+_SignHash = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
+# RFC 5754 section 3 (RSA) and RFC 5758 section 3.2 (ECDSA) SHA-2 signature hashes;
+# Ed25519 signs the message itself (RFC 8410 section 6), so no hash is passed.
+_SIGNING_HASHES: dict[str, Callable[[], _SignHash]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
 
 # Clock skew allowance: certificates start a little in the past so that a peer whose
 # clock runs slow does not see a "not yet valid" certificate right after issuance.
@@ -223,7 +231,7 @@ class CAProfile:
             raise ConfigError(f"unknown key kinds {unknown}", key="allowed_key_kinds")
         if self.crl_next_update <= datetime.timedelta(0):
             raise ConfigError("must be positive", key="crl_next_update")
-        if self.hash_name not in ("sha256", "sha384", "sha512"):
+        if self.hash_name not in _SIGNING_HASHES:
             raise ConfigError(f"unsupported hash {self.hash_name!r}", key="hash_name")
         if self.crl_url_template is not None:
             try:
@@ -287,13 +295,16 @@ def _key_id(cert: x509.Certificate) -> bytes:
     try:
         return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     except x509.ExtensionNotFound:
-        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest  # type: ignore[arg-type]
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
 
 
-def _signing_hash(key: CertificateIssuerPrivateKeyTypes, hash_name: str):  # type: ignore[no-untyped-def]
+def _signing_hash(key: CertificateIssuerPrivateKeyTypes, hash_name: str) -> _SignHash | None:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None
-    return hash_algorithm(hash_name)
+    try:
+        return _SIGNING_HASHES[hash_name]()
+    except KeyError:
+        raise ConfigError(f"unsupported signature hash {hash_name!r}") from None
 
 
 def _issuer_key(key: object) -> CertificateIssuerPrivateKeyTypes:
@@ -705,7 +716,7 @@ def certificate_from_csr(
         return issue_user_certificate(
             ca_key,
             ca_cert,
-            public_key,  # type: ignore[arg-type]
+            public_key,
             addresses,
             common_name=_common_name(csr.subject),
             purpose=purpose,

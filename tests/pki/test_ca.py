@@ -443,3 +443,25 @@ def test_rsa_root_and_key_kinds(openssl, tmp_path):
         ca.create_root("x", key_kind="rsa1024")
     with pytest.raises(ConfigError):
         ca.create_root("  ")
+
+
+def test_ed25519_root_and_x25519_encryption_only_user(openssl, tmp_path):
+    key, cert = ca.create_root("Edwards Root", key_kind="ed25519")
+    profile = ca.CAProfile(allowed_key_kinds=("ed25519", "x25519"))
+    signer = ca.generate_key("ed25519")
+    user = ca.issue_user_certificate(
+        key, cert, signer.public_key(), ["ed@acme.test"], purpose="sign", profile=profile
+    )
+    assert verify(openssl, tmp_path, user, cert, purpose="smimesign").returncode == 0
+    agree = ca.generate_key("x25519").public_key()
+    enc = ca.issue_user_certificate(
+        key, cert, agree, ["ed@acme.test"], purpose="encrypt", profile=profile
+    )
+    ku = enc.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.key_agreement and not ku.digital_signature
+    with pytest.raises(ConfigError, match="cannot sign"):
+        ca.issue_user_certificate(key, cert, agree, ["ed@acme.test"], profile=profile)
+    with pytest.raises(ConfigError, match="cannot encrypt"):
+        ca.issue_user_certificate(key, cert, signer.public_key(), ["ed@acme.test"], profile=profile)
+    with pytest.raises(CertificateError, match="not accepted"):
+        ca.issue_user_certificate(key, cert, signer.public_key(), ["ed@acme.test"], purpose="sign")
