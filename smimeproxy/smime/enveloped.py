@@ -1,0 +1,849 @@
+"""CMS EnvelopedData (RFC 5652 section 6) and AuthEnvelopedData (RFC 5083/5084).
+
+Build and open the encrypted CMS layer of S/MIME, below MIME: bytes in, DER out, and on
+the way back the content plus how it was protected. Key transport is RSA PKCS#1 v1.5
+or RSAES-OAEP (RFC 3560); key agreement is ephemeral-static ECDH or X25519 (see
+:mod:`smimeproxy.smime.kari`). Private-key operations go through
+:class:`smimeproxy.smime.keys.PrivateKey`, so a key in an HSM serves as well.
+
+The outer layers are walked by a small BER reader over a ``memoryview`` of the input,
+so a 10 MB message is not copied once per nesting level; only the small parts
+(RecipientInfos, algorithm identifiers) are handed to ``asn1crypto``.
+
+Not guaranteed:
+
+* AES-CBC content (EnvelopedData) is **not integrity protected**: a flipped ciphertext
+  bit gives either :class:`DecryptionFailed` or silently altered plaintext.
+  :attr:`DecryptedData.integrity_protected` says so, and only a signature inside can
+  make up for it.
+* PKCS#1 v1.5 key transport uses implicit rejection (RFC 3218 section 2.3.2): a bad
+  unwrap continues with a random key, so with CBC there is a 1 in ~256 chance that a
+  message for a *wrong* key "decrypts" to garbage rather than failing.
+* KEKRecipientInfo, PasswordRecipientInfo and OtherRecipientInfo are skipped, and
+  detached encrypted content (no ``encryptedContent``) is refused.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+from asn1crypto import algos, cms, core
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from smimeproxy.errors import (
+    DecryptionFailed,
+    KeyNotFound,
+    MalformedMessage,
+    SMIMEProxyError,
+    UnsupportedAlgorithm,
+)
+from smimeproxy.smime import kari
+from smimeproxy.smime.keys import KeyPair, hash_algorithm
+from smimeproxy.smime.status import DecryptionStatus
+
+try:  # cryptography >= 43 keeps 3DES among the "decrepit" algorithms
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+except ImportError:  # pragma: no cover - older cryptography
+    TripleDES = algorithms.TripleDES  # type: ignore[misc,assignment]
+
+#: Ciphers we encrypt with (asn1crypto names). CBC goes into EnvelopedData (RFC 3565),
+#: GCM into AuthEnvelopedData (RFC 5084).
+CIPHERS = ("aes256_cbc", "aes128_cbc", "aes256_gcm", "aes128_gcm")
+
+#: Ciphers we decrypt: name -> (key length, mode). des-ede3-cbc (RFC 3370 section 5.1)
+#: only for old mail; AES-192 for completeness (RFC 3565, RFC 5084).
+_DECRYPT_CIPHERS: dict[str, tuple[int, str]] = {
+    "aes128_cbc": (16, "cbc"),
+    "aes192_cbc": (24, "cbc"),
+    "aes256_cbc": (32, "cbc"),
+    "tripledes_3key": (24, "cbc"),
+    "aes128_gcm": (16, "gcm"),
+    "aes192_gcm": (24, "gcm"),
+    "aes256_gcm": (32, "gcm"),
+}
+
+#: Content types, RFC 5652 section 6.1 and RFC 5083 section 1.
+_ENVELOPED = "1.2.840.113549.1.7.3"
+_AUTH_ENVELOPED = "1.2.840.113549.1.9.16.1.23"
+_CONTENT_TYPES = {_ENVELOPED: "enveloped_data", _AUTH_ENVELOPED: "authenticated_enveloped_data"}
+
+#: RFC 5084 section 3.2: 12-octet nonce recommended, ICV lengths 12..16.
+_GCM_NONCE_SIZE = 12
+_GCM_ICV_SIZE = 16
+
+#: Bounds for hostile input.
+MAX_RECIPIENTS = 1000
+_MAX_ATTEMPTS = 16  # content decryptions tried for one message (each costs a full pass)
+_MAX_DEPTH = 32
+_MAX_NODES = 1_000_000
+
+# RFC 8551 section 2.7: receivers MUST support AES-128-GCM, so any GCM capability
+# implies it.
+_GCM_CAPABILITIES = ("aes256_gcm", "aes128_gcm", "aes192_gcm")
+
+
+class _GCMParameters(core.Sequence):
+    """``GCMParameters``, RFC 5084 section 3.2."""
+
+    _fields = [
+        ("nonce", core.OctetString),
+        ("icv_len", core.Integer, {"default": 12}),
+    ]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """A recipient certificate and how to encrypt the key for it.
+
+    ``oaep`` selects RSAES-OAEP (RFC 3560) with ``oaep_hash`` for digest and MGF1;
+    ``use_subject_key_identifier`` names the recipient by SKI instead of issuer and
+    serial; ``hkdf`` uses RFC 8418's HKDF for an X25519 recipient (OpenSSL 3.0 cannot
+    read that). EC and X25519 certificates always get key agreement.
+    """
+
+    certificate: x509.Certificate
+    oaep: bool = False
+    oaep_hash: str = "sha256"
+    use_subject_key_identifier: bool = False
+    hkdf: bool = False
+
+
+@dataclass(frozen=True)
+class RecipientIdentifier:
+    """Who one RecipientInfo (or RecipientEncryptedKey) is for; no key material."""
+
+    kind: str  # "key_transport" or "key_agreement"
+    issuer: str | None = None  # human-readable issuer name
+    issuer_der: bytes | None = None
+    serial_number: int | None = None
+    subject_key_identifier: bytes | None = None
+
+    def matches(self, certificate: x509.Certificate) -> bool:
+        """Whether ``certificate`` is the one this identifier names."""
+        return _CertificateId.of(certificate).matches(self)
+
+    def __str__(self) -> str:
+        if self.subject_key_identifier is not None:
+            return f"ski={self.subject_key_identifier.hex()}"
+        return f"issuer={self.issuer!r} serial={self.serial_number:x}"
+
+
+@dataclass(frozen=True)
+class DecryptedData:
+    """The opened content and how it was protected."""
+
+    content: bytes
+    content_type: str  # "enveloped_data" or "authenticated_enveloped_data"
+    inner_content_type: str  # "data" for S/MIME
+    cipher: str
+    key_algorithm: str
+    recipient: KeyPair
+    integrity_protected: bool  # True only for AEAD content
+
+    def status(self) -> DecryptionStatus:
+        """The shared status object for this decryption."""
+        return DecryptionStatus(
+            decrypted=True,
+            content_type=self.content_type,
+            cipher=self.cipher,
+            key_algorithm=self.key_algorithm,
+            recipient=self.recipient.certificate,
+            integrity_protected=self.integrity_protected,
+        )
+
+
+# --------------------------------------------------------------------------- BER walk
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    cls: int  # 0 universal, 1 application, 2 context, 3 private
+    constructed: bool
+    number: int
+    start: int
+    body: int
+    body_end: int
+    end: int
+
+
+class _BER:
+    """Reads BER/DER tag-length-value headers from a memoryview, without copying."""
+
+    def __init__(self, data: bytes | bytearray | memoryview):
+        self.mv = memoryview(data).cast("B")
+        self._budget = _MAX_NODES
+        self._ends: dict[int, int] = {}
+
+    def node(self, pos: int, limit: int, depth: int = 0) -> _Node:
+        self._budget -= 1
+        if self._budget < 0:
+            raise MalformedMessage("CMS structure has too many elements")
+        if depth > _MAX_DEPTH:
+            raise MalformedMessage("CMS structure is nested too deeply")
+        mv = self.mv
+        if pos + 2 > limit:
+            raise MalformedMessage("truncated CMS structure")
+        first = mv[pos]
+        p = pos + 1
+        number = first & 0x1F
+        if number == 0x1F:
+            number = 0
+            for _ in range(4):
+                if p >= limit:
+                    raise MalformedMessage("truncated CMS structure")
+                octet = mv[p]
+                p += 1
+                number = (number << 7) | (octet & 0x7F)
+                if not octet & 0x80:
+                    break
+            else:
+                raise MalformedMessage("ASN.1 tag number too large")
+        if p >= limit:
+            raise MalformedMessage("truncated CMS structure")
+        constructed = bool(first & 0x20)
+        length_octet = mv[p]
+        p += 1
+        if length_octet == 0x80:  # indefinite length: walk to the end-of-contents
+            if not constructed:
+                raise MalformedMessage("indefinite length on a primitive ASN.1 value")
+            q = self._ends.get(p)
+            if q is None:
+                q = p
+                while True:
+                    if q + 2 > limit:
+                        raise MalformedMessage("truncated CMS structure (no end-of-contents)")
+                    if mv[q] == 0 and mv[q + 1] == 0:
+                        break
+                    q = self.node(q, limit, depth + 1).end
+                self._ends[p] = q
+            return _Node(first >> 6, constructed, number, pos, p, q, q + 2)
+        if length_octet < 0x80:
+            length = length_octet
+        else:
+            n = length_octet & 0x7F
+            if n > 4 or p + n > limit:
+                raise MalformedMessage("bad or truncated ASN.1 length")
+            length = int.from_bytes(mv[p : p + n], "big")
+            p += n
+        if p + length > limit:
+            raise MalformedMessage("truncated CMS structure")
+        return _Node(first >> 6, constructed, number, pos, p, p + length, p + length)
+
+    def children(self, node: _Node, depth: int = 1) -> Iterator[_Node]:
+        pos = node.body
+        while pos < node.body_end:
+            child = self.node(pos, node.body_end, depth)
+            yield child
+            pos = child.end
+
+    def raw(self, node: _Node) -> bytes:
+        return bytes(self.mv[node.start : node.end])
+
+    def octets(self, node: _Node, depth: int = 1) -> list[memoryview]:
+        """The pieces of an OCTET STRING (primitive, or BER constructed of pieces)."""
+        if not node.constructed:
+            return [self.mv[node.body : node.body_end]]
+        pieces: list[memoryview] = []
+        for child in self.children(node, depth):
+            if child.cls != 0 or child.number != 4:
+                raise MalformedMessage("constructed OCTET STRING holds a non-OCTET STRING")
+            pieces.extend(self.octets(child, depth + 1))
+        return pieces
+
+
+def _expect(node: _Node | None, cls: int, number: int, what: str) -> _Node:
+    if node is None or node.cls != cls or node.number != number:
+        raise MalformedMessage(f"malformed CMS: expected {what}")
+    return node
+
+
+def _oid(reader: _BER, node: _Node) -> str:
+    _expect(node, 0, 6, "an OBJECT IDENTIFIER")
+    return str(core.ObjectIdentifier.load(reader.raw(node)).dotted)
+
+
+@dataclass
+class _Envelope:
+    content_type: str
+    recipient_infos: bytes
+    inner_type: str
+    algorithm: bytes
+    chunks: list[memoryview]
+    aad: bytes | None
+    mac: bytes | None
+
+
+def _parse_envelope(data: bytes | bytearray | memoryview) -> _Envelope:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MalformedMessage("CMS input must be bytes")
+    reader = _BER(data)
+    top = _expect(reader.node(0, len(reader.mv)), 0, 16, "a ContentInfo SEQUENCE")
+    parts = list(islice(reader.children(top), 2))
+    if len(parts) != 2:
+        raise MalformedMessage("malformed CMS: ContentInfo needs a type and content")
+    oid = _oid(reader, parts[0])
+    if oid not in _CONTENT_TYPES:
+        name = cms.ContentType._map.get(oid, oid)
+        raise MalformedMessage(f"not EnvelopedData or AuthEnvelopedData but {name}")
+    content_type = _CONTENT_TYPES[oid]
+    explicit = _expect(parts[1], 2, 0, "[0] content")
+    env = _expect(next(reader.children(explicit), None), 0, 16, "an EnvelopedData SEQUENCE")
+    fields = list(islice(reader.children(env, 2), 8))
+    i = 1  # fields[0] is the version: we accept any (RFC 5652 section 6.1 says be liberal)
+    _expect(fields[0] if fields else None, 0, 2, "the version INTEGER")
+    if i < len(fields) and fields[i].cls == 2 and fields[i].number == 0:
+        i += 1  # originatorInfo: certificates and CRLs, not needed to decrypt
+    ris = _expect(fields[i] if i < len(fields) else None, 0, 17, "RecipientInfos SET")
+    eci = _expect(fields[i + 1] if i + 1 < len(fields) else None, 0, 16, "EncryptedContentInfo")
+    rest = fields[i + 2 :]
+    aad = mac = None
+    if content_type == "authenticated_enveloped_data":
+        if rest and rest[0].cls == 2 and rest[0].number == 1:  # authAttrs, RFC 5083 2.1
+            # the AAD is their DER with an EXPLICIT SET OF tag (RFC 5083 section 2.2)
+            aad = b"\x31" + reader.raw(rest[0])[1:]
+            rest = rest[1:]
+        mac_node = _expect(rest[0] if rest else None, 0, 4, "the mac OCTET STRING")
+        mac = b"".join(bytes(p) for p in reader.octets(mac_node))
+    eci_fields = list(islice(reader.children(eci, 3), 3))
+    if len(eci_fields) < 2:
+        raise MalformedMessage("malformed CMS: EncryptedContentInfo is incomplete")
+    inner_oid = _oid(reader, eci_fields[0])
+    algorithm = _expect(eci_fields[1], 0, 16, "a content encryption AlgorithmIdentifier")
+    if len(eci_fields) < 3:
+        raise MalformedMessage("detached encrypted content is not supported")
+    encrypted = _expect(eci_fields[2], 2, 0, "[0] encryptedContent")
+    return _Envelope(
+        content_type=content_type,
+        recipient_infos=reader.raw(ris),
+        inner_type=cms.ContentType._map.get(inner_oid, inner_oid),
+        algorithm=reader.raw(algorithm),
+        chunks=reader.octets(encrypted),
+        aad=aad,
+        mac=mac,
+    )
+
+
+# --------------------------------------------------------------------------- identifiers
+
+
+@dataclass(frozen=True)
+class _CertificateId:
+    """What a certificate can be named by in a RecipientIdentifier."""
+
+    issuer: asn1_x509.Name
+    serial_number: int
+    ski: bytes | None
+
+    @classmethod
+    def of(cls, certificate: x509.Certificate) -> _CertificateId:
+        tbs = asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
+        try:
+            ski: bytes | None = certificate.extensions.get_extension_for_class(
+                x509.SubjectKeyIdentifier
+            ).value.digest
+        except x509.ExtensionNotFound:
+            try:  # RFC 5280 section 4.2.1.2 method (1)
+                ski = x509.SubjectKeyIdentifier.from_public_key(
+                    certificate.public_key()  # type: ignore[arg-type]
+                ).digest
+            except (TypeError, ValueError):
+                ski = None
+        return cls(tbs["tbs_certificate"]["issuer"], certificate.serial_number, ski)
+
+    def matches(self, rid: RecipientIdentifier) -> bool:
+        if rid.subject_key_identifier is not None:
+            return self.ski is not None and hmac.compare_digest(
+                self.ski, rid.subject_key_identifier
+            )
+        if rid.serial_number != self.serial_number or rid.issuer_der is None:
+            return False
+        try:
+            return bool(asn1_x509.Name.load(rid.issuer_der) == self.issuer)
+        except (ValueError, TypeError, KeyError):
+            return False
+
+
+def _issuer_serial_id(kind: str, value: cms.IssuerAndSerialNumber) -> RecipientIdentifier:
+    issuer = value["issuer"]
+    try:
+        human = issuer.human_friendly
+    except (ValueError, TypeError, KeyError):
+        human = "(unreadable name)"
+    return RecipientIdentifier(
+        kind, issuer=human, issuer_der=issuer.dump(), serial_number=value["serial_number"].native
+    )
+
+
+def _ktri_id(ktri: cms.KeyTransRecipientInfo) -> RecipientIdentifier:
+    rid = ktri["rid"]
+    if rid.name == "subject_key_identifier":
+        return RecipientIdentifier("key_transport", subject_key_identifier=rid.chosen.native)
+    return _issuer_serial_id("key_transport", rid.chosen)
+
+
+def _kari_id(rek: cms.RecipientEncryptedKey) -> RecipientIdentifier:
+    rid = rek["rid"]
+    if rid.name == "r_key_id":
+        ski = rid.chosen["subject_key_identifier"].native
+        return RecipientIdentifier("key_agreement", subject_key_identifier=ski)
+    return _issuer_serial_id("key_agreement", rid.chosen)
+
+
+def _recipient_infos(envelope: _Envelope) -> cms.RecipientInfos:
+    reader = _BER(envelope.recipient_infos)
+    top = reader.node(0, len(reader.mv))
+    if sum(1 for _ in islice(reader.children(top), MAX_RECIPIENTS + 1)) > MAX_RECIPIENTS:
+        raise MalformedMessage(f"more than {MAX_RECIPIENTS} recipients")
+    infos = cms.RecipientInfos.load(envelope.recipient_infos)
+    if len(infos) == 0:
+        raise MalformedMessage("malformed CMS: no RecipientInfo")
+    return infos
+
+
+def _identified(infos: cms.RecipientInfos) -> Iterator[tuple[RecipientIdentifier, object]]:
+    """(identifier, recipient info or (kari, encrypted key)) for KTRI and KARI entries."""
+    count = 0
+    for info in infos:
+        if info.name == "ktri":
+            count += 1
+            yield _ktri_id(info.chosen), info.chosen
+        elif info.name == "kari":
+            for rek in info.chosen["recipient_encrypted_keys"]:
+                count += 1
+                if count > MAX_RECIPIENTS:
+                    raise MalformedMessage(f"more than {MAX_RECIPIENTS} recipients")
+                yield _kari_id(rek), (info.chosen, rek)
+
+
+_ASN1_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
+
+
+def recipient_identifiers(data: bytes) -> list[RecipientIdentifier]:
+    """The recipients an EnvelopedData / AuthEnvelopedData names, for a key-store lookup.
+
+    Only key transport and key agreement recipients are listed (KEK, password and other
+    recipient infos cannot name a certificate).
+    """
+    try:
+        infos = _recipient_infos(_parse_envelope(data))
+        return [rid for rid, _ in _identified(infos)]
+    except SMIMEProxyError:
+        raise
+    except _ASN1_ERRORS as e:
+        raise MalformedMessage(
+            f"malformed CMS recipient information ({type(e).__name__})"
+        ) from None
+
+
+# --------------------------------------------------------------------------- content
+
+
+def _block_cipher(name: str, key: bytes) -> algorithms.AES | TripleDES:
+    return TripleDES(key) if name == "tripledes_3key" else algorithms.AES(key)
+
+
+def _content_spec(algorithm_der: bytes, content_type: str) -> tuple[str, int, str, bytes, int]:
+    """(cipher name, key length, mode, IV or nonce, ICV length) of the content."""
+    algorithm = algos.EncryptionAlgorithm.load(algorithm_der)
+    oid = algorithm["algorithm"].dotted
+    name = algos.EncryptionAlgorithmId._map.get(oid, oid)
+    if name not in _DECRYPT_CIPHERS:
+        raise UnsupportedAlgorithm(f"unsupported content encryption algorithm {name}")
+    key_size, mode = _DECRYPT_CIPHERS[name]
+    if (mode == "gcm") != (content_type == "authenticated_enveloped_data"):
+        raise UnsupportedAlgorithm(f"{name} does not belong in {content_type}")
+    if mode == "cbc":
+        iv = algorithm["parameters"].native
+        block = 8 if name == "tripledes_3key" else 16
+        if not isinstance(iv, bytes) or len(iv) != block:
+            raise MalformedMessage("content encryption IV missing or of the wrong length")
+        return name, key_size, mode, iv, 0
+    params = algorithm["parameters"]
+    if isinstance(params, core.Void):
+        raise MalformedMessage("GCM parameters missing")
+    gcm = params.parse(_GCMParameters)
+    nonce, icv_len = gcm["nonce"].native, gcm["icv_len"].native
+    if not 8 <= len(nonce) <= 64 or not 12 <= icv_len <= 16:  # RFC 5084 section 3.2
+        raise MalformedMessage("GCM nonce or ICV length out of range")
+    return name, key_size, mode, nonce, icv_len
+
+
+def _decrypt_content(
+    spec: tuple[str, int, str, bytes, int], cek: bytes, envelope: _Envelope
+) -> bytes:
+    """Decrypt and check; every failure is the same generic :class:`DecryptionFailed`."""
+    name, _, mode, iv, icv_len = spec
+    total = sum(len(c) for c in envelope.chunks)
+    buf = bytearray(total + 16)
+    view = memoryview(buf)
+    n = 0
+    if mode == "gcm":
+        mac = envelope.mac or b""
+        if len(mac) != icv_len:
+            raise DecryptionFailed("decryption failed")
+        decryptor = Cipher(
+            algorithms.AES(cek), modes.GCM(iv, mac, min_tag_length=icv_len)
+        ).decryptor()
+        if envelope.aad is not None:
+            decryptor.authenticate_additional_data(envelope.aad)
+        for chunk in envelope.chunks:
+            n += decryptor.update_into(chunk, view[n:])
+        try:
+            n += len(decryptor.finalize())
+        except InvalidTag:
+            raise DecryptionFailed("decryption failed") from None
+        view.release()
+        del buf[n:]
+        return bytes(buf)
+    block = 8 if name == "tripledes_3key" else 16
+    if total == 0 or total % block:
+        raise DecryptionFailed("decryption failed")
+    decryptor = Cipher(_block_cipher(name, cek), modes.CBC(iv)).decryptor()
+    for chunk in envelope.chunks:
+        n += decryptor.update_into(chunk, view[n:])
+    decryptor.finalize()
+    # PKCS#7 padding (RFC 5652 section 6.3); any failure gives the same generic error.
+    pad = buf[n - 1]
+    good = 1 <= pad <= block and hmac.compare_digest(bytes(view[n - pad : n]), bytes([pad]) * pad)
+    view.release()
+    if not good:
+        raise DecryptionFailed("decryption failed")
+    return bytes(memoryview(buf)[: n - pad])
+
+
+# --------------------------------------------------------------------------- decrypt
+
+
+def _oaep_hash(algorithm: cms.KeyEncryptionAlgorithm) -> str:
+    params = algorithm["parameters"]
+    digest = params["hash_algorithm"]["algorithm"].native
+    mgf = params["mask_gen_algorithm"]
+    if mgf["algorithm"].native != "mgf1":
+        raise UnsupportedAlgorithm("RSAES-OAEP with a mask generation other than MGF1")
+    if mgf["parameters"]["algorithm"].native != digest:
+        raise UnsupportedAlgorithm("RSAES-OAEP with different OAEP and MGF1 hashes")
+    if params["p_source_algorithm"]["parameters"].native not in (b"", None):
+        raise UnsupportedAlgorithm("RSAES-OAEP with a label")
+    hash_algorithm(digest)  # raises UnsupportedAlgorithm for an unknown hash
+    return str(digest)
+
+
+def _unwrap_ktri(ktri: cms.KeyTransRecipientInfo, pair: KeyPair, key_size: int) -> bytes:
+    algorithm = ktri["key_encryption_algorithm"]
+    name = algorithm["algorithm"].native
+    encrypted_key = ktri["encrypted_key"].native
+    if name == "rsaes_oaep":
+        try:
+            cek = pair.key.decrypt(encrypted_key, oaep_hash=_oaep_hash(algorithm))
+        except UnsupportedAlgorithm:
+            raise
+        except Exception:  # any key back end: a failed unwrap is a failed decryption
+            raise DecryptionFailed("decryption failed") from None
+        if len(cek) != key_size:
+            raise DecryptionFailed("decryption failed")
+        return cek
+    if name != "rsaes_pkcs1v15":
+        raise UnsupportedAlgorithm(f"unsupported key transport algorithm {name}")
+    # RFC 3218 section 2.3.2: on any PKCS#1 v1.5 failure continue with a random key,
+    # so a padding failure looks exactly like a wrong key or damaged content.
+    random_cek = os.urandom(key_size)
+    try:
+        cek = pair.key.decrypt(encrypted_key, oaep_hash=None)
+    except Exception:
+        cek = random_cek
+    return cek if len(cek) == key_size else random_cek
+
+
+def _key_algorithm_name(recipient: object) -> str:
+    if isinstance(recipient, cms.KeyTransRecipientInfo):
+        return str(recipient["key_encryption_algorithm"]["algorithm"].native)
+    kari_info, _ = recipient  # type: ignore[misc]
+    oid = kari_info["key_encryption_algorithm"]["algorithm"].dotted
+    return kari.KEY_AGREEMENT_SCHEMES.get(oid, (oid,))[0]
+
+
+def decrypt_data(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
+    """Open an EnvelopedData or AuthEnvelopedData ContentInfo (DER or BER).
+
+    Only keys whose certificate a RecipientIdentifier names are tried (issuer and
+    serial, or subject key identifier). Raises :class:`DecryptionFailed` when no key
+    matches (listing the recipients, never key material) or when the matching keys do
+    not open it (one generic message, whatever the cause); :class:`MalformedMessage`
+    and :class:`UnsupportedAlgorithm` for input we cannot read.
+    """
+    try:
+        return _decrypt(data, keys)
+    except SMIMEProxyError:
+        raise
+    except _ASN1_ERRORS as e:
+        raise MalformedMessage(f"malformed CMS enveloped data ({type(e).__name__})") from None
+
+
+def _decrypt(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
+    envelope = _parse_envelope(data)
+    spec = _content_spec(envelope.algorithm, envelope.content_type)
+    infos = _recipient_infos(envelope)
+    ids = [(pair, _CertificateId.of(pair.certificate)) for pair in keys]
+    named: list[RecipientIdentifier] = []
+    candidates: list[tuple[object, KeyPair]] = []
+    for rid, recipient in _identified(infos):
+        named.append(rid)
+        candidates.extend((recipient, pair) for pair, cid in ids if cid.matches(rid))
+    if not candidates:
+        listed = "; ".join(str(r) for r in named[:10]) or "none we can use"
+        more = f" and {len(named) - 10} more" if len(named) > 10 else ""
+        raise DecryptionFailed(f"no key for any recipient: {listed}{more}")
+    unsupported: UnsupportedAlgorithm | None = None
+    _, key_size, *_ = spec
+    for recipient, pair in candidates[:_MAX_ATTEMPTS]:
+        try:
+            if isinstance(recipient, cms.KeyTransRecipientInfo):
+                cek = _unwrap_ktri(recipient, pair, key_size)
+            else:
+                kari_info, rek = recipient  # type: ignore[misc]
+                params = kari.agreement_parameters(kari_info)
+                try:
+                    cek = kari.unwrap_key(
+                        params, rek["encrypted_key"].native, pair.key, cek_size=key_size
+                    )
+                except (DecryptionFailed, UnsupportedAlgorithm, MalformedMessage):
+                    raise
+                except Exception:  # any key back end: a failed agreement fails quietly
+                    raise DecryptionFailed("decryption failed") from None
+            content = _decrypt_content(spec, cek, envelope)
+        except UnsupportedAlgorithm as e:
+            unsupported = e
+            continue
+        except DecryptionFailed:
+            continue
+        return DecryptedData(
+            content=content,
+            content_type=envelope.content_type,
+            inner_content_type=envelope.inner_type,
+            cipher=spec[0],
+            key_algorithm=_key_algorithm_name(recipient),
+            recipient=pair,
+            integrity_protected=spec[2] == "gcm",
+        )
+    if unsupported is not None and len(candidates) == 1:
+        raise unsupported
+    raise DecryptionFailed("decryption failed with every matching key")
+
+
+# --------------------------------------------------------------------------- encrypt
+
+
+def choose_cipher(capabilities: Sequence[Sequence[str] | None]) -> str:
+    """The content cipher for these recipients (RFC 8551 section 2.7).
+
+    One capability list per recipient, ``None`` when unknown. AES-GCM only if every
+    recipient advertised GCM: AES-256-GCM when all named it, else AES-128-GCM (which
+    RFC 8551 makes mandatory for every receiver that does GCM at all). Otherwise
+    AES-256-CBC, which every S/MIME 3.2+ receiver supports. Not guaranteed: that a
+    recipient's advertised capabilities are still current.
+    """
+    lists = [
+        {c.lower().replace("-", "_") for c in caps} if caps is not None else None
+        for caps in capabilities
+    ]
+    if not lists or any(caps is None for caps in lists):
+        return "aes256_cbc"
+    known = [caps for caps in lists if caps is not None]
+    if all("aes256_gcm" in caps for caps in known):
+        return "aes256_gcm"
+    if all(any(c in caps for c in _GCM_CAPABILITIES) for caps in known):
+        return "aes128_gcm"
+    return "aes256_cbc"
+
+
+def _header(tag: int, length: int) -> bytes:
+    if length < 0x80:
+        return bytes((tag, length))
+    size = (length.bit_length() + 7) // 8
+    return bytes((tag, 0x80 | size)) + length.to_bytes(size, "big")
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    return _header(tag, len(body)) + body
+
+
+def _issuer_and_serial(certificate: x509.Certificate) -> cms.IssuerAndSerialNumber:
+    tbs = asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
+    return cms.IssuerAndSerialNumber(
+        {
+            "issuer": tbs["tbs_certificate"]["issuer"],
+            "serial_number": certificate.serial_number,
+        }
+    )
+
+
+def _ski(certificate: x509.Certificate) -> bytes:
+    ski = _CertificateId.of(certificate).ski
+    if ski is None:
+        raise UnsupportedAlgorithm("cannot compute a subject key identifier for this key")
+    return ski
+
+
+def _recipient_info(recipient: Recipient, cek: bytes, wrap: str) -> cms.RecipientInfo:
+    cert = recipient.certificate
+    public_key = cert.public_key()
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if recipient.oaep:
+            h = hash_algorithm(recipient.oaep_hash)
+            encrypted_key = public_key.encrypt(
+                cek, padding.OAEP(mgf=padding.MGF1(h), algorithm=h, label=None)
+            )
+            digest = {"algorithm": recipient.oaep_hash}
+            algorithm = cms.KeyEncryptionAlgorithm(
+                {
+                    "algorithm": "rsaes_oaep",
+                    "parameters": algos.RSAESOAEPParams(
+                        {
+                            "hash_algorithm": digest,
+                            "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": digest},
+                        }
+                    ),
+                }
+            )
+        else:
+            encrypted_key = public_key.encrypt(cek, padding.PKCS1v15())
+            algorithm = cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15"})
+        if recipient.use_subject_key_identifier:  # RFC 5652 section 6.2.1: version 2
+            version, rid = (
+                "v2",
+                cms.RecipientIdentifier(name="subject_key_identifier", value=_ski(cert)),
+            )
+        else:
+            version, rid = (
+                "v0",
+                cms.RecipientIdentifier(
+                    name="issuer_and_serial_number", value=_issuer_and_serial(cert)
+                ),
+            )
+        return cms.RecipientInfo(
+            name="ktri",
+            value=cms.KeyTransRecipientInfo(
+                {
+                    "version": version,
+                    "rid": rid,
+                    "key_encryption_algorithm": algorithm,
+                    "encrypted_key": encrypted_key,
+                }
+            ),
+        )
+    if isinstance(public_key, ec.EllipticCurvePublicKey | x25519.X25519PublicKey):
+        originator, algorithm, encrypted_key = kari.wrap_for(
+            public_key, cek, wrap=wrap, hkdf=recipient.hkdf
+        )
+        if recipient.use_subject_key_identifier:
+            key_rid = cms.KeyAgreementRecipientIdentifier(
+                name="r_key_id", value={"subject_key_identifier": _ski(cert)}
+            )
+        else:
+            key_rid = cms.KeyAgreementRecipientIdentifier(
+                name="issuer_and_serial_number", value=_issuer_and_serial(cert)
+            )
+        return cms.RecipientInfo(
+            name="kari",
+            value=cms.KeyAgreeRecipientInfo(
+                {
+                    "version": "v3",  # RFC 5652 section 6.2.2: always 3
+                    "originator": originator,
+                    "key_encryption_algorithm": algorithm,
+                    "recipient_encrypted_keys": [{"rid": key_rid, "encrypted_key": encrypted_key}],
+                }
+            ),
+        )
+    raise UnsupportedAlgorithm(f"cannot encrypt to a {type(public_key).__name__} certificate")
+
+
+def encrypt_data(
+    content: bytes,
+    recipients: Sequence[x509.Certificate | Recipient],
+    *,
+    cipher: str = "aes256_cbc",
+    content_type: str = "data",
+) -> bytes:
+    """Encrypt ``content`` for every recipient; return a DER ContentInfo.
+
+    ``*_cbc`` gives EnvelopedData, ``*_gcm`` AuthEnvelopedData (12-byte random nonce,
+    16-byte ICV, no authAttrs). RSA certificates get key transport (PKCS#1 v1.5 unless
+    :attr:`Recipient.oaep`), EC and X25519 certificates ephemeral-static key agreement
+    with an AES key wrap as strong as the content key. Not checked here: whether the
+    certificates are valid, trusted or allowed to encrypt (that is the PKI layer's job).
+    """
+    if cipher not in CIPHERS:
+        raise UnsupportedAlgorithm(f"unsupported content cipher {cipher!r}; use one of {CIPHERS}")
+    if not recipients:
+        raise KeyNotFound("no recipients to encrypt to")
+    key_size, mode = _DECRYPT_CIPHERS[cipher]
+    wrap = "aes256_wrap" if key_size == 32 else "aes128_wrap"
+    cek = os.urandom(key_size)
+    infos = [
+        _recipient_info(r if isinstance(r, Recipient) else Recipient(r), cek, wrap)
+        for r in recipients
+    ]
+    view = memoryview(content).cast("B")
+    if mode == "gcm":
+        nonce = os.urandom(_GCM_NONCE_SIZE)
+        encryptor = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
+        pieces = [encryptor.update(view), encryptor.finalize()]
+        mac: bytes | None = encryptor.tag  # 16 bytes = _GCM_ICV_SIZE
+        parameters: core.Asn1Value = _GCMParameters({"nonce": nonce, "icv_len": _GCM_ICV_SIZE})
+        outer_oid, version = _AUTH_ENVELOPED, 0  # RFC 5083 section 2.1: always 0
+    else:
+        iv = os.urandom(16)
+        encryptor = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
+        full = len(view) - len(view) % 16
+        pad = 16 - len(view) % 16  # PKCS#7 padding, RFC 5652 section 6.3
+        pieces = [
+            encryptor.update(view[:full]),
+            encryptor.update(bytes(view[full:]) + bytes([pad]) * pad) + encryptor.finalize(),
+        ]
+        mac = None
+        parameters = core.OctetString(iv)
+        # RFC 5652 section 6.1: version 0 only if every RecipientInfo is version 0.
+        all_v0 = all(i.name == "ktri" and i.chosen["version"].native == "v0" for i in infos)
+        outer_oid, version = _ENVELOPED, (0 if all_v0 else 2)
+    algorithm = algos.EncryptionAlgorithm({"algorithm": cipher, "parameters": parameters}).dump()
+    inner_oid = cms.ContentType(content_type).dump()
+    ris = cms.RecipientInfos(infos).dump()
+    ciphertext_len = sum(len(p) for p in pieces)
+    ect_header = _header(0x80, ciphertext_len)  # [0] IMPLICIT OCTET STRING
+    eci_len = len(inner_oid) + len(algorithm) + len(ect_header) + ciphertext_len
+    eci_header = _header(0x30, eci_len)
+    version_der = core.Integer(version).dump()
+    mac_der = _tlv(0x04, mac) if mac is not None else b""
+    env_len = len(version_der) + len(ris) + len(eci_header) + eci_len + len(mac_der)
+    env_header = _header(0x30, env_len)
+    explicit_header = _header(0xA0, len(env_header) + env_len)
+    outer_oid_der = core.ObjectIdentifier(outer_oid).dump()
+    ci_len = len(outer_oid_der) + len(explicit_header) + len(env_header) + env_len
+    return b"".join(
+        [
+            _header(0x30, ci_len),
+            outer_oid_der,
+            explicit_header,
+            env_header,
+            version_der,
+            ris,
+            eci_header,
+            inner_oid,
+            algorithm,
+            ect_header,
+            *pieces,
+            mac_der,
+        ]
+    )
