@@ -175,7 +175,7 @@ def parse_endpoint(description: str, role: EndpointRole, base_dir: Path | None =
     from twisted.internet.endpoints import _parse  # the grammar of serverFromString
 
     try:
-        args, kwargs = _parse(description)
+        args, kwargs = _parse(description)  # type: ignore[no-untyped-call]
     except Exception as e:  # the grammar raises plain errors on odd escapes
         raise ConfigError(f"cannot be parsed ({e})") from None
     types = _ENDPOINT_TYPES[role]
@@ -204,7 +204,8 @@ def parse_endpoint(description: str, role: EndpointRole, base_dir: Path | None =
         check = accepted[name]
         ok = True
         if check in ("port", "port0", "int"):
-            ok = value.isdigit() and (check == "int" or int(value) <= 65535)
+            ok = value.isascii() and value.isdigit()
+            ok = ok and (check == "int" or int(value) <= 65535)
             ok = ok and not (check == "port" and int(value) == 0)
         elif check == "octal":
             ok = bool(re.fullmatch(r"[0-7]{1,4}", value))
@@ -731,7 +732,7 @@ def _smtp(t: _Table, smime_authserv_id: str) -> SMTPConfig:
     domains = tuple(_domain(t, "local_domains", d) for d in t.strings("local_domains"))
     if not domains:
         raise t.error("local_domains", "must name at least one domain")
-    storage_map = {}
+    storage_map: dict[str, Any] = {}
     for name, value in t.mapping("inbound_storage_by_domain").items():
         sub = f"inbound_storage_by_domain.{name}"
         if not isinstance(value, str):
@@ -786,7 +787,7 @@ def _imap(t: _Table) -> IMAPConfig:
         plaintext_login=t.boolean("plaintext_login", False),
         tls_certificate=cert,
         tls_key=key,
-        upstream_tls=mode,  # type: ignore[arg-type]
+        upstream_tls=mode,
         upstream_tls_hostname=t.optional_string("upstream_tls_hostname"),
         upstream_ca_file=t.optional_path("upstream_ca_file"),
         sent_folders=t.strings("sent_folders", ["Sent", "Sent Items", "Sent Messages"]),

@@ -8,6 +8,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.testing import MemoryReactor
 
@@ -494,3 +496,16 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "absent.toml")
     assert info.value.path == str(tmp_path / "absent.toml")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    description=st.text(alphabet=st.sampled_from("tcpslunixd6:=\\/.0123456789²ab "), max_size=40),
+    role=st.sampled_from(["server", "client", "dns"]),
+)
+def test_any_endpoint_string_is_accepted_or_a_config_error(description: str, role: str) -> None:
+    try:
+        endpoint = parse_endpoint(description, role, base_dir=Path("/etc/smimeproxy"))  # type: ignore[arg-type]
+    except ConfigError:
+        return
+    assert endpoint.type in ("tcp", "tcp6", "ssl", "tls", "unix", "udp")
