@@ -216,7 +216,6 @@ class CAProfile:
     """
 
     user_valid_days: int = 365
-    ca_valid_days: int = 3650
     allowed_key_kinds: tuple[str, ...] = ("rsa2048", "rsa3072", "rsa4096", "p256", "p384")
     crl_url_template: str | None = None
     crl_next_update: datetime.timedelta = field(default=datetime.timedelta(days=7))
@@ -224,7 +223,7 @@ class CAProfile:
     non_repudiation: bool = False
 
     def __post_init__(self) -> None:
-        if self.user_valid_days < 1 or self.ca_valid_days < 1:
+        if self.user_valid_days < 1:
             raise ConfigError("validity must be at least one day", key="user_valid_days")
         unknown = [k for k in self.allowed_key_kinds if k not in _GENERATORS]
         if unknown:
