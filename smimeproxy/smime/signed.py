@@ -309,7 +309,12 @@ def decode_pem(data: bytes) -> bytes:
         raise MalformedMessage("PEM armour holds broken base64") from None
 
 
-def verify_data(data: bytes, detached_content: bytes | None = None) -> SignedDataResult:
+def verify_data(
+    data: bytes,
+    detached_content: bytes | None = None,
+    *,
+    extra_certificates: Sequence[x509.Certificate] = (),
+) -> SignedDataResult:
     """Parse a ``ContentInfo(signedData)`` (DER, BER, or PEM) and check every signer.
 
     ``detached_content`` is the content of a detached signature (the signed MIME part,
@@ -321,9 +326,10 @@ def verify_data(data: bytes, detached_content: bytes | None = None) -> SignedDat
     Checks per signer: ``message-digest`` and ``content-type`` (only when signed
     attributes exist), ``signature``, ``digest-strength``. The signer's certificate is
     looked up among the message's own certificates by issuerAndSerialNumber or
-    subjectKeyIdentifier; when it is missing, ``signature`` fails ("certificate not
-    in message"): callers with a certificate store may retry with
-    ``verify_data`` after adding certificates themselves (not supported here).
+    subjectKeyIdentifier, then among ``extra_certificates`` (a signer that used
+    ``-nocerts``, whose certificate we know from elsewhere); when it is missing,
+    ``signature`` fails ("signer certificate not found"). ``certificates`` of the
+    result lists only the message's own certificates.
 
     Not guaranteed: anything about trust. A ``PASS`` means "this key signed these
     bytes", not "this person sent this mail".
@@ -334,18 +340,20 @@ def verify_data(data: bytes, detached_content: bytes | None = None) -> SignedDat
     if data.lstrip()[:1] == b"-" or b"-----BEGIN" in data[:4096]:
         data = decode_pem(data)
     try:
-        return _verify(data, detached_content)
+        return _verify(data, detached_content, extra_certificates)
     except RecursionError:
         raise MalformedMessage("CMS structure nested too deeply") from None
     except _PARSE_ERRORS as e:
         raise MalformedMessage(f"malformed SignedData ({type(e).__name__})") from None
 
 
-def _verify(data: bytes, detached_content: bytes | None) -> SignedDataResult:
+def _verify(
+    data: bytes, detached_content: bytes | None, extra: Sequence[x509.Certificate]
+) -> SignedDataResult:
     signed_data = _parse_signed_data(data)
     errors: list[str] = []
 
-    encap = signed_data["encap_content_info"]
+    encap = _RawEncapsulatedContentInfo.load(signed_data["encap_content_info"].dump())
     content_type_oid = encap["content_type"]
     content_type = content_type_oid.native
     econtent = encap["content"]
@@ -369,7 +377,7 @@ def _verify(data: bytes, detached_content: bytes | None) -> SignedDataResult:
     signer_infos = signed_data["signer_infos"]
     if len(signer_infos) > MAX_SIGNERS:
         raise MalformedMessage(f"more than {MAX_SIGNERS} signers")
-    index = _CertificateIndex(certs_asn1)
+    index = _CertificateIndex([*certs_asn1, *(_to_asn1(c) for c in extra)])
     signers = []
     for signer_info in signer_infos:
         signers.append(
@@ -393,6 +401,17 @@ def _verify(data: bytes, detached_content: bytes | None) -> SignedDataResult:
     )
 
 
+class _RawEncapsulatedContentInfo(core.Sequence):
+    """EncapsulatedContentInfo whose eContent stays an OCTET STRING (RFC 5652 section
+    5.2) whatever eContentType says; asn1crypto's own class would parse it as the
+    named structure, which is wrong for CMS and lets a sender steer our parser."""
+
+    _fields = [
+        ("content_type", cms.ContentType),
+        ("content", core.ParsableOctetString, {"explicit": 0, "optional": True}),
+    ]
+
+
 def _parse_signed_data(data: bytes) -> cms.SignedData:
     if not data:
         raise MalformedMessage("empty input")
@@ -401,26 +420,32 @@ def _parse_signed_data(data: bytes) -> cms.SignedData:
     if oid == _SIGNED_DATA_OID:
         signed_data = info["content"]
     elif oid == _WEBDE_SIGNED_DATA_OID:
-        signed_data = cms.SignedData.load(info["content"].dump())
+        # Same length as the right OID: swap the bytes in the outer header and re-parse.
+        wrong = core.ObjectIdentifier(_WEBDE_SIGNED_DATA_OID).dump()
+        at = data.find(wrong, 0, 16)
+        if at < 0:
+            raise MalformedMessage("unexpected layout of a web.de SignedData")
+        right = core.ObjectIdentifier(_SIGNED_DATA_OID).dump()
+        fixed = data[:at] + right + data[at + len(wrong) :]
+        signed_data = cms.ContentInfo.load(fixed, strict=True)["content"]
     else:
         raise MalformedMessage(f"not a SignedData (content type {oid})")
     if not isinstance(signed_data, cms.SignedData):
         raise MalformedMessage("SignedData missing")
     # Touch the required fields now, so a broken encoding is reported as malformed.
     signed_data["version"].native  # noqa: B018
-    signed_data["encap_content_info"]["content_type"].dotted  # noqa: B018
+    signed_data["encap_content_info"].contents  # noqa: B018
     return signed_data
 
 
-def _octets(econtent: core.Any | core.OctetString | core.ParsableOctetString) -> bytes:
-    """eContent bytes, whatever asn1crypto parsed them as (BER constructed OCTET
-    STRINGs are joined by asn1crypto itself)."""
-    value = econtent.parsed if isinstance(econtent, core.Any) else econtent
-    if isinstance(value, core.OctetString | core.ParsableOctetString):
-        native = value.native
-        if isinstance(native, bytes):
-            return native
-        return bytes(value.contents)
+def _octets(econtent: core.Asn1Value) -> bytes:
+    """eContent bytes, never parsed as the structure its content type names (a
+    hostile eContentType must not make us parse its payload). BER constructed OCTET
+    STRINGs are joined by asn1crypto."""
+    if isinstance(econtent, core.ParsableOctetString):
+        return bytes(econtent)
+    if isinstance(econtent, core.OctetString):
+        return econtent.native
     raise MalformedMessage("eContent is not an OCTET STRING")
 
 
@@ -713,7 +738,7 @@ def _signature_check(
 ) -> Check:
     name = "signature"
     if certificate is None:
-        return Check(name, Outcome.FAIL, "signer certificate not in message")
+        return Check(name, Outcome.FAIL, "signer certificate not found")
     try:
         public = certificate.public_key()
     except (ValueError, UnsupportedAlgorithm, TypeError):
