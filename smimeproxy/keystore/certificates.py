@@ -1,0 +1,362 @@
+"""Public material in the store: partners' certificates, trust anchors,
+intermediates and CRLs, as functions over one open transaction.
+
+Nothing here is secret, so nothing is sealed; all of it is still integrity-relevant
+(a swapped partner certificate redirects mail), which is why only verified signatures
+may be harvested and why administrators' changes are audited.
+
+Not guaranteed: these functions do not validate certificate paths or CRL signatures.
+The PKI layer does that with what :func:`anchors`, :func:`intermediate_certificates`
+and :func:`latest_crls` return.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, x448, x25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+
+from smimeproxy.errors import CertificateError, KeyNotFound, KeystoreError
+from smimeproxy.keystore.interface import (
+    CertificateRecord,
+    CertificateSource,
+    CRLRecord,
+    TrustKind,
+    TrustRecord,
+)
+from smimeproxy.keystore.schema import Row, Tx, from_text, to_text
+from smimeproxy.smime.status import fingerprint
+
+CERT_COLUMNS = (
+    "fingerprint",
+    "certificate",
+    "source",
+    "first_seen",
+    "last_seen",
+    "capabilities",
+    "encryption_key_preference",
+    "revoked",
+)
+_COLS = ", ".join(CERT_COLUMNS)
+#: The same columns qualified with table alias ``c`` (for joins).
+QUALIFIED = ", ".join("c." + c for c in CERT_COLUMNS)
+#: Longest chain of intermediates :func:`chain_for` follows.
+MAX_CHAIN = 8
+
+
+def normalise(address: str) -> str:
+    """Addresses and login names compare lower-cased and stripped."""
+    return address.strip().lower()
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def load_certificate(data: bytes) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(bytes(data))
+    except ValueError:
+        raise KeystoreError("a stored certificate is unreadable") from None
+
+
+def certificate_addresses(cert: x509.Certificate) -> tuple[str, ...]:
+    """rfc822Name SANs, then subject emailAddress values, lower-cased, no duplicates."""
+    found: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        found.extend(san.value.get_values_for_type(x509.RFC822Name))
+    except x509.ExtensionNotFound:
+        pass
+    except ValueError as e:
+        raise CertificateError(f"unreadable subjectAltName: {e}") from None
+    for attr in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS):
+        if isinstance(attr.value, str):
+            found.append(attr.value)
+    out: list[str] = []
+    for a in found:
+        n = normalise(a)
+        if n and n not in out:
+            out.append(n)
+    return tuple(out)
+
+
+def usable_for_encryption(cert: x509.Certificate, now: datetime.datetime) -> bool:
+    """Valid at ``now``; EKU, if present, allows emailProtection (RFC 8550 section
+    4.4.4); key usage, if present, allows keyEncipherment for RSA or keyAgreement for
+    EC/X25519/X448 (RFC 8550 section 4.4.2). No path validation."""
+    if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
+        return False
+    try:
+        eku = cert.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+        if not (
+            ExtendedKeyUsageOID.EMAIL_PROTECTION in eku
+            or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku
+        ):
+            return False
+    except x509.ExtensionNotFound:
+        pass
+    except ValueError:
+        return False
+    try:
+        public = cert.public_key()
+        ku: x509.KeyUsage | None = cert.extensions.get_extension_for_oid(
+            ExtensionOID.KEY_USAGE
+        ).value
+    except x509.ExtensionNotFound:
+        ku = None
+    except (ValueError, TypeError):
+        return False
+    if isinstance(public, rsa.RSAPublicKey):
+        return ku is None or ku.key_encipherment
+    if isinstance(public, ec.EllipticCurvePublicKey | x25519.X25519PublicKey | x448.X448PublicKey):
+        return ku is None or ku.key_agreement
+    return False
+
+
+def self_signed(cert: x509.Certificate) -> bool:
+    """Issuer equals subject and the certificate's own key verifies it."""
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except Exception:  # InvalidSignature, ValueError, TypeError, unsupported key types
+        return False
+    return True
+
+
+def chain_for(
+    cert: x509.Certificate, intermediates: Sequence[x509.Certificate]
+) -> tuple[x509.Certificate, ...]:
+    """Intermediates from ``cert``'s issuer upwards (no anchors, at most MAX_CHAIN)."""
+    chain: list[x509.Certificate] = []
+    node = cert
+    for _ in range(MAX_CHAIN):
+        parent = None
+        for candidate in intermediates:
+            if candidate.subject != node.issuer or candidate in chain or candidate == node:
+                continue
+            try:
+                node.verify_directly_issued_by(candidate)
+            except Exception:  # wrong key, unsupported algorithm ...
+                continue
+            parent = candidate
+            break
+        if parent is None:
+            break
+        chain.append(parent)
+        node = parent
+    return tuple(chain)
+
+
+# -- partners' certificates --------------------------------------------------------------
+
+
+def to_record(tx: Tx, row: Row) -> CertificateRecord:
+    addresses = tx.all(
+        "SELECT address FROM certificate_addresses WHERE fingerprint = ? ORDER BY address",
+        (row[0],),
+    )
+    try:
+        capabilities = tuple(json.loads(row[5]))
+    except (TypeError, ValueError):
+        capabilities = ()
+    return CertificateRecord(
+        fingerprint=row[0],
+        addresses=tuple(a[0] for a in addresses),
+        certificate=load_certificate(row[1]),
+        source=CertificateSource(row[2]),
+        first_seen=from_text(row[3]),
+        last_seen=from_text(row[4]),
+        capabilities=capabilities,
+        encryption_key_preference=row[6],
+        revoked=bool(row[7]),
+    )
+
+
+def upsert(
+    tx: Tx,
+    cert: x509.Certificate,
+    source: CertificateSource,
+    seen: datetime.datetime,
+    capabilities: Sequence[str] | None,
+    preference: str | None,
+) -> CertificateRecord:
+    """Insert a certificate, or refresh ``last_seen`` (and, when given, capabilities and
+    preference, if this sighting is the newest) of one already stored. The source of a
+    stored certificate never changes. Safe against a concurrent insert of the same
+    certificate on another node (``ON CONFLICT``)."""
+    addresses = certificate_addresses(cert)
+    if not addresses:
+        raise CertificateError("the certificate names no email address")
+    fp = fingerprint(cert)
+    caps = None if capabilities is None else json.dumps([str(c) for c in capabilities])
+    seen_text = to_text(seen)
+    tx.run(
+        f"INSERT INTO certificates ({_COLS}, not_before, not_after)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)"
+        " ON CONFLICT (fingerprint) DO UPDATE SET"
+        " capabilities = CASE WHEN ? = 1 AND excluded.last_seen >= certificates.last_seen"
+        "   THEN excluded.capabilities ELSE certificates.capabilities END,"
+        " encryption_key_preference = CASE WHEN ? = 1"
+        "   AND excluded.last_seen >= certificates.last_seen"
+        "   THEN excluded.encryption_key_preference"
+        "   ELSE certificates.encryption_key_preference END,"
+        " last_seen = CASE WHEN excluded.last_seen > certificates.last_seen"
+        "   THEN excluded.last_seen ELSE certificates.last_seen END",
+        (
+            fp,
+            der(cert),
+            str(source),
+            seen_text,
+            seen_text,
+            caps if caps is not None else "[]",
+            preference,
+            to_text(cert.not_valid_before_utc),
+            to_text(cert.not_valid_after_utc),
+            1 if caps is not None else 0,
+            1 if caps is not None else 0,
+        ),
+    )
+    for address in addresses:
+        tx.run(
+            "INSERT INTO certificate_addresses (fingerprint, address) VALUES (?, ?)"
+            " ON CONFLICT (fingerprint, address) DO NOTHING",
+            (fp, address),
+        )
+    return get(tx, fp)
+
+
+def get(tx: Tx, fp: str) -> CertificateRecord:
+    row = tx.one(f"SELECT {_COLS} FROM certificates WHERE fingerprint = ?", (fp.lower(),))
+    if row is None:
+        raise KeyNotFound(f"no certificate {fp}")
+    return to_record(tx, row)
+
+
+def listing(tx: Tx, address: str | None = None) -> list[CertificateRecord]:
+    if address is None:
+        rows = tx.all(f"SELECT {_COLS} FROM certificates ORDER BY not_before DESC, fingerprint")
+    else:
+        rows = tx.all(
+            f"SELECT {QUALIFIED} FROM certificate_addresses a"
+            " JOIN certificates c ON c.fingerprint = a.fingerprint"
+            " WHERE a.address = ? ORDER BY c.not_before DESC, c.fingerprint",
+            (normalise(address),),
+        )
+    return [to_record(tx, r) for r in rows]
+
+
+def candidates(tx: Tx, address: str, now: datetime.datetime) -> list[CertificateRecord]:
+    """Unrevoked certificates for ``address`` inside their validity, newest first."""
+    rows = tx.all(
+        f"SELECT {QUALIFIED} FROM certificate_addresses a"
+        " JOIN certificates c ON c.fingerprint = a.fingerprint"
+        " WHERE a.address = ? AND c.revoked = 0 AND c.not_before <= ? AND c.not_after > ?"
+        " ORDER BY c.not_before DESC, c.last_seen DESC",
+        (normalise(address), to_text(now), to_text(now)),
+    )
+    return [to_record(tx, r) for r in rows]
+
+
+def choose(
+    records: Sequence[CertificateRecord], now: datetime.datetime
+) -> CertificateRecord | None:
+    """Among ``records`` (newest first), the one to encrypt to: the certificate the
+    most recently seen signature preferred, if usable, else the newest usable one."""
+    usable = [r for r in records if usable_for_encryption(r.certificate, now)]
+    if not usable:
+        return None
+    by_fp = {r.fingerprint: r for r in usable}
+    for record in sorted(records, key=lambda r: r.last_seen, reverse=True):
+        if record.encryption_key_preference:
+            preferred = by_fp.get(record.encryption_key_preference)
+            if preferred is not None:
+                return preferred
+            break
+    return usable[0]
+
+
+# -- trust anchors and intermediates --------------------------------------------------------
+
+
+def add_trust(
+    tx: Tx, cert: x509.Certificate, kind: TrustKind | None, now: datetime.datetime
+) -> TrustRecord:
+    """Store an anchor or intermediate (self-signed means anchor unless ``kind``)."""
+    if kind is None:
+        kind = TrustKind.ANCHOR if self_signed(cert) else TrustKind.INTERMEDIATE
+    fp = fingerprint(cert)
+    tx.run(
+        "INSERT INTO trust (fingerprint, kind, subject, certificate, added) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (fingerprint) DO UPDATE SET kind = excluded.kind",
+        (fp, str(kind), cert.subject.rfc4514_string(), der(cert), to_text(now)),
+    )
+    row = tx.one(
+        "SELECT fingerprint, kind, certificate, added FROM trust WHERE fingerprint = ?", (fp,)
+    )
+    assert row is not None
+    return _trust_record(row)
+
+
+def _trust_record(row: Row) -> TrustRecord:
+    return TrustRecord(row[0], TrustKind(row[1]), load_certificate(row[2]), from_text(row[3]))
+
+
+def trust_records(tx: Tx, kind: TrustKind | None = None) -> list[TrustRecord]:
+    sql = "SELECT fingerprint, kind, certificate, added FROM trust"
+    params: tuple[Any, ...] = ()
+    if kind is not None:
+        sql += " WHERE kind = ?"
+        params = (str(kind),)
+    return [_trust_record(r) for r in tx.all(sql + " ORDER BY subject, fingerprint", params)]
+
+
+# -- CRLs -----------------------------------------------------------------------------------
+
+
+def add_crl(tx: Tx, crl: x509.CertificateRevocationList, now: datetime.datetime) -> bool:
+    """Keep ``crl`` if it is the newest (by thisUpdate) for its issuer; True if kept.
+    Concurrent adds from several nodes converge on the newest (``ON CONFLICT``)."""
+    issuer = crl.issuer.public_bytes().hex()
+    this_update = to_text(crl.last_update_utc)
+    next_update = crl.next_update_utc
+    changed = tx.run(
+        "INSERT INTO crls (issuer, crl, this_update, next_update, added) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (issuer) DO UPDATE SET crl = excluded.crl,"
+        " this_update = excluded.this_update, next_update = excluded.next_update,"
+        " added = excluded.added WHERE excluded.this_update > crls.this_update",
+        (
+            issuer,
+            crl.public_bytes(serialization.Encoding.DER),
+            this_update,
+            None if next_update is None else to_text(next_update),
+            to_text(now),
+        ),
+    )
+    return changed > 0
+
+
+def latest_crls(tx: Tx) -> list[CRLRecord]:
+    out = []
+    for row in tx.all("SELECT crl, this_update, next_update, added FROM crls ORDER BY issuer"):
+        try:
+            crl = x509.load_der_x509_crl(bytes(row[0]))
+        except ValueError:
+            raise KeystoreError("a stored CRL is unreadable") from None
+        out.append(
+            CRLRecord(
+                crl.issuer.rfc4514_string(),
+                crl,
+                from_text(row[1]),
+                None if row[2] is None else from_text(row[2]),
+                from_text(row[3]),
+            )
+        )
+    return out
