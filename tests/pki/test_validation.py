@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from smimeproxy.errors import CertificateError
@@ -243,7 +243,9 @@ def test_expired_intermediate(pki: PKI) -> None:
 
 
 def test_wrong_eku_server_auth_only(pki: PKI) -> None:
-    leaf = pki.factory.user("web@example.org", key_kind="p256", eku=[ExtendedKeyUsageOID.SERVER_AUTH])
+    leaf = pki.factory.user(
+        "web@example.org", key_kind="p256", eku=[ExtendedKeyUsageOID.SERVER_AUTH]
+    )
     status = pki.validator().validate(leaf.certificate, purpose="sign")
     assert not status.trusted
     assert outcomes(status)["eku"] is Outcome.FAIL
@@ -633,3 +635,251 @@ def test_cryptography_verifier_agrees_on_an_rsa_vector(vectors: Path) -> None:
     ours = PathValidator([anchor]).validate(leaf, purpose="sign")
     assert ours.trusted
     assert tuple(theirs.chain) == ours.chain
+
+
+# --- cross-check with openssl verify --------------------------------------------------
+
+
+@dataclass
+class Case:
+    leaf: Issued
+    purpose: str = "sign"
+    untrusted: list[x509.Certificate] = field(default_factory=list)
+    crls: list[x509.CertificateRevocationList] | None = None  # None: no -crl_check
+    anchor: x509.Certificate | None = None
+
+
+CASE_BUILDERS: dict[str, Callable[[PKI], Case]] = {
+    "good-sign": lambda p: Case(p.alice, untrusted=[p.inter.certificate]),
+    "good-encrypt": lambda p: Case(p.alice, "encrypt", untrusted=[p.inter.certificate]),
+    "missing-intermediate": lambda p: Case(p.alice),
+    "untrusted-root": lambda p: Case(p.bob, anchor=p.other.root.certificate),
+    "expired": lambda p: Case(
+        p.factory.user("x1@example.org", key_kind="p256", not_after=p.now - DAY)
+    ),
+    "server-auth-eku": lambda p: Case(
+        p.factory.user("x2@example.org", key_kind="p256", eku=[ExtendedKeyUsageOID.SERVER_AUTH])
+    ),
+    "sign-only-rsa-for-encrypt": lambda p: Case(
+        p.factory.user("x3@example.org", key_kind="rsa2048", key_usage="sign"), "encrypt"
+    ),
+    "encrypt-only-for-sign": lambda p: Case(
+        p.factory.user("x4@example.org", key_kind="p256", key_usage="encrypt")
+    ),
+    "revoked": lambda p: _revoked_case(p),
+    "crl-not-listed": lambda p: Case(p.bob, crls=[p.factory.crl(p.factory.root, [])]),
+    "crl-missing": lambda p: Case(p.bob, crls=[]),
+    "issuer-not-ca": lambda p: Case(
+        p.factory.user("x5@example.org", p.bob, key_kind="p256"),
+        untrusted=[p.bob.certificate],
+    ),
+    "path-length": lambda p: _path_length_case(p),
+    "critical-extension": lambda p: Case(
+        custom(
+            p.factory.root,
+            extensions=[
+                (
+                    x509.UnrecognizedExtension(
+                        x509.ObjectIdentifier("1.3.6.1.4.1.55555.3"), b"\x05\x00"
+                    ),
+                    True,
+                )
+            ],
+        )
+    ),
+}
+
+
+def _revoked_case(pki: PKI) -> Case:
+    leaf = pki.factory.user("x6@example.org", key_kind="p256")
+    return Case(leaf, crls=[pki.factory.crl(pki.factory.root, [leaf])])
+
+
+def _path_length_case(pki: PKI) -> Case:
+    top = pki.factory.ca("x pathlen 0", pki.factory.root, path_length=0)
+    below = pki.factory.ca("x below", top)
+    leaf = pki.factory.user("x7@example.org", below, key_kind="p256")
+    return Case(leaf, untrusted=[top.certificate, below.certificate])
+
+
+def _pem(items: Sequence[x509.Certificate | x509.CertificateRevocationList]) -> bytes:
+    return b"".join(i.public_bytes(serialization.Encoding.PEM) for i in items)
+
+
+@pytest.mark.parametrize("name", sorted(CASE_BUILDERS))
+def test_same_verdict_as_openssl_verify(pki: PKI, openssl: str, tmp_path: Path, name: str) -> None:
+    case = CASE_BUILDERS[name](pki)
+    anchor = case.anchor or pki.factory.root.certificate
+    (tmp_path / "ca.pem").write_bytes(_pem([anchor]))
+    (tmp_path / "leaf.pem").write_bytes(_pem([case.leaf.certificate]))
+    purpose = {"sign": "smimesign", "encrypt": "smimeencrypt"}[case.purpose]
+    args = [openssl, "verify", "-purpose", purpose, "-CAfile", "ca.pem"]
+    args += ["-attime", str(int(pki.now.timestamp()))]
+    if case.untrusted:
+        (tmp_path / "untrusted.pem").write_bytes(_pem(case.untrusted))
+        args += ["-untrusted", "untrusted.pem"]
+    if case.crls is not None:
+        args += ["-crl_check"]
+        if case.crls:
+            (tmp_path / "crl.pem").write_bytes(_pem(case.crls))
+            args += ["-CRLfile", "crl.pem"]
+    result = subprocess.run(
+        [*args, "leaf.pem"], cwd=tmp_path, capture_output=True, timeout=30, check=False
+    )
+    theirs = result.returncode == 0
+    policy = RevocationPolicy.OFF if case.crls is None else RevocationPolicy.REQUIRE
+    ours = PathValidator(
+        [anchor], crls=case.crls or (), revocation=policy, clock=lambda: pki.now
+    ).validate(case.leaf.certificate, purpose=case.purpose, extra_certificates=case.untrusted)
+    assert ours.trusted is theirs, (ours.failures, result.stdout, result.stderr)
+    expected_good = name in ("good-sign", "good-encrypt", "crl-not-listed")
+    assert theirs is expected_good
+
+
+# --- hypothesis: nothing unexpected escapes -------------------------------------------
+
+_FUZZ: dict[str, object] = {}
+
+
+def _fuzz_pki() -> tuple[Issued, PathValidator]:
+    if not _FUZZ:
+        factory = CertificateFactory()
+        crl = factory.crl(factory.root, [])
+        _FUZZ["root"] = factory.root
+        _FUZZ["validator"] = PathValidator([factory.root.certificate], crls=[crl])
+    return _FUZZ["root"], _FUZZ["validator"]  # type: ignore[return-value]
+
+
+_OIDS = st.sampled_from(
+    [
+        ExtendedKeyUsageOID.EMAIL_PROTECTION,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+        x509.ObjectIdentifier("1.3.6.1.4.1.55555.9"),
+    ]
+)
+_SAN_OID = x509.ObjectIdentifier("2.5.29.17")
+_RAW_EXTENSION_OIDS = st.sampled_from(
+    [
+        _SAN_OID,
+        x509.ObjectIdentifier("2.5.29.15"),
+        x509.ObjectIdentifier("2.5.29.37"),
+        x509.ObjectIdentifier("2.5.29.19"),
+        x509.ObjectIdentifier("2.5.29.30"),
+        x509.ObjectIdentifier("1.3.6.1.4.1.55555.4"),
+    ]
+)
+
+
+@st.composite
+def random_certificates(draw: st.DrawFn) -> x509.Certificate:
+    root, _ = _fuzz_pki()
+    self_signed = draw(st.booleans())
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, draw(st.text(min_size=1, max_size=20)))]
+        + [
+            x509.NameAttribute(NameOID.EMAIL_ADDRESS, v)
+            for v in draw(st.lists(st.text(max_size=30), max_size=2))
+        ]
+    )
+    start = datetime.datetime.now(datetime.UTC) + draw(st.integers(-3000, 300)) * DAY
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name if self_signed else root.certificate.subject)
+        .public_key(root.private_key.public_key())  # type: ignore[arg-type]
+        .serial_number(draw(st.integers(1, 2**159 - 1)))
+        .not_valid_before(start)
+        .not_valid_after(start + draw(st.integers(0, 4000)) * DAY)
+    )
+    if draw(st.booleans()):
+        builder = builder.add_extension(
+            x509.BasicConstraints(draw(st.booleans()), None), critical=draw(st.booleans())
+        )
+    if draw(st.booleans()):
+        bits = draw(st.lists(st.booleans(), min_size=7, max_size=7))
+        builder = builder.add_extension(x509.KeyUsage(*bits, False, False), critical=True)
+    if draw(st.booleans()):
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage(draw(st.lists(_OIDS, min_size=1, max_size=3, unique=True))),
+            critical=draw(st.booleans()),
+        )
+    if draw(st.booleans()):
+        addresses = draw(
+            st.lists(st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=30))
+        )
+        names = []
+        for address in addresses:
+            try:
+                names.append(x509.RFC822Name(address))
+            except ValueError:  # cryptography refuses some strings up front; fine
+                continue
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    else:
+        # raw extension bytes under a well-known OID: decoding it later may fail
+        oid = draw(_RAW_EXTENSION_OIDS)
+        raw = x509.UnrecognizedExtension(oid, draw(st.binary(max_size=40)))
+        try:
+            builder = builder.add_extension(raw, critical=draw(st.booleans()))
+        except ValueError:  # the builder refuses a second extension of that OID
+            pass
+    try:
+        return builder.sign(root.private_key, hashes.SHA256())  # type: ignore[arg-type]
+    except ValueError:  # e.g. a name attribute that cannot be encoded
+        reject()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cert=random_certificates(),
+    purpose=st.sampled_from(["sign", "encrypt"]),
+    sender=st.none() | st.text(max_size=40),
+)
+def test_random_certificates_never_raise(
+    cert: x509.Certificate, purpose: str, sender: str | None
+) -> None:
+    root, validator = _fuzz_pki()
+    try:
+        status = validator.validate(
+            cert, purpose=purpose, sender=sender, extra_certificates=[cert, root.certificate]
+        )
+    except CertificateError:
+        return
+    assert {c.name for c in status.checks} == set(ALL_CHECKS)
+    assert status.trusted is (not status.failures)  # soft-fail: UNKNOWN does not block
+    addresses = certificate_addresses(cert)
+    assert all(a == a.lower() for a in addresses)
+    assert len(set(addresses)) == len(addresses)
+
+
+@pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
+@settings(max_examples=300, deadline=None)
+@given(flips=st.lists(st.tuples(st.integers(0, 2000), st.integers(1, 255)), min_size=1, max_size=4))
+def test_corrupted_der_never_raises(pki: PKI, flips: list[tuple[int, int]]) -> None:
+    original = pki.alice.certificate.public_bytes(serialization.Encoding.DER)
+    der = bytearray(original)
+    for position, mask in flips:
+        der[position % len(der)] ^= mask
+    try:
+        cert = x509.load_der_x509_certificate(bytes(der))
+    except ValueError:
+        return
+    try:
+        status = pki.validator().validate(
+            cert,
+            purpose="sign",
+            sender="alice@example.org",
+            extra_certificates=[pki.inter.certificate],
+        )
+    except CertificateError:
+        return
+    certificate_addresses(cert)
+    if bytes(der) != original:
+        assert not status.trusted  # any change breaks the issuer's signature
+
+
+@given(a=st.text(max_size=60), b=st.text(max_size=60))
+def test_address_matches_is_total_and_symmetric(a: str, b: str) -> None:
+    assert address_matches(a, b) is address_matches(b, a)
+    assert address_matches(f"{a}@example.org", f"{a.upper()}@EXAMPLE.org") in (True, False)
