@@ -25,6 +25,7 @@ import datetime
 import hashlib
 import hmac
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,8 +33,10 @@ from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import UnsupportedAlgorithm as CryptographyUnsupported
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 
 from smimeproxy.errors import MalformedMessage, UnsupportedAlgorithm
 from smimeproxy.smime.algorithms import (
@@ -462,14 +465,24 @@ def _read_certificates(
     for choice in choices:
         if choice.name != "certificate":
             continue  # attribute certificates and others: not used for S/MIME
-        der = choice.chosen.dump()
-        try:
-            certs.append(x509.load_der_x509_certificate(der))
-        except ValueError:
+        cert = _load_certificate(choice.chosen.dump())
+        if cert is None:
             errors.append("a certificate in the message could not be read")
             continue
         asn1_certs.append(choice.chosen)
+        certs.append(cert)
     return asn1_certs, certs
+
+
+def _load_certificate(der: bytes) -> x509.Certificate | None:
+    """A certificate, or None when ``cryptography`` cannot read it; silences the
+    deprecation warning for negative serial numbers (old gpgsm test certificates)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        try:
+            return x509.load_der_x509_certificate(der)
+        except (ValueError, x509.InvalidVersion):
+            return None
 
 
 def _read_crls(
@@ -486,7 +499,7 @@ def _read_crls(
             continue
         try:
             out.append(x509.load_der_x509_crl(choice.chosen.dump()))
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             errors.append("a CRL in the message could not be read")
     return out
 
@@ -538,9 +551,8 @@ def _verify_signer(
     cert_asn1 = index.find(signer_info["sid"])
     certificate = None
     if cert_asn1 is not None:
-        try:
-            certificate = x509.load_der_x509_certificate(cert_asn1.dump())
-        except ValueError:
+        certificate = _load_certificate(cert_asn1.dump())
+        if certificate is None:
             errors.append("signer certificate could not be read")
 
     signing_time = None
@@ -714,7 +726,7 @@ def _key_preference(
         if found is None:
             errors.append("SMIMEEncryptionKeyPreference names a certificate not in the message")
             return None
-        return x509.load_der_x509_certificate(found.dump())
+        return _load_certificate(found.dump())
     except (_AttributeError, *_PARSE_ERRORS):
         errors.append("SMIMEEncryptionKeyPreference attribute unreadable")
         return None
@@ -741,7 +753,7 @@ def _signature_check(
         return Check(name, Outcome.FAIL, "signer certificate not found")
     try:
         public = certificate.public_key()
-    except (ValueError, UnsupportedAlgorithm, TypeError):
+    except (ValueError, TypeError, CryptographyUnsupported):
         return Check(name, Outcome.FAIL, "signer public key unusable")
     signature = signer_info["signature"].native
     try:
