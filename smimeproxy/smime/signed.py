@@ -637,11 +637,11 @@ def _single_value(attrs: dict[str, list[cms.CMSAttribute]], oid: str) -> core.As
     if not found:
         return None
     if len(found) != 1 or len(found[0]["values"]) != 1:
-        raise _AttributeError(f"attribute {oid} must occur once with one value")
+        raise _SingleValueRule(f"attribute {oid} must occur once with one value")
     return found[0]["values"][0]
 
 
-class _AttributeError(Exception):
+class _SingleValueRule(Exception):
     """Internal: a signed attribute breaks the single-value rule."""
 
 
@@ -651,7 +651,7 @@ def _message_digest_check(
     name = "message-digest"
     try:
         value = _single_value(attrs, _OID_MESSAGE_DIGEST)
-    except _AttributeError as e:
+    except _SingleValueRule as e:
         return Check(name, Outcome.FAIL, str(e))
     if value is None:
         return Check(name, Outcome.FAIL, "messageDigest attribute missing")
@@ -672,7 +672,7 @@ def _content_type_check(attrs: dict[str, list[cms.CMSAttribute]], econtent_type:
     name = "content-type"
     try:
         value = _single_value(attrs, _OID_CONTENT_TYPE)
-    except _AttributeError as e:
+    except _SingleValueRule as e:
         return Check(name, Outcome.FAIL, str(e))
     if value is None:
         # RFC 5652 section 11.1: MUST be present when there are signed attributes.
@@ -692,7 +692,7 @@ def _signing_time(
         if value is None:
             return None
         native = value.native
-    except (_AttributeError, *_PARSE_ERRORS):
+    except (_SingleValueRule, *_PARSE_ERRORS):
         errors.append("signingTime attribute unreadable")
         return None
     return native if isinstance(native, datetime.datetime) else None
@@ -704,7 +704,7 @@ def _capabilities(attrs: dict[str, list[cms.CMSAttribute]], errors: list[str]) -
         if value is None:
             return ()
         return parse_capabilities(value if isinstance(value, bytes) else value.dump())
-    except (_AttributeError, MalformedMessage, *_PARSE_ERRORS):
+    except (_SingleValueRule, MalformedMessage, *_PARSE_ERRORS):
         errors.append("SMIMECapabilities attribute unreadable")
         return ()
 
@@ -727,7 +727,7 @@ def _key_preference(
             errors.append("SMIMEEncryptionKeyPreference names a certificate not in the message")
             return None
         return _load_certificate(found.dump())
-    except (_AttributeError, *_PARSE_ERRORS):
+    except (_SingleValueRule, *_PARSE_ERRORS):
         errors.append("SMIMEEncryptionKeyPreference attribute unreadable")
         return None
 
