@@ -78,13 +78,13 @@ class Tx:
     def attempt(self, name: str, action: Callable[[Tx], Any]) -> Any:
         """Run ``action`` inside a savepoint; on a constraint violation roll back to it
         and re-raise, leaving the outer transaction usable (needed by PostgreSQL)."""
-        self._cursor.execute(f"SAVEPOINT {name}")
+        self._cursor.execute(f"SAVEPOINT sp_{name}")
         try:
             result = action(self)
         except self.integrity_errors:
-            self._cursor.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            self._cursor.execute(f"ROLLBACK TO SAVEPOINT sp_{name}")
             raise
-        self._cursor.execute(f"RELEASE SAVEPOINT {name}")
+        self._cursor.execute(f"RELEASE SAVEPOINT sp_{name}")
         return result
 
 
