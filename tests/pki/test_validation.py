@@ -875,8 +875,14 @@ def test_corrupted_der_never_raises(pki: PKI, flips: list[tuple[int, int]]) -> N
     except CertificateError:
         return
     certificate_addresses(cert)
-    if bytes(der) != original:
-        assert not status.trusted  # any change breaks the issuer's signature
+    signed_part_or_signature_changed = (
+        cert.tbs_certificate_bytes != pki.alice.certificate.tbs_certificate_bytes
+        or cert.signature != pki.alice.certificate.signature
+    )
+    # (cryptography tolerates a non-zero "unused bits" count in the signature BIT STRING
+    # when those bits are zero: different DER, same signed certificate)
+    if signed_part_or_signature_changed:
+        assert not status.trusted
 
 
 @given(a=st.text(max_size=60), b=st.text(max_size=60))
