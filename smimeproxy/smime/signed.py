@@ -29,13 +29,13 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from asn1crypto import algos, cms, core
+from asn1crypto import cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.exceptions import UnsupportedAlgorithm as CryptographyUnsupported
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.utils import CryptographyDeprecationWarning
 
 from smimeproxy.errors import MalformedMessage, UnsupportedAlgorithm
@@ -47,8 +47,11 @@ from smimeproxy.smime.algorithms import (
     capability_attribute,
     digest_algorithm_id,
     parse_capabilities,
+    signature_algorithm_id,
+    signature_hash,
+    verify_signature,
 )
-from smimeproxy.smime.keys import KeyPair, hash_algorithm
+from smimeproxy.smime.keys import KeyPair
 from smimeproxy.smime.status import Check, Outcome
 
 __all__ = [
@@ -71,10 +74,6 @@ MAX_SIGNED_ATTRIBUTES_BYTES = 64 * 1024
 #: (1.2.840.113546 instead of 113549; gpgsm accepts it, see its samplemsgs).
 _SIGNED_DATA_OID = "1.2.840.113549.1.7.2"
 _WEBDE_SIGNED_DATA_OID = "1.2.840.113546.1.7.2"
-
-# ecPublicKey (RFC 5480) used as a signature algorithm by some producers: ECDSA with the
-# SignerInfo's digest algorithm.
-_EC_PUBLIC_KEY_OID = "1.2.840.10045.2.1"
 
 _PEM_RE = re.compile(
     rb"-----BEGIN (PKCS7|CMS|SIGNED MESSAGE|PKCS #7 SIGNED DATA)-----(.*?)-----END \1-----",
@@ -162,7 +161,7 @@ def sign_data(
         digest = "sha512"
     if digest not in SIGNING_DIGESTS:
         raise UnsupportedAlgorithm(f"we do not sign with digest {digest!r}")
-    signature_algorithm = _signature_algorithm_for(public, digest, pss)
+    signature_algorithm = signature_algorithm_id(public, digest, pss)
 
     cert_asn1 = _to_asn1(signer.certificate)
     when = signing_time or datetime.datetime.now(datetime.UTC)
@@ -234,36 +233,6 @@ def sign_data(
         }
     )
     return cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
-
-
-def _signature_algorithm_for(public: object, digest: str, pss: bool) -> algos.SignedDigestAlgorithm:
-    if isinstance(public, rsa.RSAPublicKey):
-        if pss:
-            # RFC 4056 section 2: hash, MGF1 over the same hash, salt = hash length.
-            params = algos.RSASSAPSSParams(
-                {
-                    "hash_algorithm": {"algorithm": digest},
-                    "mask_gen_algorithm": {
-                        "algorithm": "mgf1",
-                        "parameters": {"algorithm": digest},
-                    },
-                    "salt_length": hashlib.new(digest).digest_size,
-                }
-            )
-            return algos.SignedDigestAlgorithm({"algorithm": "rsassa_pss", "parameters": params})
-        # rsaEncryption with NULL parameters (RFC 3370 section 3.2), as OpenSSL writes it.
-        return algos.SignedDigestAlgorithm(
-            {"algorithm": "rsassa_pkcs1v15", "parameters": core.Null()}
-        )
-    if pss:
-        raise UnsupportedAlgorithm("RSASSA-PSS needs an RSA key")
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        # ecdsa-with-SHA*, parameters absent (RFC 5758 section 3.2).
-        return algos.SignedDigestAlgorithm({"algorithm": f"{digest}_ecdsa"})
-    if isinstance(public, ed25519.Ed25519PublicKey):
-        # id-Ed25519, parameters absent (RFC 8419 section 2.3).
-        return algos.SignedDigestAlgorithm({"algorithm": "ed25519"})
-    raise UnsupportedAlgorithm(f"cannot sign with a {type(public).__name__}")
 
 
 def _cms_time(when: datetime.datetime) -> core.Choice:
@@ -593,7 +562,7 @@ def _verify_signer(
                 "the signature carries a different encapsulated content than the signed part",
             )
         )
-    weak = sorted({digest_name, _signature_hash(signature_name) or ""} & WEAK_DIGESTS)
+    weak = sorted({digest_name, signature_hash(signature_name) or ""} & WEAK_DIGESTS)
     if weak:
         checks.append(Check("digest-strength", Outcome.FAIL, f"weak digest {weak[0]}"))
         errors.append(f"weak digest algorithm {weak[0]}")
@@ -732,14 +701,6 @@ def _key_preference(
         return None
 
 
-def _signature_hash(signature_name: str) -> str | None:
-    """The hash named by a combined signature OID (``sha256_rsa`` -> ``sha256``)."""
-    head, _, tail = signature_name.partition("_")
-    if tail in ("rsa", "ecdsa", "dsa") and head in VERIFY_DIGESTS | WEAK_DIGESTS:
-        return head
-    return None
-
-
 def _signature_check(
     signer_info: cms.SignerInfo,
     certificate: x509.Certificate | None,
@@ -757,7 +718,9 @@ def _signature_check(
         return Check(name, Outcome.FAIL, "signer public key unusable")
     signature = signer_info["signature"].native
     try:
-        _verify_signature(public, signer_info, signature_name, digest_name, signature, signed_bytes)
+        verify_signature(
+            public, signer_info["signature_algorithm"], digest_name, signature, signed_bytes
+        )
     except InvalidSignature:
         return Check(name, Outcome.FAIL, "signature does not match")
     except UnsupportedAlgorithm as e:
@@ -766,54 +729,3 @@ def _signature_check(
     except _PARSE_ERRORS:
         return Check(name, Outcome.FAIL, "signature or its parameters are malformed")
     return Check(name, Outcome.PASS, signature_name)
-
-
-def _verify_signature(
-    public: object,
-    signer_info: cms.SignerInfo,
-    signature_name: str,
-    digest_name: str,
-    signature: bytes,
-    data: bytes,
-) -> None:
-    """Raise InvalidSignature or UnsupportedAlgorithm; return when the signature holds."""
-    if signature_name == "ed25519":
-        if not isinstance(public, ed25519.Ed25519PublicKey):
-            raise UnsupportedAlgorithm("Ed25519 signature but the certificate has another key")
-        public.verify(signature, data)
-        return
-    if signature_name == "rsassa_pss":
-        if not isinstance(public, rsa.RSAPublicKey):
-            raise UnsupportedAlgorithm("RSASSA-PSS signature but the certificate is not RSA")
-        params = signer_info["signature_algorithm"]["parameters"]
-        pss_hash = params["hash_algorithm"]["algorithm"].native
-        mgf = params["mask_gen_algorithm"]
-        if mgf["algorithm"].native != "mgf1":
-            raise UnsupportedAlgorithm("RSASSA-PSS with a mask generation other than MGF1")
-        mgf_hash = mgf["parameters"]["algorithm"].native
-        if params["trailer_field"].native not in (1, "trailer_field_bc"):
-            raise UnsupportedAlgorithm("RSASSA-PSS trailer field other than 1")
-        salt = params["salt_length"].native
-        pad = padding.PSS(mgf=padding.MGF1(hash_algorithm(mgf_hash)), salt_length=salt)
-        public.verify(signature, data, pad, hash_algorithm(pss_hash))
-        return
-    hash_name = _signature_hash(signature_name) or digest_name
-    if hash_name not in VERIFY_DIGESTS:
-        raise UnsupportedAlgorithm(f"unsupported digest algorithm {hash_name}")
-    digest = hash_algorithm(hash_name)
-    if signature_name in ("rsassa_pkcs1v15",) or signature_name.endswith("_rsa"):
-        if not isinstance(public, rsa.RSAPublicKey):
-            raise UnsupportedAlgorithm("RSA signature but the certificate is not RSA")
-        public.verify(signature, data, padding.PKCS1v15(), digest)
-        return
-    if signature_name in ("ecdsa", _EC_PUBLIC_KEY_OID) or signature_name.endswith("_ecdsa"):
-        if not isinstance(public, ec.EllipticCurvePublicKey):
-            raise UnsupportedAlgorithm("ECDSA signature but the certificate is not EC")
-        public.verify(signature, data, ec.ECDSA(digest))
-        return
-    if signature_name == "dsa" or signature_name.endswith("_dsa"):
-        if not isinstance(public, dsa.DSAPublicKey):
-            raise UnsupportedAlgorithm("DSA signature but the certificate is not DSA")
-        public.verify(signature, data, digest)
-        return
-    raise UnsupportedAlgorithm(f"unsupported signature algorithm {signature_name}")
