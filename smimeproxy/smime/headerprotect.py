@@ -107,7 +107,7 @@ def display_value(value: str) -> str:
     """An unfolded header value with RFC 2047 words decoded, white space collapsed."""
     try:
         decoded = str(email.header.make_header(email.header.decode_header(value)))
-    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+    except (ValueError, LookupError, UnicodeError, email.errors.MessageError):
         decoded = value
     return re.sub(r"\s+", " ", decoded).strip()
 

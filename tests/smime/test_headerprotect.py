@@ -400,3 +400,32 @@ def test_autocrypt_vector_via_openssl_decryption(vectors, openssl, tmp_path):
     merged, _, status = unprotect(outer, parse_entity(inner))
     assert values(merged, "Subject") == ["BarCorp contract signed, let's go!"]
     assert status.mismatches == ()
+
+
+# -- hostile input -------------------------------------------------------------------------
+def test_damaged_input_raises_only_our_errors():
+    """Cut at every byte and flip random bytes: only SMIMEProxyError may escape."""
+    import random
+
+    from smimeproxy.errors import SMIMEProxyError
+    from smimeproxy.smime.footer import strip_footers
+
+    _, protected = protect(parse_entity(ALTERNATIVE), encrypting=True, legacy_display=True)
+    rnd = random.Random(9788)
+    for sample in (PLAIN, ALTERNATIVE, protected.to_bytes()):
+        cases = [sample[:i] for i in range(0, len(sample), 3)]
+        for _ in range(150):
+            damaged = bytearray(sample)
+            for _ in range(3):
+                damaged[rnd.randrange(len(damaged))] = rnd.randrange(256)
+            cases.append(bytes(damaged))
+        for data in cases:
+            for action in (
+                lambda e: protect(e, encrypting=True, legacy_display=True),
+                lambda e: unprotect(envelope(e.other_headers()), e),
+                strip_footers,
+            ):
+                try:
+                    action(parse_entity(data))
+                except SMIMEProxyError:
+                    pass
