@@ -36,9 +36,12 @@ Measured with cryptography 50.0.2 on the RFC 9216 vectors (``PolicyBuilder().sto
 
 (a) and (c) rule it out: S/MIME meets Ed25519 (RFC 8419) and the status object must
 list every reason. The builder below uses ``cryptography`` primitives only
-(``verify_directly_issued_by``, ``CertificateRevocationList.is_signature_valid``);
-a two-certificate RSA path validates in about 0.1 ms. Tests use ``openssl verify`` and
-the cryptography verifier as cross-checks.
+(``verify_directly_issued_by``, ``CertificateRevocationList.is_signature_valid``).
+Cost, measured in the same run (2000 calls each, alice.sign.crt under ca.rsa.crt):
+our full validation 0.165 ms, cryptography's verifier 0.038 ms, the bare signature
+check 0.033 ms; carlos (Ed25519) 0.197 ms. The difference is the eight checks and
+their texts, far below one CMS signature verification. Tests use ``openssl verify``
+and the cryptography verifier as cross-checks.
 
 NOT implemented (each documented where it matters): OCSP (RFC 6960) and fetching CRLs
 from distribution points (revocation status comes only from the CRLs given); certificate
@@ -402,13 +405,16 @@ def _ca_check(path: Sequence[x509.Certificate], anchored: bool) -> Check:
     return Check("ca", Outcome.PASS, f"{len(path) - 1} issuing CA(s) in order")
 
 
-def _names_of(cert: x509.Certificate) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = []
+def _names_of(cert: x509.Certificate) -> list[x509.GeneralName | str]:
+    """The names a constraint applies to; a str is an emailAddress we cannot parse."""
+    names: list[x509.GeneralName | str] = []
     if len(cert.subject) > 0:
         names.append(x509.DirectoryName(cert.subject))
     for attr in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS):
-        if isinstance(attr.value, str):  # RFC 5280 4.2.1.10: emailAddress is constrained too
-            names.append(x509.RFC822Name(attr.value))
+        try:  # RFC 5280 4.2.1.10: emailAddress is constrained like an rfc822Name
+            names.append(x509.RFC822Name(str(attr.value)))
+        except ValueError:
+            names.append(str(attr.value))
     san = _extension(cert, x509.SubjectAlternativeName)
     if san is not None:
         names.extend(san.value)  # type: ignore[arg-type]
@@ -449,6 +455,9 @@ def _name_constraint_problems(
     problems = []
     constrained_kinds = {type(b) for b in permitted + excluded}
     for name in _names_of(cert):
+        if isinstance(name, str):  # never let an odd address slip past a constraint
+            problems.append(f"emailAddress {name!r} cannot be checked against {issuer_name}")
+            continue
         kind = type(name)
         if kind not in _CONSTRAINABLE:
             if kind in constrained_kinds:

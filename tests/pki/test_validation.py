@@ -346,6 +346,11 @@ def test_name_constraints(pki: PKI) -> None:
     status = validator.validate(outside.certificate, purpose="sign")
     assert not status.trusted
     assert "out@example.net is outside" in detail(status, "ca")
+    # the legacy subject emailAddress is constrained as well (RFC 5280 4.2.1.10)
+    sneaky = pki.factory.user("ceo@example.net", ca, key_kind="p256", email_in_subject=True)
+    status = validator.validate(sneaky.certificate, purpose="sign", sender="ceo@example.net")
+    assert not status.trusted
+    assert "ceo@example.net is outside" in detail(status, "ca")
 
 
 # --- addresses ------------------------------------------------------------------------
