@@ -349,11 +349,12 @@ class _CertificateId:
     @classmethod
     def of(cls, certificate: x509.Certificate) -> _CertificateId:
         tbs = asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
+        ski: bytes | None = None
         try:
-            ski: bytes | None = certificate.extensions.get_extension_for_class(
+            ski = certificate.extensions.get_extension_for_class(
                 x509.SubjectKeyIdentifier
             ).value.digest
-        except x509.ExtensionNotFound:
+        except (x509.ExtensionNotFound, ValueError):  # absent, or unparsable extensions
             try:  # RFC 5280 section 4.2.1.2 method (1)
                 ski = x509.SubjectKeyIdentifier.from_public_key(
                     certificate.public_key()  # type: ignore[arg-type]
@@ -614,14 +615,13 @@ def _decrypt(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
             else:
                 kari_info, rek = recipient  # type: ignore[misc]
                 params = kari.agreement_parameters(kari_info)
-                try:
-                    cek = kari.unwrap_key(
-                        params, rek["encrypted_key"].native, pair.key, cek_size=key_size
-                    )
-                except (DecryptionFailed, UnsupportedAlgorithm, MalformedMessage):
-                    raise
-                except Exception:  # any key back end: a failed agreement fails quietly
-                    raise DecryptionFailed("decryption failed") from None
+                cek = kari.unwrap_key(
+                    params,
+                    rek["encrypted_key"].native,
+                    pair.key,
+                    cek_size=key_size,
+                    recipient_public_key=pair.certificate.public_key(),
+                )
             content = _decrypt_content(spec, cek, envelope)
         except UnsupportedAlgorithm as e:
             unsupported = e

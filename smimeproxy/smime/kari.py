@@ -160,11 +160,25 @@ def _peer_key(params: AgreementParameters, own: PublicKeyTypes) -> PublicKeyType
 
 
 def unwrap_key(
-    params: AgreementParameters, encrypted_key: bytes, key: PrivateKey, *, cek_size: int
+    params: AgreementParameters,
+    encrypted_key: bytes,
+    key: PrivateKey,
+    *,
+    cek_size: int,
+    recipient_public_key: PublicKeyTypes | None = None,
 ) -> bytes:
-    """Agree, derive the KEK and unwrap the CEK; :class:`DecryptionFailed` if it fails."""
-    peer = _peer_key(params, key.public_key())
-    shared = key.exchange(peer)
+    """Agree, derive the KEK and unwrap the CEK; :class:`DecryptionFailed` if it fails.
+
+    ``recipient_public_key`` (the certificate's key) fixes the curve of the sender's
+    ephemeral key; by default the private key's own public key is used.
+    """
+    peer = _peer_key(params, recipient_public_key or key.public_key())
+    try:
+        shared = key.exchange(peer)
+    except UnsupportedAlgorithm:
+        raise
+    except Exception:  # any key back end (wrong curve, HSM error): fail quietly
+        raise DecryptionFailed("decryption failed") from None
     kek = _derive_kek(
         shared, params.kdf, params.hash_name, params.wrap_der, params.ukm, KEY_WRAPS[params.wrap][1]
     )
