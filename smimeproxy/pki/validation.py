@@ -58,6 +58,7 @@ import datetime
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -69,6 +70,8 @@ from smimeproxy.pki.revocation import DECODE_ERRORS, RevocationState, crl_status
 from smimeproxy.smime.status import CertificateStatus, Check, Outcome
 
 PURPOSES = ("sign", "encrypt")
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
 
 #: How many candidate paths are built and scored at most (cross-certificate meshes).
 MAX_CANDIDATE_PATHS = 16
@@ -203,10 +206,10 @@ def _identity(cert: x509.Certificate) -> tuple[bytes, bytes]:
     return cert.subject.public_bytes(), key
 
 
-def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extension | None:
-    """The extension of that type, or None; decode errors propagate (the check fails)."""
+def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    """The extension value of that type, or None; decode errors propagate (check fails)."""
     try:
-        return cert.extensions.get_extension_for_class(kind)
+        return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
 
@@ -217,12 +220,9 @@ def _self_issued(cert: x509.Certificate) -> bool:
 
 def _key_identifier(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> bytes | None:
     try:
-        ext = _extension(cert, kind)
+        value = _extension(cert, kind)
     except DECODE_ERRORS:
         return None
-    if ext is None:
-        return None
-    value = ext.value
     if isinstance(value, x509.SubjectKeyIdentifier):
         return value.digest
     if isinstance(value, x509.AuthorityKeyIdentifier):
@@ -296,10 +296,10 @@ def _build_paths(leaf: x509.Certificate, pool: _Pool, max_depth: int) -> list[_C
         issuers = [c for c in pool.issuers(cert) if _identity(c) not in seen]
         if not issuers:
             if _self_issued(cert) and _signature_problem(cert, cert) is None:
-                problem = f"{describe(cert)} is self-signed but not a trust anchor"
+                missing = f"{describe(cert)} is self-signed but not a trust anchor"
             else:
-                problem = f"no issuer certificate for {describe(cert)} (issuer {_issuer(cert)})"
-            results.append(_Candidate(path, False, problem))
+                missing = f"no issuer certificate for {describe(cert)} (issuer {_issuer(cert)})"
+            results.append(_Candidate(path, False, missing))
             return
         for issuer in issuers:
             problem = _signature_problem(cert, issuer)
@@ -374,14 +374,12 @@ def _ca_check(path: Sequence[x509.Certificate], anchored: bool) -> Check:
         issuer = path[index]
         is_anchor = anchored and index == len(path) - 1
         name = describe(issuer)
-        bc_ext = _extension(issuer, x509.BasicConstraints)
-        if bc_ext is None:
+        bc = _extension(issuer, x509.BasicConstraints)
+        if bc is None:
             # RFC 5280 6.1.1 (d): an anchor is input, not checked; tolerate a v1 root.
             if not is_anchor:
                 problems.append(f"{name} has no basicConstraints: not a CA")
         else:
-            bc = bc_ext.value
-            assert isinstance(bc, x509.BasicConstraints)
             if not bc.ca:
                 problems.append(f"{name} is not a CA (basicConstraints cA false)")
             below = sum(1 for c in path[1:index] if not _self_issued(c))
@@ -391,15 +389,14 @@ def _ca_check(path: Sequence[x509.Certificate], anchored: bool) -> Check:
                     f" {below} CA certificate(s) below it"
                 )
         ku = _extension(issuer, x509.KeyUsage)
-        if ku is not None and not ku.value.key_cert_sign:  # type: ignore[attr-defined]
+        if ku is not None and not ku.key_cert_sign:
             problems.append(f"{name} keyUsage lacks keyCertSign")
         nc = _extension(issuer, x509.NameConstraints)
         if nc is not None:
-            assert isinstance(nc.value, x509.NameConstraints)
             for below_cert in path[:index]:
                 if below_cert is not path[0] and _self_issued(below_cert):
                     continue  # RFC 5280 6.1.4 (b): self-issued intermediates are exempt
-                problems.extend(_name_constraint_problems(nc.value, name, below_cert))
+                problems.extend(_name_constraint_problems(nc, name, below_cert))
     if problems:
         return Check("ca", Outcome.FAIL, "; ".join(problems))
     return Check("ca", Outcome.PASS, f"{len(path) - 1} issuing CA(s) in order")
@@ -417,7 +414,7 @@ def _names_of(cert: x509.Certificate) -> list[x509.GeneralName | str]:
             names.append(str(attr.value))
     san = _extension(cert, x509.SubjectAlternativeName)
     if san is not None:
-        names.extend(san.value)  # type: ignore[arg-type]
+        names.extend(san)
     return names
 
 
@@ -503,7 +500,7 @@ def _eku_check(path: Sequence[x509.Certificate], anchored: bool) -> Check:
         ext = _extension(cert, x509.ExtendedKeyUsage)
         if ext is None:
             continue
-        usages = set(ext.value)  # type: ignore[arg-type]
+        usages = set(ext)
         if not usages & EMAIL_EKUS:
             names = ", ".join(sorted(getattr(o, "_name", o.dotted_string) for o in usages))
             role = "certificate" if index == 0 else "issuing CA " + describe(cert)
@@ -515,14 +512,12 @@ def _eku_check(path: Sequence[x509.Certificate], anchored: bool) -> Check:
 
 def _key_usage_check(cert: x509.Certificate, purpose: str) -> Check:
     key = cert.public_key()
-    ext = _extension(cert, x509.KeyUsage)
-    usage = ext.value if ext is not None else None
+    usage = _extension(cert, x509.KeyUsage)
     if purpose == "sign":
         if isinstance(key, x25519.X25519PublicKey | x448.X448PublicKey):
             return Check("key-usage", Outcome.FAIL, f"a {_key_kind(key)} key cannot sign")
         if usage is None:
             return Check("key-usage", Outcome.PASS, "no keyUsage restriction")
-        assert isinstance(usage, x509.KeyUsage)
         if usage.digital_signature or usage.content_commitment:
             return Check("key-usage", Outcome.PASS, "digitalSignature/nonRepudiation allowed")
         return Check(
