@@ -542,16 +542,14 @@ def _verify_signer(
         # The signature covers DER(SET OF attributes): the original bytes under the
         # explicit SET tag, not a re-sorted re-encoding (RFC 5652 section 5.4).
         signed_bytes = _der_header(0x31, len(signed_attrs.contents)) + signed_attrs.contents
-        data_digest = digest_name
     else:
         signed_bytes = content
-        data_digest = digest_name
         if not have_content:
             checks.append(Check("message-digest", Outcome.FAIL, "no content to check"))
 
     checks.append(
         _signature_check(
-            signer_info, certificate, signature_name, data_digest, signed_bytes, errors
+            signer_info, certificate, signature_name, digest_name, signed_bytes, errors
         )
     )
     if confusion:
@@ -562,7 +560,8 @@ def _verify_signer(
                 "the signature carries a different encapsulated content than the signed part",
             )
         )
-    weak = sorted({digest_name, signature_hash(signature_name) or ""} & WEAK_DIGESTS)
+    hashes_used = {digest_name, signature_hash(signature_name) or "", _pss_hash(signer_info)}
+    weak = sorted(hashes_used & WEAK_DIGESTS)
     if weak:
         checks.append(Check("digest-strength", Outcome.FAIL, f"weak digest {weak[0]}"))
         errors.append(f"weak digest algorithm {weak[0]}")
@@ -578,6 +577,18 @@ def _verify_signer(
         encryption_key_preference=key_preference,
         errors=tuple(errors),
     )
+
+
+def _pss_hash(signer_info: cms.SignerInfo) -> str:
+    """The hash inside RSASSA-PSS parameters (SHA-1 when absent, RFC 4055), else ""."""
+    algorithm = signer_info["signature_algorithm"]
+    if algorithm["algorithm"].dotted != "1.2.840.113549.1.1.10":
+        return ""
+    try:
+        name = algorithm["parameters"]["hash_algorithm"]["algorithm"].native
+    except _PARSE_ERRORS:
+        return ""
+    return name if isinstance(name, str) else ""
 
 
 def _algorithm_name(oid: core.ObjectIdentifier) -> str:

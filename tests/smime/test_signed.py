@@ -315,6 +315,39 @@ def test_we_verify_openssl(openssl: str, tmp_path: Path, users, kind, extra, det
         assert outcomes(bad)[0]["message-digest"] is Outcome.FAIL
 
 
+def test_openssl_sha1_pss_is_reported_weak(openssl: str, tmp_path: Path, users):
+    user = users["rsa"]
+    write(tmp_path, "cert.pem", user.cert_pem)
+    write(tmp_path, "key.pem", user.key_pem)
+    write(tmp_path, "content.bin", CONTENT)
+    proc = run(
+        openssl,
+        "cms",
+        "-sign",
+        "-binary",
+        "-in",
+        "content.bin",
+        "-signer",
+        "cert.pem",
+        "-inkey",
+        "key.pem",
+        "-md",
+        "sha1",
+        "-keyopt",
+        "rsa_padding_mode:pss",
+        "-outform",
+        "DER",
+        "-out",
+        "sig.der",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = verify_data((tmp_path / "sig.der").read_bytes(), CONTENT)
+    assert crypto_pass(result), outcomes(result)
+    assert outcomes(result)[0]["digest-strength"] is Outcome.FAIL
+    assert any("sha1" in e for e in result.signers[0].errors)
+
+
 def test_we_verify_openssl_nocerts_needs_certificate(openssl: str, tmp_path: Path, users):
     user = users["rsa"]
     write(tmp_path, "cert.pem", user.cert_pem)
