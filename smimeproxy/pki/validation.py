@@ -48,8 +48,8 @@ from distribution points (revocation status comes only from the CRLs given); cer
 policy processing (so critical policyConstraints, policyMappings or inhibitAnyPolicy
 count as unknown critical extensions); name constraints of the IP, URI and otherName
 forms (a constrained issuer above a certificate carrying such names fails ``ca``);
-SmtpUTF8Mailbox (RFC 8398) addresses. Names are compared as ``cryptography`` compares
-them (exact attribute values), without the RFC 4518 case folding.
+SmtpUTF8Mailbox (RFC 8398) addresses. Issuers are found by the DER encoding of their
+name (no RFC 4518 case folding), so a CA whose certificates re-encode its name is missed.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, x448, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from smimeproxy.errors import CertificateError
@@ -88,9 +88,8 @@ KNOWN_EXTENSIONS = frozenset(
         ExtensionOID.SUBJECT_KEY_IDENTIFIER,
         ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
         ExtensionOID.NAME_CONSTRAINTS,
-        # Policy processing is not done; with an initial policy set of anyPolicy and
-        # no explicit policy required (RFC 5280 6.1.1), the policies themselves do not
-        # change the outcome, so a critical certificatePolicies is acceptable.
+        # no policy processing: with anyPolicy as the initial set and no explicit policy
+        # required (RFC 5280 6.1.1) a critical certificatePolicies changes nothing
         ExtensionOID.CERTIFICATE_POLICIES,
         ExtensionOID.CRL_DISTRIBUTION_POINTS,
         ExtensionOID.FRESHEST_CRL,
@@ -298,7 +297,8 @@ def _build_paths(leaf: x509.Certificate, pool: _Pool, max_depth: int) -> list[_C
             if _self_issued(cert) and _signature_problem(cert, cert) is None:
                 missing = f"{describe(cert)} is self-signed but not a trust anchor"
             else:
-                missing = f"no issuer certificate for {describe(cert)} (issuer {_issuer(cert)})"
+                issuer_name = cert.issuer.rfc4514_string()
+                missing = f"no issuer certificate for {describe(cert)} (issuer {issuer_name})"
             results.append(_Candidate(path, False, missing))
             return
         for issuer in issuers:
@@ -313,13 +313,6 @@ def _build_paths(leaf: x509.Certificate, pool: _Pool, max_depth: int) -> list[_C
     except DECODE_ERRORS:
         results.append(_Candidate((leaf,), False, "unreadable certificate in the path"))
     return results
-
-
-def _issuer(cert: x509.Certificate) -> str:
-    try:
-        return cert.issuer.rfc4514_string()
-    except DECODE_ERRORS:
-        return "unreadable"
 
 
 def _signature_problem(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
@@ -541,16 +534,8 @@ def _key_usage_check(cert: x509.Certificate, purpose: str) -> Check:
 
 
 def _key_kind(key: object) -> str:
-    kinds = (
-        (rsa.RSAPublicKey, "RSA"),
-        (ec.EllipticCurvePublicKey, "EC"),
-        (ed25519.Ed25519PublicKey, "Ed25519"),
-        (ed448.Ed448PublicKey, "Ed448"),
-        (x25519.X25519PublicKey, "X25519"),
-        (x448.X448PublicKey, "X448"),
-        (dsa.DSAPublicKey, "DSA"),
-    )
-    return next((label for kind, label in kinds if isinstance(key, kind)), type(key).__name__)
+    """``RSA``, ``EC``, ``Ed25519``, ``X25519``, ``DSA`` ... for detail texts."""
+    return type(key).__name__.removesuffix("PublicKey").replace("EllipticCurve", "EC")
 
 
 def _address_check(addresses: Sequence[str], sender: str | None) -> Check:
