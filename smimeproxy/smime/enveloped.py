@@ -32,11 +32,8 @@ from dataclasses import dataclass
 from itertools import islice
 
 from asn1crypto import algos, cms, core
-from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from smimeproxy.errors import (
@@ -47,7 +44,17 @@ from smimeproxy.errors import (
     UnsupportedAlgorithm,
 )
 from smimeproxy.smime import kari
-from smimeproxy.smime.keys import KeyPair, hash_algorithm
+from smimeproxy.smime.keys import KeyPair
+from smimeproxy.smime.keywrap import (
+    MAX_RECIPIENTS,
+    CertificateId,
+    Recipient,
+    RecipientIdentifier,
+    identified_recipients,
+    key_algorithm_name,
+    recipient_info,
+    unwrap_key_transport,
+)
 from smimeproxy.smime.status import DecryptionStatus
 
 try:  # cryptography >= 43 keeps 3DES among the "decrepit" algorithms
@@ -81,7 +88,6 @@ _GCM_NONCE_SIZE = 12
 _GCM_ICV_SIZE = 16
 
 #: Bounds for hostile input.
-MAX_RECIPIENTS = 1000
 _MAX_ATTEMPTS = 16  # content decryptions tried for one message (each costs a full pass)
 _MAX_DEPTH = 32
 _MAX_NODES = 1_000_000
@@ -101,43 +107,6 @@ class _GCMParameters(core.Sequence):
 
 
 # --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class Recipient:
-    """A recipient certificate and how to encrypt the key for it.
-
-    ``oaep`` selects RSAES-OAEP (RFC 3560) with ``oaep_hash`` for digest and MGF1;
-    ``use_subject_key_identifier`` names the recipient by SKI instead of issuer and
-    serial; ``hkdf`` uses RFC 8418's HKDF for an X25519 recipient (OpenSSL 3.0 cannot
-    read that). EC and X25519 certificates always get key agreement.
-    """
-
-    certificate: x509.Certificate
-    oaep: bool = False
-    oaep_hash: str = "sha256"
-    use_subject_key_identifier: bool = False
-    hkdf: bool = False
-
-
-@dataclass(frozen=True)
-class RecipientIdentifier:
-    """Who one RecipientInfo (or RecipientEncryptedKey) is for; no key material."""
-
-    kind: str  # "key_transport" or "key_agreement"
-    issuer: str | None = None  # human-readable issuer name
-    issuer_der: bytes | None = None
-    serial_number: int | None = None
-    subject_key_identifier: bytes | None = None
-
-    def matches(self, certificate: x509.Certificate) -> bool:
-        """Whether ``certificate`` is the one this identifier names."""
-        return _CertificateId.of(certificate).matches(self)
-
-    def __str__(self) -> str:
-        if self.subject_key_identifier is not None:
-            return f"ski={self.subject_key_identifier.hex()}"
-        return f"issuer={self.issuer!r} serial={self.serial_number:x}"
 
 
 @dataclass(frozen=True)
@@ -338,70 +307,6 @@ def _parse_envelope(data: bytes | bytearray | memoryview) -> _Envelope:
 # --------------------------------------------------------------------------- identifiers
 
 
-@dataclass(frozen=True)
-class _CertificateId:
-    """What a certificate can be named by in a RecipientIdentifier."""
-
-    issuer: asn1_x509.Name
-    serial_number: int
-    ski: bytes | None
-
-    @classmethod
-    def of(cls, certificate: x509.Certificate) -> _CertificateId:
-        tbs = asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
-        ski: bytes | None = None
-        try:
-            ski = certificate.extensions.get_extension_for_class(
-                x509.SubjectKeyIdentifier
-            ).value.digest
-        except (x509.ExtensionNotFound, ValueError):  # absent, or unparsable extensions
-            try:  # RFC 5280 section 4.2.1.2 method (1)
-                ski = x509.SubjectKeyIdentifier.from_public_key(
-                    certificate.public_key()  # type: ignore[arg-type]
-                ).digest
-            except (TypeError, ValueError):
-                ski = None
-        return cls(tbs["tbs_certificate"]["issuer"], certificate.serial_number, ski)
-
-    def matches(self, rid: RecipientIdentifier) -> bool:
-        if rid.subject_key_identifier is not None:
-            return self.ski is not None and hmac.compare_digest(
-                self.ski, rid.subject_key_identifier
-            )
-        if rid.serial_number != self.serial_number or rid.issuer_der is None:
-            return False
-        try:
-            return bool(asn1_x509.Name.load(rid.issuer_der) == self.issuer)
-        except (ValueError, TypeError, KeyError):
-            return False
-
-
-def _issuer_serial_id(kind: str, value: cms.IssuerAndSerialNumber) -> RecipientIdentifier:
-    issuer = value["issuer"]
-    try:
-        human = issuer.human_friendly
-    except (ValueError, TypeError, KeyError):
-        human = "(unreadable name)"
-    return RecipientIdentifier(
-        kind, issuer=human, issuer_der=issuer.dump(), serial_number=value["serial_number"].native
-    )
-
-
-def _ktri_id(ktri: cms.KeyTransRecipientInfo) -> RecipientIdentifier:
-    rid = ktri["rid"]
-    if rid.name == "subject_key_identifier":
-        return RecipientIdentifier("key_transport", subject_key_identifier=rid.chosen.native)
-    return _issuer_serial_id("key_transport", rid.chosen)
-
-
-def _kari_id(rek: cms.RecipientEncryptedKey) -> RecipientIdentifier:
-    rid = rek["rid"]
-    if rid.name == "r_key_id":
-        ski = rid.chosen["subject_key_identifier"].native
-        return RecipientIdentifier("key_agreement", subject_key_identifier=ski)
-    return _issuer_serial_id("key_agreement", rid.chosen)
-
-
 def _recipient_infos(envelope: _Envelope) -> cms.RecipientInfos:
     reader = _BER(envelope.recipient_infos)
     top = reader.node(0, len(reader.mv))
@@ -411,21 +316,6 @@ def _recipient_infos(envelope: _Envelope) -> cms.RecipientInfos:
     if len(infos) == 0:
         raise MalformedMessage("malformed CMS: no RecipientInfo")
     return infos
-
-
-def _identified(infos: cms.RecipientInfos) -> Iterator[tuple[RecipientIdentifier, object]]:
-    """(identifier, recipient info or (kari, encrypted key)) for KTRI and KARI entries."""
-    count = 0
-    for info in infos:
-        if info.name == "ktri":
-            count += 1
-            yield _ktri_id(info.chosen), info.chosen
-        elif info.name == "kari":
-            for rek in info.chosen["recipient_encrypted_keys"]:
-                count += 1
-                if count > MAX_RECIPIENTS:
-                    raise MalformedMessage(f"more than {MAX_RECIPIENTS} recipients")
-                yield _kari_id(rek), (info.chosen, rek)
 
 
 _ASN1_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
@@ -439,7 +329,7 @@ def recipient_identifiers(data: bytes) -> list[RecipientIdentifier]:
     """
     try:
         infos = _recipient_infos(_parse_envelope(data))
-        return [rid for rid, _ in _identified(infos)]
+        return [rid for rid, _ in identified_recipients(infos)]
     except SMIMEProxyError:
         raise
     except _ASN1_ERRORS as e:
@@ -527,54 +417,6 @@ def _decrypt_content(
 # --------------------------------------------------------------------------- decrypt
 
 
-def _oaep_hash(algorithm: cms.KeyEncryptionAlgorithm) -> str:
-    params = algorithm["parameters"]
-    digest = params["hash_algorithm"]["algorithm"].native
-    mgf = params["mask_gen_algorithm"]
-    if mgf["algorithm"].native != "mgf1":
-        raise UnsupportedAlgorithm("RSAES-OAEP with a mask generation other than MGF1")
-    if mgf["parameters"]["algorithm"].native != digest:
-        raise UnsupportedAlgorithm("RSAES-OAEP with different OAEP and MGF1 hashes")
-    if params["p_source_algorithm"]["parameters"].native not in (b"", None):
-        raise UnsupportedAlgorithm("RSAES-OAEP with a label")
-    hash_algorithm(digest)  # raises UnsupportedAlgorithm for an unknown hash
-    return str(digest)
-
-
-def _unwrap_ktri(ktri: cms.KeyTransRecipientInfo, pair: KeyPair, key_size: int) -> bytes:
-    algorithm = ktri["key_encryption_algorithm"]
-    name = algorithm["algorithm"].native
-    encrypted_key = ktri["encrypted_key"].native
-    if name == "rsaes_oaep":
-        try:
-            cek = pair.key.decrypt(encrypted_key, oaep_hash=_oaep_hash(algorithm))
-        except UnsupportedAlgorithm:
-            raise
-        except Exception:  # any key back end: a failed unwrap is a failed decryption
-            raise DecryptionFailed("decryption failed") from None
-        if len(cek) != key_size:
-            raise DecryptionFailed("decryption failed")
-        return cek
-    if name != "rsaes_pkcs1v15":
-        raise UnsupportedAlgorithm(f"unsupported key transport algorithm {name}")
-    # RFC 3218 section 2.3.2: on any PKCS#1 v1.5 failure continue with a random key,
-    # so a padding failure looks exactly like a wrong key or damaged content.
-    random_cek = os.urandom(key_size)
-    try:
-        cek = pair.key.decrypt(encrypted_key, oaep_hash=None)
-    except Exception:
-        cek = random_cek
-    return cek if len(cek) == key_size else random_cek
-
-
-def _key_algorithm_name(recipient: object) -> str:
-    if isinstance(recipient, cms.KeyTransRecipientInfo):
-        return str(recipient["key_encryption_algorithm"]["algorithm"].native)
-    kari_info, _ = recipient  # type: ignore[misc]
-    oid = kari_info["key_encryption_algorithm"]["algorithm"].dotted
-    return kari.KEY_AGREEMENT_SCHEMES.get(oid, (oid,))[0]
-
-
 def decrypt_data(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
     """Open an EnvelopedData or AuthEnvelopedData ContentInfo (DER or BER).
 
@@ -596,10 +438,10 @@ def _decrypt(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
     envelope = _parse_envelope(data)
     spec = _content_spec(envelope.algorithm, envelope.content_type)
     infos = _recipient_infos(envelope)
-    ids = [(pair, _CertificateId.of(pair.certificate)) for pair in keys]
+    ids = [(pair, CertificateId.of(pair.certificate)) for pair in keys]
     named: list[RecipientIdentifier] = []
     candidates: list[tuple[object, KeyPair]] = []
-    for rid, recipient in _identified(infos):
+    for rid, recipient in identified_recipients(infos):
         named.append(rid)
         candidates.extend((recipient, pair) for pair, cid in ids if cid.matches(rid))
     if not candidates:
@@ -611,7 +453,7 @@ def _decrypt(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
     for recipient, pair in candidates[:_MAX_ATTEMPTS]:
         try:
             if isinstance(recipient, cms.KeyTransRecipientInfo):
-                cek = _unwrap_ktri(recipient, pair, key_size)
+                cek = unwrap_key_transport(recipient, pair, key_size)
             else:
                 kari_info, rek = recipient  # type: ignore[misc]
                 params = kari.agreement_parameters(kari_info)
@@ -633,7 +475,7 @@ def _decrypt(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
             content_type=envelope.content_type,
             inner_content_type=envelope.inner_type,
             cipher=spec[0],
-            key_algorithm=_key_algorithm_name(recipient),
+            key_algorithm=key_algorithm_name(recipient),
             recipient=pair,
             integrity_protected=spec[2] == "gcm",
         )
@@ -679,96 +521,6 @@ def _tlv(tag: int, body: bytes) -> bytes:
     return _header(tag, len(body)) + body
 
 
-def _issuer_and_serial(certificate: x509.Certificate) -> cms.IssuerAndSerialNumber:
-    tbs = asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
-    return cms.IssuerAndSerialNumber(
-        {
-            "issuer": tbs["tbs_certificate"]["issuer"],
-            "serial_number": certificate.serial_number,
-        }
-    )
-
-
-def _ski(certificate: x509.Certificate) -> bytes:
-    ski = _CertificateId.of(certificate).ski
-    if ski is None:
-        raise UnsupportedAlgorithm("cannot compute a subject key identifier for this key")
-    return ski
-
-
-def _recipient_info(recipient: Recipient, cek: bytes, wrap: str) -> cms.RecipientInfo:
-    cert = recipient.certificate
-    public_key = cert.public_key()
-    if isinstance(public_key, rsa.RSAPublicKey):
-        if recipient.oaep:
-            h = hash_algorithm(recipient.oaep_hash)
-            encrypted_key = public_key.encrypt(
-                cek, padding.OAEP(mgf=padding.MGF1(h), algorithm=h, label=None)
-            )
-            digest = {"algorithm": recipient.oaep_hash}
-            algorithm = cms.KeyEncryptionAlgorithm(
-                {
-                    "algorithm": "rsaes_oaep",
-                    "parameters": algos.RSAESOAEPParams(
-                        {
-                            "hash_algorithm": digest,
-                            "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": digest},
-                        }
-                    ),
-                }
-            )
-        else:
-            encrypted_key = public_key.encrypt(cek, padding.PKCS1v15())
-            algorithm = cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15"})
-        if recipient.use_subject_key_identifier:  # RFC 5652 section 6.2.1: version 2
-            version, rid = (
-                "v2",
-                cms.RecipientIdentifier(name="subject_key_identifier", value=_ski(cert)),
-            )
-        else:
-            version, rid = (
-                "v0",
-                cms.RecipientIdentifier(
-                    name="issuer_and_serial_number", value=_issuer_and_serial(cert)
-                ),
-            )
-        return cms.RecipientInfo(
-            name="ktri",
-            value=cms.KeyTransRecipientInfo(
-                {
-                    "version": version,
-                    "rid": rid,
-                    "key_encryption_algorithm": algorithm,
-                    "encrypted_key": encrypted_key,
-                }
-            ),
-        )
-    if isinstance(public_key, ec.EllipticCurvePublicKey | x25519.X25519PublicKey):
-        originator, algorithm, encrypted_key = kari.wrap_for(
-            public_key, cek, wrap=wrap, hkdf=recipient.hkdf
-        )
-        if recipient.use_subject_key_identifier:
-            key_rid = cms.KeyAgreementRecipientIdentifier(
-                name="r_key_id", value={"subject_key_identifier": _ski(cert)}
-            )
-        else:
-            key_rid = cms.KeyAgreementRecipientIdentifier(
-                name="issuer_and_serial_number", value=_issuer_and_serial(cert)
-            )
-        return cms.RecipientInfo(
-            name="kari",
-            value=cms.KeyAgreeRecipientInfo(
-                {
-                    "version": "v3",  # RFC 5652 section 6.2.2: always 3
-                    "originator": originator,
-                    "key_encryption_algorithm": algorithm,
-                    "recipient_encrypted_keys": [{"rid": key_rid, "encrypted_key": encrypted_key}],
-                }
-            ),
-        )
-    raise UnsupportedAlgorithm(f"cannot encrypt to a {type(public_key).__name__} certificate")
-
-
 def encrypt_data(
     content: bytes,
     recipients: Sequence[x509.Certificate | Recipient],
@@ -792,7 +544,7 @@ def encrypt_data(
     wrap = "aes256_wrap" if key_size == 32 else "aes128_wrap"
     cek = os.urandom(key_size)
     infos = [
-        _recipient_info(r if isinstance(r, Recipient) else Recipient(r), cek, wrap)
+        recipient_info(r if isinstance(r, Recipient) else Recipient(r), cek, wrap)
         for r in recipients
     ]
     view = memoryview(content).cast("B")
@@ -847,3 +599,16 @@ def encrypt_data(
             mac_der,
         ]
     )
+
+
+__all__ = [
+    "CIPHERS",
+    "MAX_RECIPIENTS",
+    "DecryptedData",
+    "Recipient",
+    "RecipientIdentifier",
+    "choose_cipher",
+    "decrypt_data",
+    "encrypt_data",
+    "recipient_identifiers",
+]

@@ -1,0 +1,287 @@
+"""How the content-encryption key reaches each recipient: CMS RecipientInfos.
+
+Builds and reads KeyTransRecipientInfo (RSA PKCS#1 v1.5 and RSAES-OAEP, RFC 5652
+section 6.2.1, RFC 3560) and, through :mod:`smimeproxy.smime.kari`, KeyAgreeRecipientInfo;
+names recipients by issuer and serial number or subject key identifier and matches those
+names against the certificates of the keys we hold.
+
+Not guaranteed: KEK, password and other RecipientInfo kinds are neither built nor read;
+an OAEP label or different OAEP and MGF1 hashes are refused (the
+:class:`~smimeproxy.smime.keys.PrivateKey` interface takes one hash for both).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from asn1crypto import algos, cms
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
+
+from smimeproxy.errors import DecryptionFailed, MalformedMessage, UnsupportedAlgorithm
+from smimeproxy.smime import kari
+from smimeproxy.smime.keys import KeyPair, hash_algorithm
+
+#: Refuse messages naming more recipients than this (hostile input bound).
+MAX_RECIPIENTS = 1000
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """A recipient certificate and how to encrypt the key for it.
+
+    ``oaep`` selects RSAES-OAEP (RFC 3560) with ``oaep_hash`` for digest and MGF1;
+    ``use_subject_key_identifier`` names the recipient by SKI instead of issuer and
+    serial; ``hkdf`` uses RFC 8418's HKDF for an X25519 recipient (OpenSSL 3.0 cannot
+    read that). EC and X25519 certificates always get key agreement.
+    """
+
+    certificate: x509.Certificate
+    oaep: bool = False
+    oaep_hash: str = "sha256"
+    use_subject_key_identifier: bool = False
+    hkdf: bool = False
+
+
+@dataclass(frozen=True)
+class RecipientIdentifier:
+    """Who one RecipientInfo (or RecipientEncryptedKey) is for; no key material."""
+
+    kind: str  # "key_transport" or "key_agreement"
+    issuer: str | None = None  # human-readable issuer name
+    issuer_der: bytes | None = None
+    serial_number: int | None = None
+    subject_key_identifier: bytes | None = None
+
+    def matches(self, certificate: x509.Certificate) -> bool:
+        """Whether ``certificate`` is the one this identifier names."""
+        return CertificateId.of(certificate).matches(self)
+
+    def __str__(self) -> str:
+        if self.subject_key_identifier is not None:
+            return f"ski={self.subject_key_identifier.hex()}"
+        return f"issuer={self.issuer!r} serial={self.serial_number:x}"
+
+
+@dataclass(frozen=True)
+class CertificateId:
+    """What a certificate can be named by in a RecipientIdentifier."""
+
+    issuer: asn1_x509.Name
+    serial_number: int
+    ski: bytes | None
+
+    @classmethod
+    def of(cls, certificate: x509.Certificate) -> CertificateId:
+        tbs = asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
+        ski: bytes | None = None
+        try:
+            ski = certificate.extensions.get_extension_for_class(
+                x509.SubjectKeyIdentifier
+            ).value.digest
+        except (x509.ExtensionNotFound, ValueError):  # absent, or unparsable extensions
+            try:  # RFC 5280 section 4.2.1.2 method (1)
+                ski = x509.SubjectKeyIdentifier.from_public_key(
+                    certificate.public_key()  # type: ignore[arg-type]
+                ).digest
+            except (TypeError, ValueError):
+                ski = None
+        return cls(tbs["tbs_certificate"]["issuer"], certificate.serial_number, ski)
+
+    def matches(self, rid: RecipientIdentifier) -> bool:
+        if rid.subject_key_identifier is not None:
+            return self.ski is not None and hmac.compare_digest(
+                self.ski, rid.subject_key_identifier
+            )
+        if rid.serial_number != self.serial_number or rid.issuer_der is None:
+            return False
+        try:
+            return bool(asn1_x509.Name.load(rid.issuer_der) == self.issuer)
+        except (ValueError, TypeError, KeyError):
+            return False
+
+
+def _issuer_serial_id(kind: str, value: cms.IssuerAndSerialNumber) -> RecipientIdentifier:
+    issuer = value["issuer"]
+    try:
+        human = issuer.human_friendly
+    except (ValueError, TypeError, KeyError):
+        human = "(unreadable name)"
+    return RecipientIdentifier(
+        kind, issuer=human, issuer_der=issuer.dump(), serial_number=value["serial_number"].native
+    )
+
+
+def _ktri_id(ktri: cms.KeyTransRecipientInfo) -> RecipientIdentifier:
+    rid = ktri["rid"]
+    if rid.name == "subject_key_identifier":
+        return RecipientIdentifier("key_transport", subject_key_identifier=rid.chosen.native)
+    return _issuer_serial_id("key_transport", rid.chosen)
+
+
+def _kari_id(rek: cms.RecipientEncryptedKey) -> RecipientIdentifier:
+    rid = rek["rid"]
+    if rid.name == "r_key_id":
+        ski = rid.chosen["subject_key_identifier"].native
+        return RecipientIdentifier("key_agreement", subject_key_identifier=ski)
+    return _issuer_serial_id("key_agreement", rid.chosen)
+
+
+def identified_recipients(
+    infos: cms.RecipientInfos,
+) -> Iterator[tuple[RecipientIdentifier, object]]:
+    """(identifier, recipient info or (kari, encrypted key)) for KTRI and KARI entries."""
+    count = 0
+    for info in infos:
+        if info.name == "ktri":
+            count += 1
+            yield _ktri_id(info.chosen), info.chosen
+        elif info.name == "kari":
+            for rek in info.chosen["recipient_encrypted_keys"]:
+                count += 1
+                if count > MAX_RECIPIENTS:
+                    raise MalformedMessage(f"more than {MAX_RECIPIENTS} recipients")
+                yield _kari_id(rek), (info.chosen, rek)
+
+
+def _issuer_and_serial(certificate: x509.Certificate) -> cms.IssuerAndSerialNumber:
+    tbs = asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
+    return cms.IssuerAndSerialNumber(
+        {
+            "issuer": tbs["tbs_certificate"]["issuer"],
+            "serial_number": certificate.serial_number,
+        }
+    )
+
+
+def _ski(certificate: x509.Certificate) -> bytes:
+    ski = CertificateId.of(certificate).ski
+    if ski is None:
+        raise UnsupportedAlgorithm("cannot compute a subject key identifier for this key")
+    return ski
+
+
+def recipient_info(recipient: Recipient, cek: bytes, wrap: str) -> cms.RecipientInfo:
+    cert = recipient.certificate
+    public_key = cert.public_key()
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if recipient.oaep:
+            h = hash_algorithm(recipient.oaep_hash)
+            encrypted_key = public_key.encrypt(
+                cek, padding.OAEP(mgf=padding.MGF1(h), algorithm=h, label=None)
+            )
+            digest = {"algorithm": recipient.oaep_hash}
+            algorithm = cms.KeyEncryptionAlgorithm(
+                {
+                    "algorithm": "rsaes_oaep",
+                    "parameters": algos.RSAESOAEPParams(
+                        {
+                            "hash_algorithm": digest,
+                            "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": digest},
+                        }
+                    ),
+                }
+            )
+        else:
+            encrypted_key = public_key.encrypt(cek, padding.PKCS1v15())
+            algorithm = cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15"})
+        if recipient.use_subject_key_identifier:  # RFC 5652 section 6.2.1: version 2
+            version, rid = (
+                "v2",
+                cms.RecipientIdentifier(name="subject_key_identifier", value=_ski(cert)),
+            )
+        else:
+            version, rid = (
+                "v0",
+                cms.RecipientIdentifier(
+                    name="issuer_and_serial_number", value=_issuer_and_serial(cert)
+                ),
+            )
+        return cms.RecipientInfo(
+            name="ktri",
+            value=cms.KeyTransRecipientInfo(
+                {
+                    "version": version,
+                    "rid": rid,
+                    "key_encryption_algorithm": algorithm,
+                    "encrypted_key": encrypted_key,
+                }
+            ),
+        )
+    if isinstance(public_key, ec.EllipticCurvePublicKey | x25519.X25519PublicKey):
+        originator, algorithm, encrypted_key = kari.wrap_for(
+            public_key, cek, wrap=wrap, hkdf=recipient.hkdf
+        )
+        if recipient.use_subject_key_identifier:
+            key_rid = cms.KeyAgreementRecipientIdentifier(
+                name="r_key_id", value={"subject_key_identifier": _ski(cert)}
+            )
+        else:
+            key_rid = cms.KeyAgreementRecipientIdentifier(
+                name="issuer_and_serial_number", value=_issuer_and_serial(cert)
+            )
+        return cms.RecipientInfo(
+            name="kari",
+            value=cms.KeyAgreeRecipientInfo(
+                {
+                    "version": "v3",  # RFC 5652 section 6.2.2: always 3
+                    "originator": originator,
+                    "key_encryption_algorithm": algorithm,
+                    "recipient_encrypted_keys": [{"rid": key_rid, "encrypted_key": encrypted_key}],
+                }
+            ),
+        )
+    raise UnsupportedAlgorithm(f"cannot encrypt to a {type(public_key).__name__} certificate")
+
+
+def _oaep_hash(algorithm: cms.KeyEncryptionAlgorithm) -> str:
+    params = algorithm["parameters"]
+    digest = params["hash_algorithm"]["algorithm"].native
+    mgf = params["mask_gen_algorithm"]
+    if mgf["algorithm"].native != "mgf1":
+        raise UnsupportedAlgorithm("RSAES-OAEP with a mask generation other than MGF1")
+    if mgf["parameters"]["algorithm"].native != digest:
+        raise UnsupportedAlgorithm("RSAES-OAEP with different OAEP and MGF1 hashes")
+    if params["p_source_algorithm"]["parameters"].native not in (b"", None):
+        raise UnsupportedAlgorithm("RSAES-OAEP with a label")
+    hash_algorithm(digest)  # raises UnsupportedAlgorithm for an unknown hash
+    return str(digest)
+
+
+def unwrap_key_transport(ktri: cms.KeyTransRecipientInfo, pair: KeyPair, key_size: int) -> bytes:
+    algorithm = ktri["key_encryption_algorithm"]
+    name = algorithm["algorithm"].native
+    encrypted_key = ktri["encrypted_key"].native
+    if name == "rsaes_oaep":
+        try:
+            cek = pair.key.decrypt(encrypted_key, oaep_hash=_oaep_hash(algorithm))
+        except UnsupportedAlgorithm:
+            raise
+        except Exception:  # any key back end: a failed unwrap is a failed decryption
+            raise DecryptionFailed("decryption failed") from None
+        if len(cek) != key_size:
+            raise DecryptionFailed("decryption failed")
+        return cek
+    if name != "rsaes_pkcs1v15":
+        raise UnsupportedAlgorithm(f"unsupported key transport algorithm {name}")
+    # RFC 3218 section 2.3.2: on any PKCS#1 v1.5 failure continue with a random key,
+    # so a padding failure looks exactly like a wrong key or damaged content.
+    random_cek = os.urandom(key_size)
+    try:
+        cek = pair.key.decrypt(encrypted_key, oaep_hash=None)
+    except Exception:
+        cek = random_cek
+    return cek if len(cek) == key_size else random_cek
+
+
+def key_algorithm_name(recipient: object) -> str:
+    if isinstance(recipient, cms.KeyTransRecipientInfo):
+        return str(recipient["key_encryption_algorithm"]["algorithm"].native)
+    kari_info, _ = recipient  # type: ignore[misc]
+    oid = kari_info["key_encryption_algorithm"]["algorithm"].dotted
+    return kari.KEY_AGREEMENT_SCHEMES.get(oid, (oid,))[0]
