@@ -152,15 +152,16 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
             return list(pkcs7.load_pem_pkcs7_certificates(data))
         if b"-----BEGIN CERTIFICATE" in data:
             return list(x509.load_pem_x509_certificates(data))
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:
         raise CertificateError(f"unreadable PEM certificate data: {e}") from None
+    # cryptography raises InvalidVersion (not a ValueError) for a bad version field
     try:
         return [x509.load_der_x509_certificate(data)]
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         pass
     try:
         return list(pkcs7.load_der_pkcs7_certificates(data))
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise CertificateError("not a certificate in PEM, DER or PKCS#7 form") from None
 
 
