@@ -36,6 +36,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+try:  # 3DES (RFC 3370 section 5.1), for old mail only; "decrepit" since cryptography 43
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+except ImportError:  # pragma: no cover - cryptography 42
+    from cryptography.hazmat.primitives.ciphers.algorithms import (  # type: ignore[assignment,unused-ignore]
+        TripleDES,
+    )
+
 from smimeproxy.errors import (
     DecryptionFailed,
     KeyNotFound,
@@ -49,6 +56,7 @@ from smimeproxy.smime.keywrap import (
     MAX_RECIPIENTS,
     CertificateId,
     Recipient,
+    RecipientEntry,
     RecipientIdentifier,
     identified_recipients,
     key_algorithm_name,
@@ -56,11 +64,6 @@ from smimeproxy.smime.keywrap import (
     unwrap_key_transport,
 )
 from smimeproxy.smime.status import DecryptionStatus
-
-try:  # cryptography >= 43 keeps 3DES among the "decrepit" algorithms
-    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-except ImportError:  # pragma: no cover - older cryptography
-    TripleDES = algorithms.TripleDES  # type: ignore[misc,assignment]
 
 #: Ciphers we encrypt with (asn1crypto names). CBC goes into EnvelopedData (RFC 3565),
 #: GCM into AuthEnvelopedData (RFC 5084).
@@ -97,7 +100,7 @@ _MAX_NODES = 1_000_000
 _GCM_CAPABILITIES = ("aes256_gcm", "aes128_gcm", "aes192_gcm")
 
 
-class _GCMParameters(core.Sequence):
+class _GCMParameters(core.Sequence):  # type: ignore[misc]
     """``GCMParameters``, RFC 5084 section 3.2."""
 
     _fields = [
@@ -329,7 +332,7 @@ def recipient_identifiers(data: bytes) -> list[RecipientIdentifier]:
     """
     try:
         infos = _recipient_infos(_parse_envelope(data))
-        return [rid for rid, _ in identified_recipients(infos)]
+        return [entry.identifier for entry in identified_recipients(infos)]
     except SMIMEProxyError:
         raise
     except _ASN1_ERRORS as e:
@@ -384,15 +387,13 @@ def _decrypt_content(
         mac = envelope.mac or b""
         if len(mac) != icv_len:
             raise DecryptionFailed("decryption failed")
-        decryptor = Cipher(
-            algorithms.AES(cek), modes.GCM(iv, mac, min_tag_length=icv_len)
-        ).decryptor()
+        aead = Cipher(algorithms.AES(cek), modes.GCM(iv, mac, min_tag_length=icv_len)).decryptor()
         if envelope.aad is not None:
-            decryptor.authenticate_additional_data(envelope.aad)
+            aead.authenticate_additional_data(envelope.aad)
         for chunk in envelope.chunks:
-            n += decryptor.update_into(chunk, view[n:])
+            n += aead.update_into(chunk, view[n:])
         try:
-            n += len(decryptor.finalize())
+            n += len(aead.finalize())
         except InvalidTag:
             raise DecryptionFailed("decryption failed") from None
         view.release()
@@ -440,26 +441,25 @@ def _decrypt(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
     infos = _recipient_infos(envelope)
     ids = [(pair, CertificateId.of(pair.certificate)) for pair in keys]
     named: list[RecipientIdentifier] = []
-    candidates: list[tuple[object, KeyPair]] = []
-    for rid, recipient in identified_recipients(infos):
-        named.append(rid)
-        candidates.extend((recipient, pair) for pair, cid in ids if cid.matches(rid))
+    candidates: list[tuple[RecipientEntry, KeyPair]] = []
+    for entry in identified_recipients(infos):
+        named.append(entry.identifier)
+        candidates.extend((entry, pair) for pair, cid in ids if cid.matches(entry.identifier))
     if not candidates:
         listed = "; ".join(str(r) for r in named[:10]) or "none we can use"
         more = f" and {len(named) - 10} more" if len(named) > 10 else ""
         raise DecryptionFailed(f"no key for any recipient: {listed}{more}")
     unsupported: UnsupportedAlgorithm | None = None
     _, key_size, *_ = spec
-    for recipient, pair in candidates[:_MAX_ATTEMPTS]:
+    for entry, pair in candidates[:_MAX_ATTEMPTS]:
         try:
-            if isinstance(recipient, cms.KeyTransRecipientInfo):
-                cek = unwrap_key_transport(recipient, pair, key_size)
+            if entry.encrypted_key is None:
+                cek = unwrap_key_transport(entry.info, pair, key_size)
             else:
-                kari_info, rek = recipient  # type: ignore[misc]
-                params = kari.agreement_parameters(kari_info)
+                params = kari.agreement_parameters(entry.info)
                 cek = kari.unwrap_key(
                     params,
-                    rek["encrypted_key"].native,
+                    entry.encrypted_key["encrypted_key"].native,
                     pair.key,
                     cek_size=key_size,
                     recipient_public_key=pair.certificate.public_key(),
@@ -475,7 +475,7 @@ def _decrypt(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
             content_type=envelope.content_type,
             inner_content_type=envelope.inner_type,
             cipher=spec[0],
-            key_algorithm=key_algorithm_name(recipient),
+            key_algorithm=key_algorithm_name(entry),
             recipient=pair,
             integrity_protected=spec[2] == "gcm",
         )
@@ -550,9 +550,9 @@ def encrypt_data(
     view = memoryview(content).cast("B")
     if mode == "gcm":
         nonce = os.urandom(_GCM_NONCE_SIZE)
-        encryptor = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
-        pieces = [encryptor.update(view), encryptor.finalize()]
-        mac: bytes | None = encryptor.tag  # 16 bytes = _GCM_ICV_SIZE
+        aead = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
+        pieces = [aead.update(view), aead.finalize()]
+        mac: bytes | None = aead.tag  # 16 bytes = _GCM_ICV_SIZE
         parameters: core.Asn1Value = _GCMParameters({"nonce": nonce, "icv_len": _GCM_ICV_SIZE})
         outer_oid, version = _AUTH_ENVELOPED, 0  # RFC 5083 section 2.1: always 0
     else:

@@ -71,7 +71,7 @@ _X25519 = "1.3.101.110"
 _CURVE_HASH = {"secp256r1": "sha256", "secp384r1": "sha384", "secp521r1": "sha512"}
 
 
-class _SharedInfo(core.Sequence):
+class _SharedInfo(core.Sequence):  # type: ignore[misc]
     """``ECC-CMS-SharedInfo``, RFC 5753 section 7.2."""
 
     _fields = [

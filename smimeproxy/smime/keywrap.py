@@ -86,9 +86,7 @@ class CertificateId:
             ).value.digest
         except (x509.ExtensionNotFound, ValueError):  # absent, or unparsable extensions
             try:  # RFC 5280 section 4.2.1.2 method (1)
-                ski = x509.SubjectKeyIdentifier.from_public_key(
-                    certificate.public_key()  # type: ignore[arg-type]
-                ).digest
+                ski = x509.SubjectKeyIdentifier.from_public_key(certificate.public_key()).digest
             except (TypeError, ValueError):
                 ski = None
         return cls(tbs["tbs_certificate"]["issuer"], certificate.serial_number, ski)
@@ -132,21 +130,32 @@ def _kari_id(rek: cms.RecipientEncryptedKey) -> RecipientIdentifier:
     return _issuer_serial_id("key_agreement", rid.chosen)
 
 
-def identified_recipients(
-    infos: cms.RecipientInfos,
-) -> Iterator[tuple[RecipientIdentifier, object]]:
-    """(identifier, recipient info or (kari, encrypted key)) for KTRI and KARI entries."""
+@dataclass(frozen=True)
+class RecipientEntry:
+    """One recipient of a message: a KTRI, or one RecipientEncryptedKey of a KARI."""
+
+    identifier: RecipientIdentifier
+    info: cms.KeyTransRecipientInfo | cms.KeyAgreeRecipientInfo
+    encrypted_key: cms.RecipientEncryptedKey | None = None  # KARI only
+
+    @property
+    def key_transport(self) -> bool:
+        return self.encrypted_key is None
+
+
+def identified_recipients(infos: cms.RecipientInfos) -> Iterator[RecipientEntry]:
+    """Every KTRI and every KARI RecipientEncryptedKey, with its identifier."""
     count = 0
     for info in infos:
         if info.name == "ktri":
             count += 1
-            yield _ktri_id(info.chosen), info.chosen
+            yield RecipientEntry(_ktri_id(info.chosen), info.chosen)
         elif info.name == "kari":
             for rek in info.chosen["recipient_encrypted_keys"]:
                 count += 1
                 if count > MAX_RECIPIENTS:
                     raise MalformedMessage(f"more than {MAX_RECIPIENTS} recipients")
-                yield _kari_id(rek), (info.chosen, rek)
+                yield RecipientEntry(_kari_id(rek), info.chosen, rek)
 
 
 def _issuer_and_serial(certificate: x509.Certificate) -> cms.IssuerAndSerialNumber:
@@ -279,9 +288,10 @@ def unwrap_key_transport(ktri: cms.KeyTransRecipientInfo, pair: KeyPair, key_siz
     return cek if len(cek) == key_size else random_cek
 
 
-def key_algorithm_name(recipient: object) -> str:
-    if isinstance(recipient, cms.KeyTransRecipientInfo):
-        return str(recipient["key_encryption_algorithm"]["algorithm"].native)
-    kari_info, _ = recipient  # type: ignore[misc]
-    oid = kari_info["key_encryption_algorithm"]["algorithm"].dotted
+def key_algorithm_name(entry: RecipientEntry) -> str:
+    """``rsaes_pkcs1v15``, ``rsaes_oaep`` or the key agreement scheme's name."""
+    algorithm = entry.info["key_encryption_algorithm"]["algorithm"]
+    if entry.key_transport:
+        return str(algorithm.native)
+    oid = algorithm.dotted
     return kari.KEY_AGREEMENT_SCHEMES.get(oid, (oid,))[0]
