@@ -449,6 +449,9 @@ def _decrypt(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
         listed = "; ".join(str(r) for r in named[:10]) or "none we can use"
         more = f" and {len(named) - 10} more" if len(named) > 10 else ""
         raise DecryptionFailed(f"no key for any recipient: {listed}{more}")
+    # Implicit rejection (PKCS#1 v1.5) cannot fail early: try those candidates last, so
+    # that a garbage "success" with a random CBC key cannot hide the right recipient.
+    candidates.sort(key=lambda c: key_algorithm_name(c[0]) == "rsaes_pkcs1v15")
     unsupported: UnsupportedAlgorithm | None = None
     _, key_size, *_ = spec
     for entry, pair in candidates[:_MAX_ATTEMPTS]:

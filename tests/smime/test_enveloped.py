@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 from asn1crypto import algos, cms, core
+from asn1crypto import x509 as asn1_x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.serialization import PrivateFormat, pkcs12
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, pkcs12
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -299,6 +302,58 @@ def test_recipient_identifiers(users: Users) -> None:
     assert second.subject_key_identifier is not None
     assert second.matches(users.p256.certificate)
     assert "ski=" in str(second) and "serial=" in str(first)
+
+
+def test_auth_enveloped_with_auth_attrs(users: Users) -> None:
+    """RFC 5083 2.2: authAttrs are authenticated as DER with an EXPLICIT SET OF tag.
+
+    We never send authAttrs, but must read them; built here by hand with the primitives.
+    """
+    cek, nonce = os.urandom(16), os.urandom(12)
+    attrs = cms.CMSAttributes([{"type": "content_type", "values": ["data"]}])
+    ciphertext = AESGCM(cek).encrypt(nonce, CONTENT, attrs.dump())
+    ktri = cms.KeyTransRecipientInfo(
+        {
+            "version": "v0",
+            "rid": cms.RecipientIdentifier(
+                name="issuer_and_serial_number",
+                value={
+                    "issuer": asn1_x509.Certificate.load(
+                        users.rsa.certificate.public_bytes(Encoding.DER)
+                    ).issuer,
+                    "serial_number": users.rsa.certificate.serial_number,
+                },
+            ),
+            "key_encryption_algorithm": {"algorithm": "rsaes_pkcs1v15"},
+            "encrypted_key": users.rsa.certificate.public_key().encrypt(cek, PKCS1v15()),
+        }
+    )
+    data = cms.AuthEnvelopedData(
+        {
+            "version": "v0",
+            "recipient_infos": [cms.RecipientInfo(name="ktri", value=ktri)],
+            "auth_encrypted_content_info": {
+                "content_type": "data",
+                "content_encryption_algorithm": {
+                    "algorithm": "aes128_gcm",
+                    "parameters": GCMParameters({"nonce": nonce, "icv_len": 16}),
+                },
+                "encrypted_content": ciphertext[:-16],
+            },
+            "auth_attrs": attrs,
+            "mac": ciphertext[-16:],
+        }
+    )
+    blob = cms.ContentInfo({"content_type": "authenticated_enveloped_data", "content": data}).dump()
+    result = decrypt_data(blob, [users.rsa.pair])
+    assert result.content == CONTENT and result.integrity_protected
+
+    data["auth_attrs"] = cms.CMSAttributes([{"type": "content_type", "values": ["signed_data"]}])
+    tampered = cms.ContentInfo(
+        {"content_type": "authenticated_enveloped_data", "content": data}
+    ).dump()
+    with pytest.raises(DecryptionFailed):
+        decrypt_data(tampered, [users.rsa.pair])
 
 
 # --------------------------------------------------------------------------- choose_cipher
