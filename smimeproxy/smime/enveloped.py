@@ -2,7 +2,8 @@
 
 Build and open the encrypted CMS layer of S/MIME, below MIME: bytes in, DER out, and on
 the way back the content plus how it was protected. Key transport is RSA PKCS#1 v1.5
-or RSAES-OAEP (RFC 3560); key agreement is ephemeral-static ECDH or X25519 (see
+or RSAES-OAEP (RFC 3560; :mod:`smimeproxy.smime.keywrap` builds and reads the
+RecipientInfos); key agreement is ephemeral-static ECDH or X25519 (see
 :mod:`smimeproxy.smime.kari`). Private-key operations go through
 :class:`smimeproxy.smime.keys.PrivateKey`, so a key in an HSM serves as well.
 
@@ -21,6 +22,9 @@ Not guaranteed:
   message for a *wrong* key "decrypts" to garbage rather than failing.
 * KEKRecipientInfo, PasswordRecipientInfo and OtherRecipientInfo are skipped, and
   detached encrypted content (no ``encryptedContent``) is refused.
+* Work is bounded (at most 1000 recipients, 16 content decryptions per message, 32
+  levels of BER nesting, 10^6 BER elements), but the input size is the caller's to
+  limit. Decryption holds about twice the content size besides the input.
 """
 
 from __future__ import annotations
