@@ -158,7 +158,7 @@ def chain_for(
 # -- partners' certificates --------------------------------------------------------------
 
 
-def to_record(tx: Tx, row: Row) -> CertificateRecord:
+def to_record(tx: Tx, row: Row, cert: x509.Certificate | None = None) -> CertificateRecord:
     addresses = tx.all(
         "SELECT address FROM certificate_addresses WHERE fingerprint = ? ORDER BY address",
         (row[0],),
@@ -170,7 +170,7 @@ def to_record(tx: Tx, row: Row) -> CertificateRecord:
     return CertificateRecord(
         fingerprint=row[0],
         addresses=tuple(a[0] for a in addresses),
-        certificate=load_certificate(row[1]),
+        certificate=cert if cert is not None else load_certificate(row[1]),
         source=CertificateSource(row[2]),
         first_seen=from_text(row[3]),
         last_seen=from_text(row[4]),
@@ -253,8 +253,12 @@ def listing(tx: Tx, address: str | None = None) -> list[CertificateRecord]:
     return [to_record(tx, r) for r in rows]
 
 
-def candidates(tx: Tx, address: str, now: datetime.datetime) -> list[CertificateRecord]:
-    """Unrevoked certificates for ``address`` inside their validity, newest first."""
+def best_for_encryption(tx: Tx, address: str, now: datetime.datetime) -> CertificateRecord | None:
+    """The certificate to encrypt to ``address`` among the stored ones: unrevoked,
+    inside its validity and fit for encryption (:func:`usable_for_encryption`); the
+    one the most recently seen signature preferred (SMIMEEncryptionKeyPreference) if
+    it qualifies, else the one issued last. One query for the candidates, one for the
+    chosen record's addresses."""
     rows = tx.all(
         f"SELECT {QUALIFIED} FROM certificate_addresses a"
         " JOIN certificates c ON c.fingerprint = a.fingerprint"
@@ -262,25 +266,18 @@ def candidates(tx: Tx, address: str, now: datetime.datetime) -> list[Certificate
         " ORDER BY c.not_before DESC, c.last_seen DESC",
         (normalise(address), to_text(now), to_text(now)),
     )
-    return [to_record(tx, r) for r in rows]
-
-
-def choose(
-    records: Sequence[CertificateRecord], now: datetime.datetime
-) -> CertificateRecord | None:
-    """Among ``records`` (newest first), the one to encrypt to: the certificate the
-    most recently seen signature preferred, if usable, else the newest usable one."""
-    usable = [r for r in records if usable_for_encryption(r.certificate, now)]
+    parsed = [(row, load_certificate(row[1])) for row in rows]
+    usable = [(row, cert) for row, cert in parsed if usable_for_encryption(cert, now)]
     if not usable:
         return None
-    by_fp = {r.fingerprint: r for r in usable}
-    for record in sorted(records, key=lambda r: r.last_seen, reverse=True):
-        if record.encryption_key_preference:
-            preferred = by_fp.get(record.encryption_key_preference)
-            if preferred is not None:
-                return preferred
+    chosen = usable[0]
+    by_fp = {row[0]: (row, cert) for row, cert in usable}
+    # stored times are fixed-width text, so text order is time order
+    for row, _ in sorted(parsed, key=lambda rc: str(rc[0][4]), reverse=True):
+        if row[6]:
+            chosen = by_fp.get(row[6], chosen)
             break
-    return usable[0]
+    return to_record(tx, chosen[0], chosen[1])
 
 
 # -- trust anchors and intermediates --------------------------------------------------------

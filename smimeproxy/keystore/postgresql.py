@@ -77,8 +77,15 @@ class PostgreSQLDatabase(Database):
     def transaction(self, *, write: bool = True) -> Iterator[Tx]:
         conn = self._connection()
         try:
-            with conn.transaction(), conn.cursor() as cursor:
-                yield Tx(cursor, "%s", (psycopg.IntegrityError,))
+            if write:
+                with conn.transaction(), conn.cursor() as cursor:
+                    yield Tx(cursor, "%s", (psycopg.IntegrityError,))
+            else:
+                # Reads run in autocommit: no BEGIN/COMMIT round trips on the hot
+                # lookup path. Each statement sees committed data; a read spanning
+                # several statements may see a change committed between them.
+                with conn.cursor() as cursor:
+                    yield Tx(cursor, "%s", (psycopg.IntegrityError,))
         except psycopg.Error as e:
             if conn.broken:
                 self._local.conn = None

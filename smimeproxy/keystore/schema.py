@@ -102,7 +102,11 @@ class Database(abc.ABC):
     @abc.abstractmethod
     def transaction(self, *, write: bool = True) -> AbstractContextManager[Tx]:
         """A transaction on this thread's connection: committed when the block ends,
-        rolled back on an exception. Backend errors leave as :class:`KeystoreError`."""
+        rolled back on an exception. Backend errors leave as :class:`KeystoreError`.
+
+        ``write=False`` promises only reads; a backend may then skip the transaction
+        block (PostgreSQL runs such reads in autocommit to save round trips, so a read
+        of several statements may see a change committed between them)."""
 
     @abc.abstractmethod
     def lock_for_migration(self, tx: Tx) -> None:

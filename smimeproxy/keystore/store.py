@@ -547,5 +547,4 @@ class SyncStore(PublicRecords):
                         created,
                         created,
                     )
-            records = certs.candidates(tx, name, now)
-        return certs.choose(records, now)
+            return certs.best_for_encryption(tx, name, now)

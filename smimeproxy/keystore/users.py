@@ -65,10 +65,12 @@ def insert_login(tx: Tx, user_id: str, login: str) -> None:
 def find_user_id(tx: Tx, address_or_login: str) -> str | None:
     """The user with this login name, else this address or alias."""
     name = normalise(address_or_login)
-    row = tx.one("SELECT user_id FROM logins WHERE login = ?", (name,))
-    if row is None:
-        row = tx.one("SELECT user_id FROM addresses WHERE address = ?", (name,))
-    return None if row is None else str(row[0])
+    row = tx.one(
+        "SELECT COALESCE((SELECT user_id FROM logins WHERE login = ?),"
+        " (SELECT user_id FROM addresses WHERE address = ?))",
+        (name, name),
+    )
+    return None if row is None or row[0] is None else str(row[0])
 
 
 def user_id(tx: Tx, address_or_login: str) -> str:
