@@ -251,7 +251,7 @@ class Keystore:
         key: PrivateKeyTypes | PrivateKey | None,
         certificate: x509.Certificate,
         *,
-        current: bool = True,
+        current: bool | None = None,
         hsm_reference: str | None = None,
         actor: str = "system",
     ) -> Deferred[KeyRecord]:
@@ -283,6 +283,13 @@ class Keystore:
     def keys(self, address_or_login: str | None = None) -> Deferred[list[KeyRecord]]:
         return self._defer(self.store.keys, address_or_login)
 
+    def export_key(
+        self, key_id: str, *, reason: str, password: bytes | None = None, actor: str = "system"
+    ) -> Deferred[bytes]:
+        return self._defer(
+            self.store.export_key, key_id, reason=reason, password=password, actor=actor
+        )
+
     # -- certificates, trust, CRLs ----------------------------------------------------
 
     def import_certificate(
@@ -296,6 +303,11 @@ class Keystore:
 
     def certificates(self, address: str | None = None) -> Deferred[list[CertificateRecord]]:
         return self._defer(self.store.certificates, address)
+
+    def revoke_certificate(
+        self, fingerprint: str, reason: str, *, actor: str = "system"
+    ) -> Deferred[CertificateRecord]:
+        return self._defer(self.store.revoke_certificate, fingerprint, reason, actor=actor)
 
     def add_trust(
         self, certificate: x509.Certificate, *, kind: TrustKind | None = None, actor: str = "system"

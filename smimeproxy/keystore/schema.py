@@ -210,12 +210,12 @@ def migrate(db: Database, now: Callable[[], datetime.datetime]) -> int:
     them and each re-reads the version under it.
     """
     with db.transaction() as tx:
+        db.lock_for_migration(tx)
+        # under the lock: CREATE TABLE IF NOT EXISTS itself races in PostgreSQL
         tx.run(
             "CREATE TABLE IF NOT EXISTS schema_version"
             " (version INTEGER PRIMARY KEY, applied TEXT NOT NULL)"
         )
-    with db.transaction() as tx:
-        db.lock_for_migration(tx)
         found = current_version(tx)
         if found > LATEST:
             raise KeystoreError(

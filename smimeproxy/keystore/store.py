@@ -168,7 +168,7 @@ class SyncStore(PublicRecords):
         key: PrivateKeyTypes | PrivateKey | None,
         certificate: x509.Certificate,
         *,
-        current: bool = True,
+        current: bool | None = None,
         hsm_reference: str | None = None,
         create_user: bool = True,
         actor: str = "system",
@@ -176,10 +176,13 @@ class SyncStore(PublicRecords):
         """Store a private key with its certificate; the owner is the user holding the
         certificate's address (created when missing and ``create_user``).
 
-        With ``current`` the key becomes the user's current key and the one before it
-        becomes ``previous``, in one transaction; otherwise it is stored as
-        ``previous`` (an old key kept to read old mail). A key held in a PKCS#11 token
-        is given as ``key=None`` and ``hsm_reference``.
+        With ``current=True`` the key becomes the user's current key and the one before
+        it becomes ``previous``, in one transaction; with ``False`` it is stored as
+        ``previous`` (an old key kept to read old mail); with ``None`` (the default) it
+        becomes current only if the user has no current key or its certificate is not
+        older (notBefore) than the current one, so importing an old PKCS#12 to read
+        old mail never demotes a newer key. A key held in a PKCS#11 token is given as
+        ``key=None`` and ``hsm_reference``.
         """
         return self._store_key(
             None, key, certificate, current, hsm_reference, create_user, actor, "key.import"
@@ -206,7 +209,7 @@ class SyncStore(PublicRecords):
         address: str | None,
         key: PrivateKeyTypes | PrivateKey | None,
         certificate: x509.Certificate,
-        current: bool,
+        current: bool | None,
         hsm_reference: str | None,
         create_user: bool,
         actor: str,
@@ -245,6 +248,15 @@ class SyncStore(PublicRecords):
                 if sealed_plain is None
                 else self._sealer.seal(sealed_plain, owner_id=user_id, key_id=key_id)
             )
+            if current is None:
+                row = tx.one(
+                    "SELECT certificate FROM keys WHERE owner = ? AND state = 'current'",
+                    (user_id,),
+                )
+                current = row is None or (
+                    certificate.not_valid_before_utc
+                    >= certs.load_certificate(row[0]).not_valid_before_utc
+                )
             replaced = None
             if current:
                 row = tx.one(
@@ -524,7 +536,8 @@ class SyncStore(PublicRecords):
         for the address that are valid now, not revoked and fit for encryption (see
         :func:`certificates.usable_for_encryption`): the one the owner's most recent signature
         preferred (SMIMEEncryptionKeyPreference) if it is among them, else the one
-        issued last. The chain is not validated here.
+        issued last. The chain is not validated here. A local user whose current
+        certificate is expired or unfit falls back to external certificates.
         """
         name = certs.normalise(address)
         now = self._now()

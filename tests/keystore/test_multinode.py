@@ -95,9 +95,9 @@ def test_processes_see_each_others_changes(
 
 @pytest.mark.parametrize("writers", [3])
 def test_concurrent_writers_keep_the_chain(store_url: str, master: MasterSecret, writers: int):
-    """Several processes append to the audit log and add users at the same time: no
-    entry is lost, sequence numbers stay unique and the chain verifies."""
-    open_store(store_url, master, create=True)
+    """Several processes initialise one new store, then append to the audit log and
+    add users at the same time: no entry is lost, sequence numbers stay unique and the
+    chain verifies."""
     procs = [node(store_url, master, "audit", f"node{n}", "25", "5") for n in range(writers)]
     for proc in procs:
         _, err = proc.communicate(timeout=180)

@@ -126,6 +126,23 @@ def test_rotation_keeps_every_key_for_decryption(
     assert actions.count("key.rotate") == 2
 
 
+def test_importing_an_old_key_does_not_demote_the_current_one(
+    store: SyncStore, pki: CertificateFactory
+) -> None:
+    day = datetime.timedelta(days=1)
+    new = pki.user("hugo@acme.test", key_kind="p256", not_before=pki.now - day)
+    old = pki.user("hugo@acme.test", key_kind="p256", not_before=pki.now - 300 * day)
+    store.import_key(new.private_key, new.certificate)
+    record = store.import_key(old.private_key, old.certificate)  # from an old PKCS#12
+    assert record.state is KeyState.PREVIOUS
+    assert store.signing_key("hugo@acme.test").pair.certificate == new.certificate
+    assert len(store.decryption_keys("hugo@acme.test")) == 2
+    forced = pki.user("hugo@acme.test", key_kind="p256", not_before=pki.now - 400 * day)
+    assert store.import_key(forced.private_key, forced.certificate, current=True).state is (
+        KeyState.CURRENT
+    )
+
+
 def test_rotation_refuses_someone_elses_certificate(
     store: SyncStore, people: dict[str, Issued]
 ) -> None:
@@ -361,3 +378,17 @@ def test_only_the_latest_crl_per_issuer_is_kept(store: SyncStore, pki: Certifica
     assert store.add_crl(old) is False  # an older CRL never replaces a newer one
     (kept,) = store.crls()
     assert kept.get_revoked_certificate_by_serial_number(victim.certificate.serial_number)
+
+
+def test_store_urls(tmp_path: Path) -> None:
+    from smimeproxy.keystore import database_for
+    from smimeproxy.keystore.postgresql import redact
+
+    db = database_for("sqlite:store.db", base=tmp_path)
+    assert db.describe() == f"sqlite:{tmp_path / 'store.db'}"
+    assert database_for(f"sqlite://{tmp_path}/abs.db").describe() == f"sqlite:{tmp_path}/abs.db"
+    with pytest.raises(KeystoreError, match="scheme"):
+        database_for("mysql://x")
+    assert redact("postgresql://smime:s3cret@db.example/smime") == (
+        "postgresql://smime:***@db.example/smime"
+    )
