@@ -51,9 +51,16 @@ from smimeproxy.smime.status import fingerprint
 #: Resolves a key held in a PKCS#11 token: (hsm_reference, certificate) -> PrivateKey.
 HSMResolver = Callable[[str, x509.Certificate], PrivateKey]
 
+#: How often a rotation is redone after losing a race with another node's rotation.
+ROTATION_ATTEMPTS = 5
+
 _KEY_COLUMNS = (
     "id, owner, certificate, state, created, not_after, revoked_reason, sealed, hsm_reference"
 )
+
+
+class _CurrentKeyRace(Exception):
+    """Another node made a key current for the same user inside our transaction."""
 
 
 def utcnow() -> datetime.datetime:
@@ -233,71 +240,20 @@ class SyncStore(PublicRecords):
         if not addresses:
             raise CertificateError("the certificate names no email address")
         now = self._now()
-        with self.db.transaction() as tx:
-            if address is not None:
-                user_id = users.user_id(tx, address)
-                if not users.user_addresses(tx, user_id).intersection(addresses):
-                    raise CertificateError(
-                        f"the certificate is for {', '.join(addresses)},"
-                        f" not {certs.normalise(address)}"
-                    )
-            else:
-                user_id = self._owner_for(tx, addresses, create_user)
-            sealed = (
-                None
-                if sealed_plain is None
-                else self._sealer.seal(sealed_plain, owner_id=user_id, key_id=key_id)
-            )
-            if current is None:
-                row = tx.one(
-                    "SELECT certificate FROM keys WHERE owner = ? AND state = 'current'",
-                    (user_id,),
-                )
-                current = row is None or (
-                    certificate.not_valid_before_utc
-                    >= certs.load_certificate(row[0]).not_valid_before_utc
-                )
-            replaced = None
-            if current:
-                row = tx.one(
-                    "SELECT id FROM keys WHERE owner = ? AND state = 'current'", (user_id,)
-                )
-                replaced = None if row is None else row[0]
-                tx.run(
-                    "UPDATE keys SET state = 'previous' WHERE owner = ? AND state = 'current'",
-                    (user_id,),
-                )
-            state = KeyState.CURRENT if current else KeyState.PREVIOUS
-
-            def insert(t: Tx) -> None:
-                t.run(
-                    f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        key_id,
-                        user_id,
-                        certs.der(certificate),
-                        str(state),
-                        to_text(now),
-                        to_text(certificate.not_valid_after_utc),
-                        None,
-                        sealed,
-                        hsm_reference,
-                    ),
-                )
-
+        for _attempt in range(ROTATION_ATTEMPTS):
             try:
-                tx.attempt("key", insert)
-            except tx.integrity_errors:
-                raise KeystoreError(
-                    f"key {key_id} is already in the store, or another node made a key"
-                    " current for this user at the same time; retry"
-                ) from None
-            detail: dict[str, Any] = {"key": key_id, "state": str(state)}
-            if replaced:
-                detail["replaced"] = replaced
-            if hsm_reference:
-                detail["hsm"] = True
-            audit.append(tx, self._now, actor, action, addresses[0], detail)
+                with self.db.transaction() as tx:
+                    user_id, state, sealed = self._write_key(
+                        tx, address, key_id, sealed_plain, certificate, addresses, current,
+                        hsm_reference, create_user, now, actor, action,
+                    )  # fmt: skip
+                break
+            except _CurrentKeyRace:
+                continue  # another node rotated this user meanwhile: redo on top of it
+        else:
+            raise KeystoreError(
+                f"could not make key {key_id} current: other nodes keep rotating this user"
+            )
         self._log.info(
             "key {action} for {owner}: {key_id} ({state})",
             action=action,
@@ -316,6 +272,83 @@ class SyncStore(PublicRecords):
             sealed,
             hsm_reference,
         )
+
+    def _write_key(
+        self,
+        tx: Tx,
+        address: str | None,
+        key_id: str,
+        sealed_plain: bytes | None,
+        certificate: x509.Certificate,
+        addresses: tuple[str, ...],
+        current: bool | None,
+        hsm_reference: str | None,
+        create_user: bool,
+        now: datetime.datetime,
+        actor: str,
+        action: str,
+    ) -> tuple[str, KeyState, bytes | None]:
+        if address is not None:
+            user_id = users.user_id(tx, address)
+            if not users.user_addresses(tx, user_id).intersection(addresses):
+                raise CertificateError(
+                    f"the certificate is for {', '.join(addresses)}, not {certs.normalise(address)}"
+                )
+        else:
+            user_id = self._owner_for(tx, addresses, create_user)
+        sealed = (
+            None
+            if sealed_plain is None
+            else self._sealer.seal(sealed_plain, owner_id=user_id, key_id=key_id)
+        )
+        if current is None:
+            row = tx.one(
+                "SELECT certificate FROM keys WHERE owner = ? AND state = 'current'",
+                (user_id,),
+            )
+            current = row is None or (
+                certificate.not_valid_before_utc
+                >= certs.load_certificate(row[0]).not_valid_before_utc
+            )
+        replaced = None
+        if current:
+            row = tx.one("SELECT id FROM keys WHERE owner = ? AND state = 'current'", (user_id,))
+            replaced = None if row is None else row[0]
+            tx.run(
+                "UPDATE keys SET state = 'previous' WHERE owner = ? AND state = 'current'",
+                (user_id,),
+            )
+        state = KeyState.CURRENT if current else KeyState.PREVIOUS
+
+        def insert(t: Tx) -> None:
+            t.run(
+                f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key_id,
+                    user_id,
+                    certs.der(certificate),
+                    str(state),
+                    to_text(now),
+                    to_text(certificate.not_valid_after_utc),
+                    None,
+                    sealed,
+                    hsm_reference,
+                ),
+            )
+
+        try:
+            tx.attempt("key", insert)
+        except tx.integrity_errors:
+            if tx.one("SELECT 1 FROM keys WHERE id = ?", (key_id,)):
+                raise KeystoreError(f"key {key_id} is already in the store") from None
+            raise _CurrentKeyRace() from None
+        detail: dict[str, Any] = {"key": key_id, "state": str(state)}
+        if replaced:
+            detail["replaced"] = replaced
+        if hsm_reference:
+            detail["hsm"] = True
+        audit.append(tx, self._now, actor, action, addresses[0], detail)
+        return user_id, state, sealed
 
     def _owner_for(self, tx: Tx, addresses: tuple[str, ...], create_user: bool) -> str:
         try:

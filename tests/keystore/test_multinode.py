@@ -108,3 +108,78 @@ def test_concurrent_writers_keep_the_chain(store_url: str, master: MasterSecret,
     assert [e.seq for e in entries] == list(range(1, writers * 30 + 1))
     assert store.verify_audit().ok
     assert len(store.users()) == writers * 5
+
+
+def test_concurrent_rotations_leave_one_current_key(
+    store_url: str, master: MasterSecret, people: dict[str, Issued], tmp_path: Path
+) -> None:
+    """Two nodes rotate the same user at the same moment: both keys are kept, exactly
+    one is current (the database's unique index decides; the loser redoes its
+    rotation on top of the winner's)."""
+    store = open_store(store_url, master, create=True)
+    store.import_key(people["alice"].private_key, people["alice"].certificate)
+    procs = [
+        node(store_url, master, "rotate", "alice@acme.test", *write(tmp_path, who, people[who]))
+        for who in ("alice2", "alice3")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    states = sorted(str(r.state) for r in store.keys("alice@acme.test"))
+    assert states == ["current", "previous", "previous"]
+    assert len(store.decryption_keys("alice@acme.test")) == 3
+    assert store.verify_audit().ok
+
+
+def test_rotation_racing_another_node_is_redone_on_top_of_it(
+    store_url: str, master: MasterSecret, people: dict[str, Issued]
+) -> None:
+    """Deterministic version of the race: node A holds its rotation open (its clock
+    blocks while it writes the audit entry) while node B rotates the same user. B must
+    end up replacing A's new key, not fail and not leave two current keys."""
+    import datetime
+    import threading
+    import time
+
+    release = threading.Event()
+    calls = {"n": 0, "armed": False}
+
+    def slow_clock() -> datetime.datetime:
+        if calls["armed"]:
+            calls["n"] += 1
+            if calls["n"] == 2:  # the audit entry, inside A's open transaction
+                release.wait(10)
+        return datetime.datetime.now(datetime.UTC)
+
+    node_a = open_store(store_url, master, create=True, now=slow_clock)
+    node_b = open_store(store_url, master)
+    node_a.import_key(people["alice"].private_key, people["alice"].certificate)
+    calls["armed"] = True
+    results: dict[str, object] = {}
+
+    def rotate(name: str, store, who: str) -> None:
+        try:
+            results[name] = store.rotate(
+                "alice@acme.test", people[who].key, people[who].certificate
+            )
+        except Exception as e:  # reported below
+            results[name] = e
+
+    a = threading.Thread(target=rotate, args=("a", node_a, "alice2"))
+    a.start()
+    while calls["n"] < 2:
+        time.sleep(0.01)
+    b = threading.Thread(target=rotate, args=("b", node_b, "alice3"))
+    b.start()
+    time.sleep(0.5)  # B is now waiting on A's lock
+    release.set()
+    a.join(20)
+    b.join(20)
+    assert not isinstance(results["a"], Exception), results["a"]
+    assert not isinstance(results["b"], Exception), results["b"]
+    current = [r for r in node_b.keys("alice@acme.test") if str(r.state) == "current"]
+    assert [r.id for r in current] == [fingerprint(people["alice3"].certificate)]
+    last = node_b.audit_entries()[-1]
+    assert last.detail["replaced"] == fingerprint(people["alice2"].certificate)
+    for store in (node_a, node_b):
+        getattr(store.db, "close_all", lambda: None)()
