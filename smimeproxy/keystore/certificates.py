@@ -20,7 +20,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x448, x25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from smimeproxy.errors import CertificateError, KeyNotFound, KeystoreError
 from smimeproxy.keystore.interface import (
@@ -70,7 +70,7 @@ def certificate_addresses(cert: x509.Certificate) -> tuple[str, ...]:
     """rfc822Name SANs, then subject emailAddress values, lower-cased, no duplicates."""
     found: list[str] = []
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         found.extend(san.value.get_values_for_type(x509.RFC822Name))
     except x509.ExtensionNotFound:
         pass
@@ -94,7 +94,7 @@ def usable_for_encryption(cert: x509.Certificate, now: datetime.datetime) -> boo
     if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
         return False
     try:
-        eku = cert.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         if not (
             ExtendedKeyUsageOID.EMAIL_PROTECTION in eku
             or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku
@@ -106,9 +106,7 @@ def usable_for_encryption(cert: x509.Certificate, now: datetime.datetime) -> boo
         return False
     try:
         public = cert.public_key()
-        ku: x509.KeyUsage | None = cert.extensions.get_extension_for_oid(
-            ExtensionOID.KEY_USAGE
-        ).value
+        ku: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         ku = None
     except (ValueError, TypeError):

@@ -41,7 +41,10 @@ def to_text(when: datetime.datetime) -> str:
 
 def from_text(text: str) -> datetime.datetime:
     """Stored text back to an aware UTC datetime."""
-    return datetime.datetime.strptime(text, TIME_FORMAT).replace(tzinfo=datetime.UTC)
+    try:
+        return datetime.datetime.strptime(str(text), TIME_FORMAT).replace(tzinfo=datetime.UTC)
+    except ValueError:
+        raise KeystoreError("a stored time is damaged") from None
 
 
 class Tx:

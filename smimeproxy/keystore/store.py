@@ -154,7 +154,7 @@ class SyncStore(PublicRecords):
     @staticmethod
     def _read_kek_meta(db: Database) -> tuple[dict[str, Any] | None, bytes | None]:
         with db.transaction(write=False) as tx:
-            rows = dict(
+            rows: dict[str, str] = dict(
                 tx.all("SELECT name, value FROM meta WHERE name IN ('kek_kdf', 'kek_check')")
             )
         try:

@@ -381,7 +381,7 @@ def test_only_the_latest_crl_per_issuer_is_kept(store: SyncStore, pki: Certifica
 
 
 def test_store_urls(tmp_path: Path) -> None:
-    from smimeproxy.keystore import database_for
+    from smimeproxy.keystore import MasterSecret, database_for, open_store
     from smimeproxy.keystore.postgresql import redact
 
     db = database_for("sqlite:store.db", base=tmp_path)
@@ -389,6 +389,9 @@ def test_store_urls(tmp_path: Path) -> None:
     assert database_for(f"sqlite://{tmp_path}/abs.db").describe() == f"sqlite:{tmp_path}/abs.db"
     with pytest.raises(KeystoreError, match="scheme"):
         database_for("mysql://x")
+    with pytest.raises(KeystoreError, match="cannot connect") as info:
+        open_store("postgresql://smime:s3cret@127.0.0.1:1/smime", MasterSecret(b"k" * 32, "t"))
+    assert "s3cret" not in str(info.value)
     assert redact("postgresql://smime:s3cret@db.example/smime") == (
         "postgresql://smime:***@db.example/smime"
     )
