@@ -4,7 +4,7 @@ PYTHON ?= python3
 .PHONY: install test check format demo bench
 
 install:
-	$(PYTHON) -m pip install -e '.[dev]'
+	$(PYTHON) -m pip install -e '.[dev]' --config-settings editable_mode=compat
 
 test:
 	$(PYTHON) -m pytest -q
@@ -18,8 +18,9 @@ format:
 	$(PYTHON) -m ruff check --fix smimeproxy tests bench twisted
 
 demo:
-	$(PYTHON) -m pip install -q -e .
+	$(PYTHON) -m pip install -q -e . --config-settings editable_mode=compat
 	$(PYTHON) -m smimeproxy.demo
 
 bench:
 	$(PYTHON) bench/engine.py
+	$(PYTHON) bench/keystore.py

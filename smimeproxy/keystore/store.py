@@ -78,7 +78,7 @@ def _spki(public: Any) -> bytes:
 def _material(key: PrivateKeyTypes | PrivateKey) -> PrivateKeyTypes:
     """The ``cryptography`` key inside ``key`` (a SoftwareKey or a raw key object)."""
     if isinstance(key, SoftwareKey):
-        return key._key  # SoftwareKey has no public accessor yet (see the report)
+        return key.private_key
     if hasattr(key, "private_bytes"):
         return key  # type: ignore[return-value]
     raise KeystoreError(

@@ -78,6 +78,12 @@ class SoftwareKey:
     def __repr__(self) -> str:  # never the material
         return f"<SoftwareKey {type(self._key).__name__}>"
 
+    @property
+    def private_key(self) -> PrivateKeyTypes:
+        """The ``cryptography`` key, for the key store to seal and export; nothing else
+        should need it."""
+        return self._key
+
     def public_key(self) -> PublicKeyTypes:
         return self._key.public_key()
 

@@ -1,0 +1,262 @@
+"""The engine with the key store behind it: what every face calls to open and seal.
+
+The pure engine (:mod:`smimeproxy.smime`) takes keys, certificates and a validator as
+arguments; this module fetches them from the key store and the configuration, once,
+in one place, so the SMTP gateway, the IMAP proxy, the archive and the command line
+behave the same. Everything here is blocking (database reads and CMS work): Twisted
+faces call it through a thread pool, never on the reactor.
+
+Nothing is cached between calls: several nodes share one store, and a rotation or a
+new trust anchor made on one node must be used by the next message on every node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from twisted.logger import Logger
+
+from smimeproxy.config import Config, KeystoreConfig, SMIMEConfig
+from smimeproxy.errors import CertificateError, ConfigError, KeyNotFound
+from smimeproxy.keystore import MasterSecret, SyncStore, open_store
+from smimeproxy.pki.validation import PathValidator, RevocationPolicy
+from smimeproxy.smime.keys import KeyPair, load_certificates
+from smimeproxy.smime.opener import OpenedMessage, OpenOptions, open_message
+from smimeproxy.smime.sealer import EncryptionTarget, SealOptions, seal
+from smimeproxy.smime.status import Outcome
+
+#: a certificate source consulted after the store (the directory's SMIMEA lookup)
+CertificateLookup = Callable[[str], Sequence[x509.Certificate]]
+
+
+def master_secret(config: KeystoreConfig, environ: dict[str, str] | None = None) -> MasterSecret:
+    """The master secret from wherever the configuration says it is."""
+    env = os.environ if environ is None else environ
+    if config.master_key_env:
+        return MasterSecret.from_env(config.master_key_env, environ=dict(env))
+    if config.passphrase_env:
+        value = env.get(config.passphrase_env)
+        if not value:
+            raise ConfigError(
+                f"environment variable {config.passphrase_env} is not set",
+                key="keystore.passphrase_env",
+            )
+        return MasterSecret.from_passphrase(value, origin=f"${config.passphrase_env}")
+    if config.passphrase_file:
+        try:
+            text = config.passphrase_file.read_text().splitlines()[0]
+        except (OSError, IndexError) as e:
+            raise ConfigError(
+                f"cannot read {config.passphrase_file}: {e}", key="keystore.passphrase_file"
+            ) from None
+        return MasterSecret.from_passphrase(text, origin=str(config.passphrase_file))
+    assert config.master_key_file is not None
+    return MasterSecret.from_file(config.master_key_file)
+
+
+def open_configured_store(config: Config, *, create: bool = False) -> SyncStore:
+    """The key store named by ``config`` (blocking)."""
+    return open_store(
+        config.keystore.url,
+        master_secret(config.keystore),
+        create=create,
+        base=config.path.parent,
+    )
+
+
+def _load_files(paths: Iterable[Path], key: str) -> list[x509.Certificate]:
+    out: list[x509.Certificate] = []
+    for path in paths:
+        try:
+            out.extend(load_certificates(path.read_bytes()))
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}", key=key) from None
+        except CertificateError as e:
+            raise ConfigError(f"{path}: {e}", key=key) from None
+    return out
+
+
+def _load_crls(paths: Iterable[Path]) -> list[x509.CertificateRevocationList]:
+    out = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+            out.append(
+                x509.load_pem_x509_crl(data)
+                if b"-----BEGIN" in data
+                else x509.load_der_x509_crl(data)
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a readable CRL: {e}", key="smime.crls") from None
+    return out
+
+
+@dataclass(frozen=True)
+class RecipientCertificate:
+    """The certificate chosen for a recipient, or why there is none."""
+
+    address: str
+    target: EncryptionTarget | None
+    reason: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class SealResult:
+    data: bytes
+    signed_by: str | None
+    encrypted_to: tuple[str, ...]  # addresses whose certificate the copy is encrypted to
+    cipher: str | None
+    missing: tuple[RecipientCertificate, ...] = field(default=())
+
+
+class MessageProcessor:
+    """Opens and seals messages with keys, certificates and trust from the store."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        store: SyncStore,
+        settings: SMIMEConfig,
+        *,
+        lookup: CertificateLookup | None = None,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ):
+        self.store = store
+        self.settings = settings
+        self.lookup = lookup
+        self.clock = clock
+        # files named in the config are read once at start: editing them means a reload
+        self._file_anchors = _load_files(settings.trust_anchors, "smime.trust_anchors")
+        self._file_intermediates = _load_files(settings.intermediates, "smime.intermediates")
+        self._file_crls = _load_crls(settings.crls)
+
+    # -- trust ---------------------------------------------------------------------------
+    def validator(self) -> PathValidator:
+        """A validator over the store's current trust anchors, intermediates and CRLs."""
+        kwargs = {"clock": self.clock} if self.clock else {}
+        return PathValidator(
+            [*self._file_anchors, *self.store.trust_anchors()],
+            [*self._file_intermediates, *self.store.intermediates()],
+            [*self._file_crls, *self.store.crls()],
+            revocation=RevocationPolicy(str(self.settings.revocation)),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def open_options(self) -> OpenOptions:
+        return OpenOptions(authserv_id=self.settings.authserv_id, footer=self.settings.footer)
+
+    # -- opening -------------------------------------------------------------------------
+    def keys_for(self, owners: Sequence[str]) -> list[KeyPair]:
+        """Every key (all history) of each owner that is a user of the store."""
+        pairs: list[KeyPair] = []
+        for owner in owners:
+            try:
+                pairs.extend(self.store.decryption_keys(owner))
+            except KeyNotFound:
+                continue
+        return pairs
+
+    def open_for(
+        self, message: bytes, owners: Sequence[str], *, harvest: bool = True
+    ) -> OpenedMessage:
+        """Open ``message`` with the keys of ``owners`` only (key isolation), verify it,
+        and store the certificates of verified signers (never of unverified ones)."""
+        opened = open_message(
+            message,
+            keys=self.keys_for(owners),
+            validator=self.validator(),
+            options=self.open_options(),
+        )
+        if harvest:
+            self.harvest(opened)
+        return opened
+
+    def harvest(self, opened: OpenedMessage) -> int:
+        """Record each verified signer's certificate and advertised capabilities."""
+        count = 0
+        for signer in opened.status.signers:
+            if not signer.verified or signer.certificate is None:
+                continue
+            self.store.harvest(signer.certificate, signer.capabilities, verified=True)
+            count += 1
+        return count
+
+    # -- sealing -------------------------------------------------------------------------
+    def certificate_for(self, address: str) -> RecipientCertificate:
+        """The certificate to encrypt to ``address``: the store first, then the lookup;
+        validated for encryption before use."""
+        validator = self.validator()
+        record = self.store.encryption_certificate(address)
+        candidates: list[tuple[x509.Certificate, tuple[str, ...] | None, str]] = []
+        if record is not None:
+            candidates.append((record.certificate, record.capabilities or None, str(record.source)))
+        if not candidates and self.lookup is not None:
+            candidates.extend((cert, None, "lookup") for cert in self.lookup(address))
+        reasons = []
+        for cert, caps, source in candidates:
+            status = validator.validate(cert, purpose="encrypt", sender=address)
+            failures = [c for c in status.checks if c.outcome is Outcome.FAIL]
+            if status.trusted:
+                return RecipientCertificate(address, EncryptionTarget(cert, caps), source=source)
+            reasons.append("; ".join(f"{c.name}: {c.detail}" for c in failures) or "not trusted")
+        reason = " / ".join(reasons) if reasons else "no certificate known"
+        return RecipientCertificate(address, None, reason=reason)
+
+    def seal_for(
+        self,
+        message: bytes,
+        sender: str,
+        recipients: Sequence[str],
+        *,
+        sign: bool = True,
+        encrypt: bool = True,
+    ) -> SealResult:
+        """Sign with ``sender``'s current key and, if ``encrypt``, encrypt to every
+        recipient *and to the sender* (so the sender's copy stays readable).
+
+        Raises KeyNotFound when a recipient has no usable certificate and ``encrypt`` is
+        set: the caller decides (split the copy, refuse, or send signed only).
+        """
+        signer = self.store.signing_key(sender) if sign else None
+        targets: list[EncryptionTarget] = []
+        encrypted_to: list[str] = []
+        if encrypt:
+            found = [self.certificate_for(r) for r in recipients]
+            missing = [f for f in found if f.target is None]
+            if missing:
+                names = ", ".join(f"{m.address} ({m.reason})" for m in missing)
+                raise KeyNotFound(f"no usable certificate for {names}")
+            targets = [f.target for f in found if f.target is not None]
+            encrypted_to = [f.address for f in found]
+            own = self.certificate_for(sender)
+            if own.target is not None and sender not in encrypted_to:
+                targets.append(own.target)
+                encrypted_to.append(sender)
+        if signer is None and not targets:
+            return SealResult(message, None, (), None)
+        cipher = None if str(self.settings.cipher) == "auto" else str(self.settings.cipher)
+        options = SealOptions(
+            digest=str(self.settings.signing_digest),
+            cipher=cipher.replace("-", "_") if cipher else None,
+            header_protection=self.settings.header_protection,
+        )
+        data = seal(
+            message,
+            signer=signer.pair if signer else None,
+            chain=signer.chain if signer else (),
+            recipients=targets,
+            options=options,
+        )
+        return SealResult(
+            data,
+            sender if signer else None,
+            tuple(encrypted_to),
+            options.cipher,
+        )
