@@ -180,6 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="store_true",
         help="protect Subject, From, To ... inside the envelope (RFC 9788)",
     )
+    op.set_defaults(func=open_command)
     se.set_defaults(func=seal_command)
 
 
