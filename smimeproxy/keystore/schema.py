@@ -196,6 +196,41 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         " prev_hash TEXT NOT NULL,"
         " hash TEXT NOT NULL)",
     ),
+    # the internal CA's own state (smimeproxy.keystore.ca_state): its keys sealed like
+    # users' keys, every certificate it issued (serial, revocation), keys waiting for an
+    # external CA's certificate, and bulk rotation runs (rerun-safe, republish list)
+    2: (
+        "CREATE TABLE ca_keys ("
+        " name TEXT PRIMARY KEY CHECK (name IN ('root', 'issuing')),"
+        " certificate {blob} NOT NULL,"
+        " sealed {blob} NOT NULL,"
+        " created TEXT NOT NULL,"
+        " crl_number {bigint} NOT NULL DEFAULT 0,"
+        " crl_url_template TEXT)",
+        "CREATE TABLE ca_issued ("
+        " serial TEXT PRIMARY KEY,"
+        " issuer TEXT NOT NULL,"
+        " fingerprint TEXT NOT NULL UNIQUE,"
+        " subject TEXT NOT NULL,"
+        " certificate {blob} NOT NULL,"
+        " issued TEXT NOT NULL,"
+        " not_after TEXT NOT NULL,"
+        " revoked_at TEXT,"
+        " reason TEXT)",
+        "CREATE INDEX ca_issued_subject ON ca_issued(subject)",
+        "CREATE TABLE pending_keys ("
+        " id TEXT PRIMARY KEY,"
+        " address TEXT NOT NULL,"
+        " sealed {blob} NOT NULL,"
+        " created TEXT NOT NULL)",
+        "CREATE TABLE rotation_runs ("
+        " run TEXT NOT NULL,"
+        " address TEXT NOT NULL,"
+        " key TEXT NOT NULL,"
+        " rotated TEXT NOT NULL,"
+        " published INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (run, address))",
+    ),
 }
 
 LATEST = max(MIGRATIONS)
