@@ -14,6 +14,8 @@ proxy, archive, directory) grows here as those faces land.
 from __future__ import annotations
 
 import argparse
+import email
+import email.policy
 import shutil
 import subprocess
 import sys
@@ -70,6 +72,21 @@ def _show(title: str, data: bytes, limit: int = 40) -> None:
         print(f"  ... ({len(lines) - limit} more lines)")
 
 
+def _reader_view(data: bytes) -> bytes:
+    """Headers a reader sees and the text parts, decoded, as a mail client shows them."""
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    lines = []
+    for name in ("From", "To", "Subject", "Authentication-Results", "X-SMIMEProxy-Decryption"):
+        if msg[name]:
+            lines.append(f"{name}: {msg[name]}")
+    lines.append("")
+    for part in msg.walk():
+        if part.get_content_type() == "text/plain":
+            lines.append(part.get_content().rstrip())
+            lines.append("")
+    return "\n".join(lines).encode()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="var/demo", help="where to write the demo files")
@@ -107,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         options=OpenOptions(authserv_id="acme.test"),
     )
     (out / "inbound.opened.eml").write_bytes(opened.data)
-    _show("2. what Alice reads after the gateway (decrypted, verified, footer)", opened.data, 60)
+    _show(
+        "2. what Alice reads after the gateway (decrypted, verified, footer)",
+        _reader_view(opened.data),
+        60,
+    )
     status = opened.status
     print("\n=== 3. the status the gateway found " + "=" * 32)
     print(f"  {'smime result':<22}{status.smime_result}")
