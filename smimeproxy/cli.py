@@ -18,7 +18,7 @@ from smimeproxy.commands.common import IO
 from smimeproxy.errors import SMIMEProxyError
 
 #: subcommand modules under smimeproxy.commands, in the order --help lists them
-COMMANDS: tuple[str, ...] = ("init", "message")
+COMMANDS: tuple[str, ...] = ("init", "message", "doctor", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
