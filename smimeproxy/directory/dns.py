@@ -1,0 +1,367 @@
+"""The authoritative DNS server for the ``_smimecert`` zones of the local domains.
+
+RFC 8162 puts a user's SMIMEA records at ``<sha256(local part)[:28] hex>._smimecert.
+<domain>``. This server is authoritative for ``_smimecert.<domain>`` of each published
+domain and answers:
+
+- at the apex: SOA and NS (the SOA serial is the key store's audit sequence, so it
+  grows with every change), anything else NODATA;
+- at a user's owner name: the SMIMEA records of their current certificate(s), read
+  live from the key store (:mod:`smimeproxy.directory.publication`), anything else
+  NODATA; NXDOMAIN for a name that is no user of ours (or whose key is revoked);
+- REFUSED for names outside these zones and classes other than IN; NOTIMP for every
+  opcode but QUERY (dynamic UPDATE included: the zone is derived from the store, push
+  mode updates the organisation's own server instead); FORMERR for what does not
+  parse; nothing at all for a response (QR set), so two servers never loop.
+
+EDNS0 (RFC 6891): a query with an OPT record gets one back, advertising 1232 octets
+(the DNS flag day 2020 value); version > 0 gets BADVERS. Over UDP a reply larger than
+the client's limit (512 without EDNS) is sent empty with TC set (RFC 2181 section 9:
+never a partial RRset), and the client retries over TCP, where it gets everything.
+
+The core (:class:`SMIMEAResponder`) is fed the bytes of one request and returns the
+bytes of the reply; the Twisted protocols around it only move datagrams and
+length-prefixed TCP messages. Not implemented: DNSSEC signing (use push mode into a
+signing server for that), zone transfers (AXFR and IXFR are REFUSED), NOTIFY.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.protocols.basic import Int16StringReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from smimeproxy.directory.publication import LivePublication, Published
+from smimeproxy.directory.records import SMIMEA, Record_SMIMEA
+from smimeproxy.errors import SMIMEProxyError
+from smimeproxy.pki.smimea import smimea_for_certificate
+
+__all__ = [
+    "EDNS_PAYLOAD",
+    "DNSDatagramServer",
+    "DNSStreamServer",
+    "DNSStreamServerFactory",
+    "SMIMEAAuthority",
+    "SMIMEAResponder",
+    "zone_name",
+]
+
+#: RFC 6891 section 6.2.5 leaves the size to us; 1232 is the DNS flag day 2020 value
+#: (no IP fragmentation on common paths).
+EDNS_PAYLOAD = 1232
+#: RFC 1035 section 4.2.1: the UDP limit without EDNS.
+CLASSIC_UDP_LIMIT = 512
+#: RFC 6891 section 9: BADVERS is extended RCODE 16.
+BADVERS = 16
+#: RFC 1035 4.1.1 opcodes / RFC 2136 section 1.3 (UPDATE = 5)
+OP_UPDATE = 5
+#: AXFR (252), IXFR (251, RFC 1995): zone transfers are not offered.
+_TRANSFERS = (dns.AXFR, dns.IXFR)
+#: RFC 7766 section 6.2.3: servers close idle TCP connections; seconds
+TCP_IDLE_TIMEOUT = 30
+_HEADER = struct.Struct("!6H")
+
+
+def zone_name(domain: str) -> str:
+    """``_smimecert.<domain>`` (RFC 8162 section 3), lower case, no trailing dot."""
+    return "_smimecert." + domain.strip().lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the authority says about one question."""
+
+    rcode: int
+    answers: tuple[dns.RRHeader, ...] = ()
+    authority: tuple[dns.RRHeader, ...] = ()
+    aa: bool = True
+
+
+REFUSED = Answer(dns.EREFUSED, aa=False)
+
+
+class SMIMEAAuthority:
+    """Answers questions for the ``_smimecert`` zones from a :class:`LivePublication`.
+
+    ``nameserver`` is the host name in the SOA MNAME and the apex NS record (default:
+    this host's FQDN); ``hostmaster`` the SOA RNAME (default ``hostmaster.<domain>``).
+    Negative answers are cacheable for ``min(ttl, 300)`` seconds (the SOA minimum,
+    RFC 2308 section 5), so a new user is found within five minutes by resolvers that
+    cached their absence.
+    """
+
+    def __init__(
+        self,
+        live: LivePublication,
+        domains: Iterable[str],
+        *,
+        ttl: int = 3600,
+        usage: int = 3,
+        selector: int = 0,
+        matching_type: int = 0,
+        nameserver: str | None = None,
+        hostmaster: str | None = None,
+    ) -> None:
+        self.live = live
+        self.zones = {zone_name(d): d.strip().lower().rstrip(".") for d in domains}
+        self.ttl = ttl
+        self.negative_ttl = min(ttl, 300)
+        self.parameters = (usage, selector, matching_type)
+        self.nameserver = (nameserver or socket.getfqdn()).rstrip(".")
+        self.hostmaster = hostmaster
+
+    def zone_of(self, name: str) -> str | None:
+        for zone in self.zones:
+            if name == zone or name.endswith("." + zone):
+                return zone
+        return None
+
+    def _soa(self, zone: str, serial: int) -> dns.RRHeader:
+        rname = self.hostmaster or f"hostmaster.{self.zones[zone]}"
+        soa = dns.Record_SOA(
+            mname=self.nameserver,
+            rname=rname,
+            serial=serial,
+            refresh=3600,
+            retry=600,
+            expire=14 * 86400,
+            minimum=self.negative_ttl,
+            ttl=self.negative_ttl,
+        )
+        return dns.RRHeader(zone, dns.SOA, dns.IN, self.negative_ttl, soa, auth=True)
+
+    def _ns(self, zone: str) -> dns.RRHeader:
+        return dns.RRHeader(
+            zone, dns.NS, dns.IN, self.ttl, dns.Record_NS(self.nameserver, self.ttl), auth=True
+        )
+
+    def records(self, published: Published) -> list[dns.RRHeader]:
+        usage, selector, matching = self.parameters
+        out = []
+        for cert in published.certificates:
+            record = smimea_for_certificate(
+                cert, usage=usage, selector=selector, matching_type=matching
+            )
+            payload = Record_SMIMEA.from_record(record, self.ttl)
+            out.append(dns.RRHeader(published.owner, SMIMEA, dns.IN, self.ttl, payload, auth=True))
+        return out
+
+    def resolve(self, name: str, qtype: int, qclass: int) -> Deferred[Answer]:
+        """The answer to one question; ``name`` compares case-insensitively."""
+        name = name.lower().rstrip(".")
+        zone = self.zone_of(name)
+        if zone is None or qclass not in (dns.IN, dns.ANY) or qtype in _TRANSFERS:
+            return succeed(REFUSED)
+        return self.live.by_owner(name).addCallback(self._answer, name, zone, qtype)
+
+    def _answer(
+        self, found: tuple[int, Published | None], name: str, zone: str, qtype: int
+    ) -> Answer:
+        serial, published = found
+        soa = self._soa(zone, serial)
+        if name == zone:
+            answers = {dns.SOA: [soa], dns.NS: [self._ns(zone)]}
+            if qtype == dns.ALL_RECORDS:
+                return Answer(dns.OK, (soa, self._ns(zone)))
+            if qtype in answers:
+                return Answer(dns.OK, tuple(answers[qtype]))
+            return Answer(dns.OK, (), (soa,))
+        if published is None:
+            return Answer(dns.ENAME, (), (soa,))
+        if qtype in (SMIMEA, dns.ALL_RECORDS):
+            return Answer(dns.OK, tuple(self.records(published)))
+        return Answer(dns.OK, (), (soa,))
+
+
+@dataclass(frozen=True)
+class Request:
+    """A parsed query: the header fields we echo and the one question."""
+
+    id: int
+    recursion_desired: bool
+    checking_disabled: bool
+    question: dns.Query
+    edns: bool
+    udp_limit: int
+
+
+def _error(data: bytes, rcode: int) -> bytes:
+    """A header-only reply to the request in ``data`` (at least 12 octets)."""
+    ident, flags = struct.unpack("!2H", data[:4])
+    opcode = flags & 0x7800
+    rd = flags & 0x0100
+    return _HEADER.pack(ident, 0x8000 | opcode | rd | rcode, 0, 0, 0, 0)
+
+
+def parse_request(data: bytes) -> Request | bytes | None:
+    """A :class:`Request`, the bytes of an immediate error reply, or None (drop it:
+    too short to reply to, or itself a response)."""
+    if len(data) < _HEADER.size:
+        return None
+    flags = struct.unpack("!H", data[2:4])[0]
+    if flags & 0x8000:
+        return None
+    opcode = (flags >> 11) & 0xF
+    if opcode != dns.OP_QUERY:
+        return _error(data, dns.ENOTIMP)
+    message = dns.Message()
+    try:
+        message.fromStr(data)
+    except Exception:  # twisted.names raises assorted errors on bad wire data
+        return _error(data, dns.EFORMAT)
+    if len(message.queries) != 1:
+        return _error(data, dns.EFORMAT)
+    opts = [r for r in message.additional if r.type == dns.OPT]
+    if len(opts) > 1:  # RFC 6891 section 6.1.1
+        return _error(data, dns.EFORMAT)
+    edns = bool(opts)
+    limit = CLASSIC_UDP_LIMIT
+    if opts:
+        opt = dns._OPTHeader.fromRRHeader(opts[0])
+        if opt.version != 0:
+            reply = dns.Message(message.id, answer=1, rCode=0)
+            reply.queries = message.queries
+            reply.additional = [dns._OPTHeader(EDNS_PAYLOAD, BADVERS >> 4, 0)]
+            return reply.toStr()
+        limit = max(CLASSIC_UDP_LIMIT, min(opt.udpPayloadSize, EDNS_PAYLOAD))
+    return Request(
+        id=message.id,
+        recursion_desired=bool(message.recDes),
+        checking_disabled=bool(message.checkingDisabled),
+        question=message.queries[0],
+        edns=edns,
+        udp_limit=limit,
+    )
+
+
+def encode_reply(request: Request, answer: Answer, limit: int | None) -> bytes:
+    """The reply's wire form; over UDP (``limit`` set) an empty reply with TC when the
+    whole would not fit (RFC 2181 section 9)."""
+
+    def build(answers: Iterable[dns.RRHeader], authority: Iterable[dns.RRHeader], tc: int) -> bytes:
+        m = dns.Message(
+            request.id,
+            answer=1,
+            opCode=dns.OP_QUERY,
+            auth=int(answer.aa),
+            trunc=tc,
+            recDes=int(request.recursion_desired),
+            rCode=answer.rcode & 0xF,
+            maxSize=0,
+            checkingDisabled=int(request.checking_disabled),
+        )
+        m.queries = [request.question]
+        m.answers = list(answers)
+        m.authority = list(authority)
+        if request.edns:
+            m.additional = [dns._OPTHeader(EDNS_PAYLOAD, answer.rcode >> 4, 0)]
+        return m.toStr()
+
+    wire = build(answer.answers, answer.authority, 0)
+    if limit is not None and len(wire) > limit:
+        wire = build((), (), 1)
+    return wire
+
+
+class SMIMEAResponder:
+    """Bytes of a request in, bytes of its reply out (or None: no reply)."""
+
+    _log = Logger()
+
+    def __init__(self, authority: SMIMEAAuthority) -> None:
+        self.authority = authority
+
+    def respond(self, data: bytes, *, udp: bool) -> Deferred[bytes | None]:
+        parsed = parse_request(data)
+        if not isinstance(parsed, Request):
+            return succeed(parsed)
+        request = parsed
+        q = request.question
+        try:
+            name = q.name.name.decode("ascii")
+        except UnicodeDecodeError:
+            return succeed(encode_reply(request, REFUSED, None))
+        d = self.authority.resolve(name, q.type, q.cls)
+
+        def failed(failure: Failure) -> Answer:
+            if failure.check(SMIMEProxyError):
+                self._log.warn("directory lookup failed: {error}", error=failure.getErrorMessage())
+            else:
+                self._log.failure("directory lookup crashed", failure)
+            return Answer(dns.ESERVER, aa=False)
+
+        d.addErrback(failed)
+        return d.addCallback(
+            lambda answer: encode_reply(request, answer, request.udp_limit if udp else None)
+        )
+
+
+class DNSDatagramServer(protocol.DatagramProtocol):
+    """UDP: one datagram per request, the reply to its sender."""
+
+    _log = Logger()
+
+    def __init__(self, responder: SMIMEAResponder) -> None:
+        self.responder = responder
+
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        def send(reply: bytes | None) -> None:
+            if reply is not None and self.transport is not None:
+                self.transport.write(reply, addr)
+
+        self.responder.respond(datagram, udp=True).addCallback(send).addErrback(
+            lambda f: self._log.failure("DNS reply not sent", f)
+        )
+
+
+class DNSStreamServer(Int16StringReceiver, TimeoutMixin):
+    """TCP (RFC 7766): length-prefixed messages, replies possibly out of order,
+    the connection closed after ``TCP_IDLE_TIMEOUT`` seconds of silence."""
+
+    _log = Logger()
+
+    def __init__(self, responder: SMIMEAResponder, clock: IReactorTime | None = None) -> None:
+        self.responder = responder
+        if clock is not None:
+            self.callLater = clock.callLater  # type: ignore[assignment]
+
+    def connectionMade(self) -> None:
+        self.setTimeout(TCP_IDLE_TIMEOUT)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.setTimeout(None)
+
+    def timeoutConnection(self) -> None:
+        self.transport.loseConnection()
+
+    def stringReceived(self, string: bytes) -> None:
+        self.resetTimeout()
+
+        def send(reply: bytes | None) -> None:
+            if reply is not None and self.transport is not None and self.connected:
+                self.sendString(reply)
+            elif reply is None:
+                self.transport.loseConnection()
+
+        self.responder.respond(string, udp=False).addCallback(send).addErrback(
+            lambda f: self._log.failure("DNS reply not sent", f)
+        )
+
+
+class DNSStreamServerFactory(protocol.Factory):
+    def __init__(self, responder: SMIMEAResponder, clock: IReactorTime | None = None) -> None:
+        self.responder = responder
+        self.clock = clock
+
+    def buildProtocol(self, addr: object) -> DNSStreamServer:
+        return DNSStreamServer(self.responder, self.clock)
