@@ -1,0 +1,10 @@
+"""The SMTP gateway (issue 4): sign and encrypt outbound, decrypt and verify inbound.
+
+Layout: :mod:`.codec` (the wire, sans-I/O), :mod:`.replies` (every reply),
+:mod:`.transform` (policy and the engine, blocking), :mod:`.relay` (the next hop),
+:mod:`.server` (the Twisted protocol), :mod:`.service` (assembly: ``make_service``).
+"""
+
+from smimeproxy.smtp.service import make_service
+
+__all__ = ["make_service"]

@@ -1,0 +1,283 @@
+"""Sending copies on to the next hop: one SMTP transaction per copy, no queue.
+
+The gateway keeps nothing: :meth:`NextHop.deliver` sends every copy of a message and
+answers with the one reply the gateway gives its client. A positive reply only when
+the next hop accepted every copy; the first failure stops the rest and is passed
+back: a 5xx from the next hop with its text (the sending MTA bounces with it), a 4xx
+as it came, and a failed connection, a timeout or a connection dropped mid-DATA as 451
+(the sending MTA retries). Copies already accepted before a failure will be sent
+again on the retry: a rare duplicate is preferred to a loss (DESIGN.md).
+
+STARTTLS towards the next hop (RFC 3207): ``require`` refuses to send without it and
+verifies the server's identity (service-identity, through Twisted's
+``optionsForClientTLS``) against ``next_hop_tls_hostname`` or the host of the endpoint;
+``opportunistic`` uses it when offered, without verification (RFC 7435).
+
+What goes on the wire is made safe whatever the copy holds: every line end becomes
+CRLF and dots are stuffed (RFC 5321 section 4.5.2), so no content can end the DATA
+early (SMTP smuggling in the other direction). Not guaranteed: a next hop that answers
+some recipients with 4xx and others with 250 sees the whole copy retried later.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from smimeproxy.smtp.replies import Reply
+from smimeproxy.smtp.transform import Copy
+
+_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$")
+
+
+def wire_data(data: bytes) -> bytes:
+    """``data`` as DATA content: CRLF line ends, dots stuffed, ending in CRLF."""
+    crlf = data.count(b"\r\n")
+    if crlf != data.count(b"\n") or crlf != data.count(b"\r"):
+        data = _LINE_ENDS.sub(b"\r\n", data)
+    if data.startswith(b"."):
+        data = b"." + data
+    data = data.replace(b"\r\n.", b"\r\n..")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+class ReplyParser:
+    """Sans-I/O: feed bytes from the server, get complete (multi-line) replies."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._lines: list[str] = []
+
+    def feed(self, data: bytes) -> list[Reply]:
+        self._buffer += data
+        replies = []
+        while b"\n" in self._buffer:
+            line, _, self._buffer = self._buffer.partition(b"\n")
+            line = line.rstrip(b"\r")
+            m = _REPLY_LINE.match(line) or _REPLY_LINE.match(line + b" ")
+            if m is None:
+                replies.append(Reply(451, "4.4.0 next hop sent a malformed reply"))
+                continue
+            self._lines.append(m.group(3).decode("utf-8", "replace"))
+            if m.group(2) == b" ":
+                replies.append(Reply(int(m.group(1)), "\n".join(self._lines)))
+                self._lines = []
+        if len(self._buffer) > 4096:
+            self._buffer = b""
+            replies.append(Reply(451, "4.4.0 next hop sent an over-long reply line"))
+        return replies
+
+
+class _Lost(Exception):
+    pass
+
+
+class RelayProtocol(Protocol):
+    """One connection to the next hop; :meth:`command` sends a line, awaits the reply."""
+
+    def __init__(self, reactor: IReactorTime, timeout: float):
+        self._reactor = reactor
+        self._timeout = timeout
+        self._parser = ReplyParser()
+        self._waiting: defer.Deferred[Reply] | None = None
+        self._pending: list[Reply] = []
+        self._lost = False
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._pending.extend(self._parser.feed(data))
+        self._deliver()
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self._lost = True
+        self._disarm()
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.errback(_Lost())
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._timer = self._reactor.callLater(self._timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.transport.abortConnection()
+
+    def _deliver(self) -> None:
+        if self._waiting is not None and self._pending:
+            d, self._waiting = self._waiting, None
+            self._disarm()
+            d.callback(self._pending.pop(0))
+
+    def reply(self) -> defer.Deferred[Reply]:
+        """The next reply from the server (errback with _Lost if the connection goes)."""
+        d: defer.Deferred[Reply] = defer.Deferred()
+        if self._lost:
+            d.errback(_Lost())
+            return d
+        self._waiting = d
+        self._arm()
+        self._deliver()
+        return d
+
+    def command(self, line: bytes) -> defer.Deferred[Reply]:
+        self.transport.write(line + b"\r\n")
+        return self.reply()
+
+    def send(self, data: bytes) -> defer.Deferred[Reply]:
+        self.transport.write(data)
+        self.transport.write(b".\r\n")
+        return self.reply()
+
+
+@dataclass(frozen=True)
+class TLSPolicy:
+    """STARTTLS to the next hop: ``mode`` is "require" or "opportunistic"; ``options``
+    makes the TLS options for a required (verified) or an opportunistic session."""
+
+    mode: str
+    verified_options: Callable[[], object] | None = None
+    unverified_options: Callable[[], object] | None = None
+
+
+def _address(a: str) -> bytes:
+    return f"<{a}>".encode("utf-8", "surrogateescape")
+
+
+class NextHop:
+    """Delivers copies to the next hop, one connection per copy."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        endpoint: Callable[[], IStreamClientEndpoint],
+        reactor: IReactorTime,
+        *,
+        helo: str = "localhost",
+        timeout: float = 600,
+        tls: TLSPolicy | None = None,
+    ):
+        self.endpoint = endpoint
+        self.reactor = reactor
+        self.helo = helo
+        self.timeout = timeout
+        self.tls = tls or TLSPolicy("opportunistic")
+
+    @defer.inlineCallbacks
+    def deliver(self, sender: str, copies: Sequence[Copy], size_hint: int = 0):  # type: ignore[no-untyped-def]
+        """One reply for all ``copies``: 250 when the next hop accepted each of them."""
+        last = Reply(250, "2.0.0 OK")
+        for copy in copies:
+            reply = yield self.send_copy(sender, copy)
+            if not reply.positive:
+                return reply
+            last = reply
+        return last
+
+    @defer.inlineCallbacks
+    def send_copy(self, sender: str, copy: Copy):  # type: ignore[no-untyped-def]
+        from twisted.internet.endpoints import connectProtocol
+
+        proto = RelayProtocol(self.reactor, self.timeout)
+        try:
+            yield connectProtocol(self.endpoint(), proto)
+        except Exception as e:
+            self._log.warn("smtp.next_hop_unreachable error={error}", error=type(e).__name__)
+            return Reply(451, "4.4.1 next hop unreachable, try again later")
+        try:
+            reply = yield self._transaction(proto, sender, copy)
+        except _Lost:
+            return Reply(451, "4.4.2 connection to the next hop lost, try again later")
+        finally:
+            if not proto._lost:
+                proto.transport.loseConnection()
+        return reply
+
+    @defer.inlineCallbacks
+    def _transaction(self, proto: RelayProtocol, sender: str, copy: Copy):  # type: ignore[no-untyped-def]
+        greeting = yield proto.reply()
+        if greeting.code != 220:
+            return _from_next_hop(greeting, "greeting")
+        reply = yield proto.command(b"EHLO " + self.helo.encode("ascii"))
+        if reply.code != 250:
+            return _from_next_hop(reply, "EHLO")
+        extensions = {line.split(" ")[0].upper() for line in reply.lines()[1:]}
+        if "STARTTLS" in extensions and _tls_possible(proto):
+            reply = yield proto.command(b"STARTTLS")
+            if reply.code == 220:
+                options = (
+                    self.tls.verified_options
+                    if self.tls.mode == "require"
+                    else self.tls.unverified_options
+                )
+                if options is None:
+                    return Reply(451, "4.7.5 no TLS settings for the next hop")
+                proto.transport.startTLS(options())
+                reply = yield proto.command(b"EHLO " + self.helo.encode("ascii"))
+                if reply.code != 250:
+                    return _from_next_hop(reply, "EHLO")
+                extensions = {line.split(" ")[0].upper() for line in reply.lines()[1:]}
+            elif self.tls.mode == "require":
+                return Reply(451, "4.7.5 next hop refused STARTTLS")
+        elif self.tls.mode == "require":
+            return Reply(451, "4.7.5 next hop does not offer STARTTLS, which is required")
+        data = wire_data(copy.data)
+        mail = b"MAIL FROM:" + _address(sender)
+        if "8BITMIME" in extensions and not data.isascii():
+            mail += b" BODY=8BITMIME"
+        if "SMTPUTF8" in extensions and not (sender + "".join(copy.recipients)).isascii():
+            mail += b" SMTPUTF8"
+        reply = yield proto.command(mail)
+        if reply.code != 250:
+            return _from_next_hop(reply, "MAIL")
+        for rcpt in copy.recipients:
+            reply = yield proto.command(b"RCPT TO:" + _address(rcpt))
+            if reply.code not in (250, 251):
+                return _from_next_hop(reply, f"RCPT <{rcpt}>")
+        reply = yield proto.command(b"DATA")
+        if reply.code != 354:
+            return _from_next_hop(reply, "DATA")
+        reply = yield proto.send(data)
+        if reply.code != 250:
+            return _from_next_hop(reply, "end of data")
+        proto.transport.write(b"QUIT\r\n")
+        return reply
+
+
+def _tls_possible(proto: RelayProtocol) -> bool:
+    from twisted.internet.interfaces import ITLSTransport
+
+    return ITLSTransport.providedBy(proto.transport)
+
+
+def _from_next_hop(reply: Reply, stage: str) -> Reply:
+    """The next hop's refusal as our reply: its code class and text kept."""
+    if reply.code < 400:
+        return Reply(451, f"4.4.0 next hop answered {reply.code} to {stage}")
+    code = (
+        reply.code
+        if reply.code in (421, 450, 451, 452, 550, 551, 552, 553, 554)
+        else (451 if reply.temporary else 554)
+    )
+    if code == 421:
+        code = 451  # 421 closes *our* client's session; the message is what failed
+    return Reply(code, f"{reply.text}\n(from the next hop at {stage})")

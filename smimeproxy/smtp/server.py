@@ -1,0 +1,360 @@
+"""The gateway's ESMTP server: a thin Twisted protocol over :mod:`.codec`.
+
+One message at a time per connection: the session state (EHLO, MAIL, RCPT) lives
+here, the wire rules live in the codec, what happens to the message in
+:mod:`.transform` (run in the thread pool) and the sending in :mod:`.relay`. The client
+gets 250 only after the next hop accepted every copy; while that happens no further
+input is read (pipelined commands wait in the codec and are answered in order).
+
+Announced (RFC 5321 EHLO keywords): PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME
+(RFC 6152), ENHANCEDSTATUSCODES (RFC 2034), STARTTLS (RFC 3207, when a certificate is
+configured). Not implemented: AUTH (no submission listener yet), DSN, SMTPUTF8,
+CHUNKING, XFORWARD; VRFY answers 252.
+
+Errors become replies, never tracebacks: a key store failure or a bug while
+processing is 451 (the client retries); a client that vanishes mid-DATA leaves nothing
+behind (the content is only acted on after the final dot).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from smimeproxy.config import SMTPConfig
+from smimeproxy.errors import KeystoreError
+from smimeproxy.smtp import replies as R
+from smimeproxy.smtp.codec import BadLine, Command, DataChunk, DataEnd, ServerCodec
+from smimeproxy.smtp.relay import NextHop
+from smimeproxy.smtp.replies import Reply, render
+from smimeproxy.smtp.transform import MessageTransform, TransformResult
+
+_PATH = re.compile(r"^(?P<kw>FROM|TO):\s*<(?P<addr>[^<>\s]*)>(?P<params>.*)$", re.IGNORECASE)
+#: more errors than this in one session and the client is sent away (Postfix: 20)
+MAX_ERRORS = 20
+
+
+@dataclass
+class GatewaySettings:
+    """What a session needs besides the config: collaborators and TLS options."""
+
+    config: SMTPConfig
+    transform: MessageTransform
+    next_hop: NextHop
+    reactor: Any
+    threadpool: Any
+    hostname: str = "localhost"
+    #: makes the server-side TLS context for STARTTLS; None: STARTTLS not offered
+    tls_options: Callable[[], object] | None = None
+
+
+class SMTPGatewayProtocol(Protocol, TimeoutMixin):
+    """One client session."""
+
+    _log = Logger()
+
+    def __init__(self, settings: GatewaySettings):
+        self.s = settings
+        self.codec = ServerCodec()
+        self.callLater = settings.reactor.callLater  # TimeoutMixin's clock
+        self.helo: str | None = None
+        self.tls = False
+        self.busy = False
+        self.errors = 0
+        self.closing = False
+        self._reset()
+
+    # -- connection -----------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self.setTimeout(self.s.config.idle_timeout)
+        self._reply(Reply(220, f"{self.s.hostname} ESMTP smimeproxy"))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self.setTimeout(None)
+        self.closing = True
+        self._chunks = []  # a message cut off mid-DATA is simply forgotten
+
+    def timeoutConnection(self) -> None:
+        if self.busy:
+            return
+        self._reply(R.IDLE_TIMEOUT)
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self.codec.receive(data)
+        self._process()
+
+    def _reply(self, reply: Reply) -> None:
+        if not self.closing:
+            self.transport.write(render(reply))
+
+    def _close(self, reply: Reply) -> None:
+        self._reply(reply)
+        self.closing = True
+        self.transport.loseConnection()
+
+    def _reset(self) -> None:
+        self.sender: str | None = None
+        self.recipients: list[str] = []
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._too_big = False
+
+    # -- event loop -----------------------------------------------------------------------
+    def _process(self) -> None:
+        while not self.busy and not self.closing:
+            event = self.codec.next_event()
+            if event is None:
+                return
+            if isinstance(event, DataChunk):
+                self._data_chunk(event.data)
+            elif isinstance(event, DataEnd):
+                self._data_end(event)
+            elif isinstance(event, BadLine):
+                self._error(R.LINE_TOO_LONG if "long" in event.reason else R.BAD_LINE)
+            else:
+                self._command(event)
+
+    def _error(self, reply: Reply) -> None:
+        self.errors += 1
+        if self.errors > MAX_ERRORS:
+            self._close(R.TOO_MANY_ERRORS)
+        else:
+            self._reply(reply)
+
+    def _command(self, cmd: Command) -> None:
+        handler = getattr(self, f"smtp_{cmd.verb}", None)
+        if handler is None or not cmd.verb.isalpha():
+            if cmd.verb == "DATA":
+                self.codec.cancel_data()
+            self._error(R.SYNTAX_ERROR)
+            return
+        handler(cmd.argument.strip())
+
+    # -- commands -------------------------------------------------------------------------
+    def _ehlo_lines(self) -> list[str]:
+        lines = [
+            self.s.hostname,
+            "PIPELINING",
+            f"SIZE {self.s.config.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.s.tls_options is not None and not self.tls:
+            lines.append("STARTTLS")
+        return lines
+
+    def smtp_EHLO(self, arg: str) -> None:
+        if not arg:
+            return self._error(R.ARGUMENT_ERROR)
+        self.helo = arg
+        self._reset()
+        self._reply(Reply(250, "\n".join(self._ehlo_lines())))
+
+    def smtp_HELO(self, arg: str) -> None:
+        if not arg:
+            return self._error(R.ARGUMENT_ERROR)
+        self.helo = arg
+        self._reset()
+        self._reply(Reply(250, self.s.hostname))
+
+    def smtp_STARTTLS(self, arg: str) -> None:
+        if self.tls:
+            return self._error(R.ALREADY_TLS)
+        if self.s.tls_options is None:
+            return self._error(R.TLS_UNAVAILABLE)
+        if arg:
+            return self._error(R.ARGUMENT_ERROR)
+        self._reply(R.READY_TLS)
+        # anything pipelined after STARTTLS was sent in clear: drop it (CVE-2011-0411)
+        self.codec.discard_buffer()
+        self.transport.startTLS(self.s.tls_options())
+        self.tls = True
+        self.helo = None
+        self._reset()
+
+    def smtp_NOOP(self, arg: str) -> None:
+        self._reply(R.NOOP_OK)
+
+    def smtp_RSET(self, arg: str) -> None:
+        self._reset()
+        self._reply(R.RESET_OK)
+
+    def smtp_VRFY(self, arg: str) -> None:
+        self._reply(R.VRFY_NO)
+
+    def smtp_QUIT(self, arg: str) -> None:
+        self._close(R.BYE)
+
+    def smtp_MAIL(self, arg: str) -> None:
+        if self.helo is None:
+            return self._error(R.NEED_EHLO)
+        if self.sender is not None:
+            return self._error(R.BAD_SEQUENCE)
+        m = _PATH.match(arg)
+        if m is None or m["kw"].upper() != "FROM":
+            return self._error(R.BAD_ADDRESS)
+        for param in m["params"].split():
+            name, _, value = param.partition("=")
+            name = name.upper()
+            if name == "SIZE" and value.isdigit():
+                if int(value) > self.s.config.max_message_size:
+                    return self._error(R.TOO_BIG)
+            elif name == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                pass
+            else:
+                return self._error(R.UNKNOWN_PARAMETER)
+        self.sender = m["addr"]
+        self._reply(R.SENDER_OK)
+
+    def smtp_RCPT(self, arg: str) -> None:
+        if self.sender is None:
+            return self._error(R.NEED_MAIL)
+        m = _PATH.match(arg)
+        if m is None or m["kw"].upper() != "TO" or "@" not in m["addr"]:
+            return self._error(R.BAD_ADDRESS)
+        if m["params"].strip():
+            return self._error(R.UNKNOWN_PARAMETER)
+        if len(self.recipients) >= self.s.config.max_recipients:
+            return self._reply(R.TOO_MANY_RECIPIENTS)
+        rcpt = m["addr"]
+        sender = self.sender
+        self.busy = True
+        d = deferToThreadPool(
+            self.s.reactor, self.s.threadpool, self.s.transform.check_recipient, sender, rcpt
+        )
+
+        def done(refusal: Reply | None) -> None:
+            if refusal is None:
+                self.recipients.append(rcpt)
+                self._reply(R.RECIPIENT_OK)
+            else:
+                self._reply(refusal)
+
+        def failed(f: Failure) -> None:
+            self._log.failure("smtp.rcpt_check_failed", f)
+            self._reply(R.LOCAL_ERROR)
+
+        d.addCallbacks(done, failed)
+        d.addBoth(self._resume)
+
+    def smtp_DATA(self, arg: str) -> None:
+        if self.sender is None:
+            self.codec.cancel_data()
+            return self._error(R.NEED_MAIL)
+        if not self.recipients:
+            self.codec.cancel_data()
+            return self._error(R.NEED_RCPT)
+        self.codec.start_data()
+        self._reply(R.START_DATA)
+
+    # -- the message ----------------------------------------------------------------------
+    def _data_chunk(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self.s.config.max_message_size:
+            self._too_big = True
+            self._chunks = []
+        elif not self._too_big:
+            self._chunks.append(data)
+
+    def _data_end(self, end: DataEnd) -> None:
+        if self._too_big:
+            self._reset()
+            return self._reply(R.TOO_BIG)
+        if end.bare_line_end:
+            self._reset()
+            return self._reply(R.BARE_LINE_END)
+        data = b"".join(self._chunks)
+        sender, recipients = self.sender or "", list(self.recipients)
+        self._reset()
+        self.busy = True
+        self.setTimeout(None)
+        queue_id = secrets.token_hex(6).upper()
+        d = self._handle(queue_id, sender, recipients, data)
+        d.addCallback(self._reply)
+        d.addBoth(self._resume)
+
+    @defer.inlineCallbacks
+    def _handle(self, queue_id: str, sender: str, recipients: list[str], data: bytes):  # type: ignore[no-untyped-def]
+        size = len(data)
+        try:
+            result: TransformResult = yield deferToThreadPool(
+                self.s.reactor,
+                self.s.threadpool,
+                self.s.transform.transform,
+                sender,
+                recipients,
+                data,
+            )
+        except KeystoreError as e:
+            self._log_message(queue_id, (), "tempfail", size, len(recipients), str(e))
+            return R.LOCAL_ERROR
+        except Exception:
+            self._log.failure("smtp.transform_failed queue_id={queue_id}", queue_id=queue_id)
+            self._log_message(queue_id, (), "tempfail", size, len(recipients), "internal error")
+            return R.LOCAL_ERROR
+        del data
+        if result.refusal is not None:
+            self._log_message(queue_id, (), "refused", size, len(recipients), "policy")
+            return result.refusal
+        try:
+            reply = yield self.s.next_hop.deliver(sender, result.copies)
+        except Exception:
+            self._log.failure("smtp.relay_failed queue_id={queue_id}", queue_id=queue_id)
+            reply = R.LOCAL_ERROR
+        outcome = "delivered" if reply.positive else ("tempfail" if reply.temporary else "bounced")
+        self._log_message(queue_id, result.copies, outcome, size, len(recipients), "")
+        if reply.positive:
+            return Reply(250, f"2.0.0 Ok: queued as {queue_id}")
+        return reply
+
+    def _log_message(self, queue_id, copies, outcome, size, count, reason) -> None:  # type: ignore[no-untyped-def]
+        self._log.info(
+            "smtp.message queue_id={queue_id} direction={direction} action={action} "
+            "algorithms={algorithms} outcome={outcome} size={size} recipients={recipients} "
+            "copies={copies} reason={reason}",
+            queue_id=queue_id,
+            direction=",".join(sorted({c.direction for c in copies})) or "-",
+            action=",".join(c.action for c in copies) or "-",
+            algorithms=",".join(
+                sorted({c.details["cipher"] for c in copies if c.details.get("cipher")})
+            )
+            or "-",
+            outcome=outcome,
+            size=size,
+            recipients=count,
+            copies=len(copies),
+            reason=reason or "-",
+        )
+
+    def _resume(self, _: object) -> None:
+        self.busy = False
+        if not self.closing:
+            self.setTimeout(self.s.config.idle_timeout)
+            self._process()
+
+
+class SMTPGatewayFactory(Factory):
+    """Builds sessions sharing one :class:`GatewaySettings`."""
+
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+
+    def buildProtocol(self, addr: object) -> SMTPGatewayProtocol:
+        proto = SMTPGatewayProtocol(self.settings)
+        proto.factory = self
+        return proto
+
+
+__all__ = ["GatewaySettings", "SMTPGatewayFactory", "SMTPGatewayProtocol"]

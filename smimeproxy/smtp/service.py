@@ -1,0 +1,122 @@
+"""Assembly: the SMTP gateway as a Twisted service, built from the configuration.
+
+Only wiring: each ``listen`` endpoint string becomes a ``StreamServerEndpointService``
+(as ``twisted.mail.tap`` does) in one ``MultiService``, all sharing one
+:class:`~smimeproxy.smtp.server.GatewaySettings`. Every collaborator can be injected
+(reactor, thread pool, the next hop's endpoint factory) so tests need no patching.
+
+Not done here: opening the key store (the caller passes a ready
+:class:`~smimeproxy.processing.MessageProcessor`), and checking that the TLS files are
+readable before the first STARTTLS (they are read at start, so a missing file stops
+the start with a :class:`~smimeproxy.errors.ConfigError`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
+
+from smimeproxy.config import Config, SMTPConfig, parse_endpoint
+from smimeproxy.errors import ConfigError
+from smimeproxy.processing import MessageProcessor
+from smimeproxy.smtp.relay import NextHop, TLSPolicy
+from smimeproxy.smtp.server import GatewaySettings, SMTPGatewayFactory
+from smimeproxy.smtp.transform import MessageTransform
+
+
+def server_tls_options(config: SMTPConfig) -> Callable[[], object] | None:
+    """STARTTLS options from ``tls_certificate``/``tls_key`` (PEM); None when unset."""
+    if config.tls_certificate is None or config.tls_key is None:
+        return None
+    from twisted.internet import ssl
+
+    try:
+        pem = config.tls_certificate.read_bytes() + b"\n" + config.tls_key.read_bytes()
+        options = ssl.PrivateCertificate.loadPEM(pem).options()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read {e.filename}: {e.strerror}", key="smtp.tls_certificate"
+        ) from None
+    except Exception as e:  # pyOpenSSL raises its own errors for bad PEM
+        raise ConfigError(f"not a usable certificate and key: {e}", key="smtp.tls_key") from None
+    return lambda: options
+
+
+def next_hop_tls(config: SMTPConfig) -> TLSPolicy:
+    """Verified options for ``require`` (service-identity checks the name), and
+    unverified ones for ``opportunistic`` (RFC 7435: better than clear text)."""
+    from twisted.internet import ssl
+
+    endpoint = parse_endpoint(config.next_hop, "client")
+    hostname = config.next_hop_tls_hostname or endpoint.params.get("host", "localhost")
+
+    def verified() -> object:
+        if config.next_hop_ca_file is not None:
+            try:
+                root = ssl.Certificate.loadPEM(config.next_hop_ca_file.read_bytes())
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot read: {e.strerror}", key="smtp.next_hop_ca_file"
+                ) from None
+            return ssl.optionsForClientTLS(hostname, trustRoot=root)
+        return ssl.optionsForClientTLS(hostname)
+
+    def unverified() -> object:
+        return ssl.CertificateOptions(verify=False)
+
+    return TLSPolicy(str(config.next_hop_starttls), verified, unverified)
+
+
+def make_service(
+    config: Config,
+    processor: MessageProcessor,
+    reactor: Any = None,
+    threadpool: Any = None,
+    *,
+    next_hop_endpoint: Callable[[], IStreamClientEndpoint] | None = None,
+    hostname: str | None = None,
+) -> IService:
+    """The gateway's listeners as one service (``config.smtp`` must be present)."""
+    if config.smtp is None:
+        raise ConfigError("the [smtp] section is missing", key="smtp")
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    if threadpool is None:
+        threadpool = reactor.getThreadPool()
+    smtp = config.smtp
+    if next_hop_endpoint is None:
+
+        def next_hop_endpoint() -> IStreamClientEndpoint:
+            return clientFromString(reactor, smtp.next_hop)
+
+    name = hostname or smtp.authserv_id or processor.settings.authserv_id or "localhost"
+    settings = GatewaySettings(
+        config=smtp,
+        transform=MessageTransform(processor, smtp),
+        next_hop=NextHop(
+            next_hop_endpoint,
+            reactor,
+            helo=name,
+            timeout=smtp.next_hop_timeout,
+            tls=next_hop_tls(smtp),
+        ),
+        reactor=reactor,
+        threadpool=threadpool,
+        hostname=name,
+        tls_options=server_tls_options(smtp),
+    )
+    factory = SMTPGatewayFactory(settings)
+    service = MultiService()
+    service.setName("smtp")
+    for description in smtp.listen:
+        StreamServerEndpointService(
+            serverFromString(reactor, description), factory
+        ).setServiceParent(service)
+    return service

@@ -1,0 +1,374 @@
+"""What the gateway does to one message: the copies it sends on, or why it refuses.
+
+Blocking (key store reads and CMS work through :class:`MessageProcessor`): the server
+calls it in a thread pool. No Twisted and no sockets here, so it is tested with plain
+bytes.
+
+Per recipient the direction comes from the configured local domains: *outbound*
+(sender local, recipient elsewhere), *inbound* (recipient local, sender elsewhere),
+*internal* (both local: ``internal_policy``) and *transit* (neither: passed on). The
+recipients that need the same treatment share one copy; recipients that need
+different treatment get separate copies (one next-hop transaction each). Inbound
+encrypted mail gets one copy per local recipient, opened with that recipient's keys
+only (key isolation: Bob's key never opens Alice's copy).
+
+Decisions written down here:
+
+* ``keep-encrypted``: the body is passed on byte for byte; only the status headers
+  (``Authentication-Results``, ``X-SMIMEProxy-*``) are added, for every message in that
+  mode, so the reader's client sees the verdict and the IMAP proxy decrypts later.
+* ``encrypt-at-rest``: plaintext inbound mail is opened (verified, footer) and then
+  encrypted to the recipient alone; mail that arrived encrypted is stored as it came
+  (with the status headers). A recipient without a certificate gets the opened message
+  with a status header saying it is *not* encrypted at rest: refusing inbound mail for a
+  local configuration gap would lose more than it protects.
+* The force-encryption keyword is matched case-insensitively in the Subject and left
+  there (removing it would change a header the sender may have signed already).
+* Look-alike status headers are removed from every message on entry, in every
+  direction, before anything else.
+* A message the engine cannot process is relayed unchanged with an ``X-SMIMEProxy-Status``
+  header, never dropped; except under ``must-encrypt``, where it is refused rather than
+  sent in clear. A key store failure is temporary (451): the sending MTA retries.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from twisted.logger import Logger
+
+from smimeproxy.config import SMTPConfig
+from smimeproxy.errors import KeyNotFound, KeystoreError, SMIMEProxyError
+from smimeproxy.processing import MessageProcessor
+from smimeproxy.smime import mime
+from smimeproxy.smime.authresults import (
+    AUTHENTICATION_RESULTS,
+    STATUS_HEADER,
+    STATUS_HEADER_PREFIX,
+    comment_text,
+    strip_lookalikes,
+)
+from smimeproxy.smime.opener import is_pkcs7_mime
+from smimeproxy.smtp.replies import Reply
+
+OUTBOUND = "outbound"
+INBOUND = "inbound"
+INTERNAL = "internal"
+TRANSIT = "transit"
+
+#: the smime-type values of an encrypted root (RFC 8551 section 3.2.2)
+_ENCRYPTED_TYPES = ("enveloped-data", "authenveloped-data")
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One message to send on, to ``recipients``, and what was done to make it."""
+
+    recipients: tuple[str, ...]
+    data: bytes
+    direction: str
+    action: str
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TransformResult:
+    """The copies to send, or the reply refusing the whole message."""
+
+    copies: tuple[Copy, ...] = ()
+    refusal: Reply | None = None
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+def is_local(address: str, local_domains: Sequence[str]) -> bool:
+    return bool(address) and domain_of(address) in {d.lower() for d in local_domains}
+
+
+def direction_of(sender: str, recipient: str, local_domains: Sequence[str]) -> str:
+    sender_local = is_local(sender, local_domains)
+    if is_local(recipient, local_domains):
+        return INTERNAL if sender_local else INBOUND
+    return OUTBOUND if sender_local else TRANSIT
+
+
+def strip_status_headers(data: bytes, authserv_id: str) -> tuple[bytes, list[str]]:
+    """``data`` without look-alikes of our status headers; only the header block is
+    parsed (a 30 MB body is not copied around more than once)."""
+    end = _header_end(data)
+    head = mime.parse_entity(data[:end])
+    consumed = len(head.header_bytes())  # header fields start at offset 0
+    removed = strip_lookalikes(head, authserv_id)
+    if not removed:
+        return data, []
+    return head.header_bytes() + data[consumed:], removed
+
+
+def _header_end(data: bytes) -> int:
+    """Offset just after the empty line ending the header block (or the length)."""
+    candidates = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    if not candidates:
+        return len(data)
+    i = min(candidates)
+    return i + (4 if data[i : i + 4] == b"\r\n\r\n" else 2)
+
+
+def add_status(data: bytes, text: str) -> bytes:
+    """Put ``X-SMIMEProxy-Status: text`` at the top of the message."""
+    eol = mime.detect_eol(data)
+    return f"{STATUS_HEADER}: {comment_text(text)}".encode("ascii") + eol + data
+
+
+def _headers(data: bytes) -> mime.Entity:
+    return mime.parse_entity(data[: _header_end(data)])
+
+
+def _subject_has(head: mime.Entity, keyword: str | None) -> bool:
+    if not keyword:
+        return False
+    return any(keyword.casefold() in s.casefold() for s in head.get_all("Subject"))
+
+
+def _is_encrypted(head: mime.Entity) -> bool:
+    if not is_pkcs7_mime(head):
+        return False
+    smime_type = head.content_type()[1].get("smime-type", "").lower()
+    # without smime-type the name or the content decides: treat as encrypted (opened per
+    # recipient), which is never wrong, only slower
+    return smime_type in _ENCRYPTED_TYPES or not smime_type
+
+
+def _from_address(head: mime.Entity) -> str | None:
+    values = head.get_all("From")
+    if len(values) != 1:
+        return None
+    found = [a for _, a in email.utils.getaddresses(values) if a]
+    return found[0].lower() if len(found) == 1 else None
+
+
+class MessageTransform:
+    """Applies the configured policy to messages (blocking; thread-safe)."""
+
+    _log = Logger()
+
+    def __init__(self, processor: MessageProcessor, config: SMTPConfig):
+        self.processor = processor
+        self.config = config
+        self.authserv_id = config.authserv_id or processor.settings.authserv_id
+
+    # -- at RCPT time -------------------------------------------------------------------
+    def check_recipient(self, sender: str, recipient: str) -> Reply | None:
+        """A 5xx for a must-encrypt recipient without a usable certificate, else None."""
+        if direction_of(sender, recipient, self.config.local_domains) != OUTBOUND:
+            return None
+        if self.config.policy_for(sender, recipient) != "must-encrypt":
+            return None
+        found = self.processor.certificate_for(recipient)
+        if found.target is not None:
+            return None
+        return _must_encrypt_refusal([(recipient, found.reason)])
+
+    # -- at end of DATA -----------------------------------------------------------------
+    def transform(self, sender: str, recipients: Sequence[str], data: bytes) -> TransformResult:
+        data, removed = strip_status_headers(data, self.authserv_id)
+        if removed:
+            self._log.info("smtp.status_headers_removed count={count}", count=len(removed))
+        head = _headers(data)
+        groups: dict[str, list[str]] = {}
+        for rcpt in recipients:
+            groups.setdefault(direction_of(sender, rcpt, self.config.local_domains), []).append(
+                rcpt
+            )
+        copies: list[Copy] = []
+        if TRANSIT in groups:
+            copies.append(Copy(tuple(groups[TRANSIT]), data, TRANSIT, "pass"))
+        for direction in (OUTBOUND, INTERNAL):
+            if direction in groups:
+                result = self._outbound(sender, groups[direction], data, head, direction)
+                if result.refusal is not None:
+                    return result
+                copies.extend(result.copies)
+        if INBOUND in groups:
+            copies.extend(self._inbound(groups[INBOUND], data, head))
+        return TransformResult(tuple(copies))
+
+    # -- outbound and internal ----------------------------------------------------------
+    def _outbound(
+        self,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        head: mime.Entity,
+        direction: str,
+    ) -> TransformResult:
+        forced = _subject_has(head, self.config.force_encrypt_keyword)
+        actions: dict[str, list[str]] = {}
+        refused: list[tuple[str, str]] = []
+        must: set[str] = set()
+        for rcpt in recipients:
+            if forced:
+                policy = "must-encrypt"
+            elif direction == INTERNAL:
+                policy = self.config.internal_policy
+            else:
+                policy = self.config.policy_for(sender, rcpt)
+            if policy == "pass-through":
+                action = "pass"
+            elif policy == "sign-only":
+                action = "sign"
+            else:
+                found = self.processor.certificate_for(rcpt)
+                if found.target is not None:
+                    action = "sign+encrypt"
+                elif policy == "must-encrypt":
+                    refused.append((rcpt, found.reason))
+                    continue
+                else:
+                    action = "sign"
+            if policy == "must-encrypt":
+                must.add(rcpt)
+            actions.setdefault(action, []).append(rcpt)
+        if refused:
+            reason = "the subject keyword asks for encryption; " if forced else ""
+            return TransformResult(refusal=_must_encrypt_refusal(refused, reason))
+        signer = self._signer(head, sender)
+        copies = []
+        for action, group in actions.items():
+            if action == "pass":
+                copies.append(Copy(tuple(group), data, direction, "pass"))
+                continue
+            encrypt = action == "sign+encrypt"
+            try:
+                copies.append(self._seal(data, signer, group, encrypt, direction))
+            except KeystoreError:
+                raise
+            except SMIMEProxyError as e:
+                if must & set(group):
+                    text = f"5.7.1 cannot encrypt this message: {comment_text(str(e), 200)}"
+                    return TransformResult(refusal=Reply(554, text))
+                self._log.warn(
+                    "smtp.seal_failed direction={direction} error={error}",
+                    direction=direction,
+                    error=str(e),
+                )
+                copies.append(
+                    Copy(
+                        tuple(group),
+                        add_status(data, f"unprocessed; {e}"),
+                        direction,
+                        "unprocessed",
+                    )
+                )
+        return TransformResult(tuple(copies))
+
+    def _signer(self, head: mime.Entity, sender: str) -> str:
+        """Whose key signs: the From address when it is local, else the envelope sender."""
+        found = _from_address(head)
+        if found and is_local(found, self.config.local_domains):
+            return found
+        return sender.lower()
+
+    def _seal(
+        self, data: bytes, signer: str, group: list[str], encrypt: bool, direction: str
+    ) -> Copy:
+        sign = True
+        try:
+            self.processor.store.signing_key(signer)
+        except KeyNotFound:
+            sign = False
+        if not sign and not encrypt:
+            return Copy(tuple(group), data, direction, "pass", {"note": "no key to sign with"})
+        result = self.processor.seal_for(data, signer, group, sign=sign, encrypt=encrypt)
+        action = ("sign+" if sign else "") + "encrypt" if encrypt else "sign"
+        details = {"cipher": result.cipher or ("default" if encrypt else "")}
+        if not sign:
+            details["note"] = "no key to sign with"
+        return Copy(tuple(group), result.data, direction, action, details)
+
+    # -- inbound ------------------------------------------------------------------------
+    def _inbound(self, recipients: list[str], data: bytes, head: mime.Entity) -> list[Copy]:
+        encrypted = _is_encrypted(head)
+        copies: list[Copy] = []
+        if encrypted:
+            # key isolation: each recipient's copy is opened with that recipient's keys
+            for rcpt in recipients:
+                opened = self._open(data, [rcpt])
+                copies.append(self._store_as(rcpt, (rcpt,), data, opened, encrypted))
+            return copies
+        by_mode: dict[str, list[str]] = {}
+        for rcpt in recipients:
+            by_mode.setdefault(self.config.storage_for(domain_of(rcpt)), []).append(rcpt)
+        opened = self._open(data, [])
+        for mode, group in by_mode.items():
+            if mode == "encrypt-at-rest":
+                for rcpt in group:
+                    copies.append(self._store_as(rcpt, (rcpt,), data, opened, encrypted))
+            else:
+                copies.append(self._store_as(group[0], tuple(group), data, opened, encrypted))
+        return copies
+
+    def _open(self, data: bytes, owners: list[str]) -> tuple[bytes, dict[str, str]] | None:
+        """(opened message, details) or None when the engine failed outright."""
+        try:
+            opened = self.processor.open_for(data, owners)
+        except KeystoreError:
+            raise
+        except Exception as e:  # a bug in the engine must not lose the message
+            self._log.failure("smtp.open_failed error={error}", error=type(e).__name__)
+            return None
+        details = {"smime": str(opened.status.smime_result)}
+        if opened.status.decryption is not None:
+            details["decrypted"] = str(opened.status.decryption.decrypted).lower()
+        return opened.data, details
+
+    def _store_as(
+        self,
+        rcpt: str,
+        group: tuple[str, ...],
+        data: bytes,
+        opened: tuple[bytes, dict[str, str]] | None,
+        encrypted: bool,
+    ) -> Copy:
+        if opened is None:
+            return Copy(
+                group, add_status(data, "unprocessed; internal error"), INBOUND, "unprocessed"
+            )
+        opened_data, details = opened
+        mode = self.config.storage_for(domain_of(rcpt))
+        if mode == "keep-encrypted" or (mode == "encrypt-at-rest" and encrypted):
+            return Copy(group, self._status_only(opened_data, data), INBOUND, mode, details)
+        if mode == "encrypt-at-rest":
+            try:
+                sealed = self.processor.seal_for(opened_data, rcpt, [rcpt], sign=False)
+            except KeyNotFound:
+                note = "not encrypted at rest: no usable certificate for the recipient"
+                return Copy(group, add_status(opened_data, note), INBOUND, "open", details)
+            return Copy(
+                group, sealed.data, INBOUND, mode, {**details, "cipher": str(sealed.cipher)}
+            )
+        return Copy(group, opened_data, INBOUND, "open", details)
+
+    def _status_only(self, opened_data: bytes, original: bytes) -> bytes:
+        """The status headers the engine added, on top of the untouched original."""
+        opened = _headers(opened_data)
+        ours = [
+            h
+            for h in opened.headers
+            if h.key.startswith(STATUS_HEADER_PREFIX.lower())
+            or h.key == AUTHENTICATION_RESULTS.lower()
+        ]
+        # the original had its look-alikes removed on entry, so these are all ours
+        return b"".join(h.raw for h in ours) + original
+
+
+def _must_encrypt_refusal(refused: list[tuple[str, str]], prefix: str = "") -> Reply:
+    lines = [
+        f"5.7.1 <{rcpt}>: {prefix}must-encrypt and no usable certificate"
+        f" ({comment_text(reason, 160)})"
+        for rcpt, reason in refused
+    ]
+    return Reply(550, "\n".join(lines))
