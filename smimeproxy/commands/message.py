@@ -7,6 +7,7 @@ or from the key store with ``--config`` and ``--as`` / ``--from`` / ``--to``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import socket
 import sys
 
@@ -14,8 +15,10 @@ from cryptography import x509
 
 from smimeproxy.commands.common import IO, print_json
 from smimeproxy.commands.common import read_file as _read_file
+from smimeproxy.commands.store_ops import configured_store
 from smimeproxy.errors import CertificateError, ConfigError, SMIMEProxyError
 from smimeproxy.pki.validation import PathValidator, RevocationPolicy
+from smimeproxy.processing import MessageProcessor
 from smimeproxy.smime.keys import (
     KeyPair,
     SoftwareKey,
@@ -24,7 +27,7 @@ from smimeproxy.smime.keys import (
     load_private_key,
     pair_keys,
 )
-from smimeproxy.smime.opener import OpenOptions, open_message
+from smimeproxy.smime.opener import OpenedMessage, OpenOptions, open_message
 from smimeproxy.smime.sealer import SealOptions, seal
 from smimeproxy.smime.status import SMIMEResult
 
@@ -238,18 +241,38 @@ def _summary(status_dict: dict) -> str:  # type: ignore[type-arg]
     return "; ".join(parts)
 
 
+def _open_from_store(args: argparse.Namespace, data: bytes) -> OpenedMessage:
+    """Open with ``--as``'s whole key history, the store's trust and CRLs (harvesting
+    verified signers' certificates), as the gateway would."""
+    if args.key or args.cert or args.pkcs12 or args.trust or args.crl:
+        raise ConfigError(
+            "--as takes keys, trust and CRLs from the key store; drop --key/--cert/--pkcs12/"
+            "--trust/--crl",
+            key="message open --as",
+        )
+    with configured_store(args) as (config, store):
+        store.user(args.as_address)  # KeyNotFound for an unknown user, not a silent no-key
+        settings = config.smime
+        overrides: dict[str, object] = {"revocation": args.revocation}
+        if args.authserv_id:
+            overrides["authserv_id"] = args.authserv_id
+        if args.no_footer:
+            overrides["footer"] = False
+        processor = MessageProcessor(store, dataclasses.replace(settings, **overrides))
+        return processor.open_for(data, [args.as_address])
+
+
 def open_command(args: argparse.Namespace, io: IO) -> int:
     stdin, stdout = io.stdin, io.stdout
     if args.as_address:
-        raise ConfigError(
-            "--as needs the key store, which this build does not have yet", key="message open --as"
+        opened = _open_from_store(args, stdin.read())
+    else:
+        pairs = _key_pairs(args)
+        options = OpenOptions(
+            authserv_id=args.authserv_id or socket.getfqdn() or "localhost",
+            footer=not args.no_footer,
         )
-    pairs = _key_pairs(args)
-    options = OpenOptions(
-        authserv_id=args.authserv_id or socket.getfqdn() or "localhost",
-        footer=not args.no_footer,
-    )
-    opened = open_message(stdin.read(), keys=pairs, validator=_validator(args), options=options)
+        opened = open_message(stdin.read(), keys=pairs, validator=_validator(args), options=options)
     status = opened.status
     if args.json:
         print_json(status.as_dict(), stdout)
@@ -265,13 +288,37 @@ def open_command(args: argparse.Namespace, io: IO) -> int:
     return 0 if status.smime_result in (SMIMEResult.PASS, SMIMEResult.NONE) else 1
 
 
+def _seal_from_store(args: argparse.Namespace, data: bytes) -> bytes:
+    """Sign with ``--from``'s current key and encrypt to every ``--to`` (and to the
+    sender, so their copy stays readable), certificates validated with the store's
+    trust; a recipient without a usable certificate is an error naming them."""
+    if not args.from_address:
+        raise ConfigError("--to needs --from ADDRESS (the sender)", key="message seal --to")
+    if args.sign_key or args.sign_cert or args.pkcs12 or args.encrypt_to:
+        raise ConfigError(
+            "--from/--to take keys and certificates from the key store; drop --sign-key/"
+            "--sign-cert/--pkcs12/--encrypt-to",
+            key="message seal --from",
+        )
+    with configured_store(args) as (config, store):
+        overrides: dict[str, object] = {"header_protection": args.header_protection}
+        if args.cipher:
+            overrides["cipher"] = args.cipher
+        if args.digest != "sha256":
+            overrides["signing_digest"] = args.digest
+        processor = MessageProcessor(store, dataclasses.replace(config.smime, **overrides))
+        result = processor.seal_for(
+            data, args.from_address, args.to, sign=not args.no_sign, encrypt=bool(args.to)
+        )
+    return result.data
+
+
 def seal_command(args: argparse.Namespace, io: IO) -> int:
     stdin, stdout = io.stdin, io.stdout
     if args.from_address or args.to:
-        raise ConfigError(
-            "--from/--to need the key store, which this build does not have yet",
-            key="message seal --from/--to",
-        )
+        stdout.write(_seal_from_store(args, stdin.read()))
+        stdout.flush()
+        return 0
     signer: KeyPair | None = None
     if not args.no_sign:
         password = _password(args)

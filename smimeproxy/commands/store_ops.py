@@ -13,14 +13,15 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
 from smimeproxy.commands.common import read_file, require_config
 from smimeproxy.config import Config
-from smimeproxy.errors import CertificateError, SMIMEProxyError
-from smimeproxy.keystore import SyncStore
-from smimeproxy.processing import open_configured_store
+from smimeproxy.errors import CertificateError, ConfigError, SMIMEProxyError
+from smimeproxy.keystore import SyncStore, open_store
+from smimeproxy.processing import master_secret, open_configured_store
 from smimeproxy.smime.keys import load_certificates
 
 
@@ -32,15 +33,60 @@ def actor() -> str:
         return f"cli:uid{os.getuid()}"
 
 
+def token_for(config: Config) -> Any:
+    """The configured PKCS#11 token (``keystore.pkcs11_module``), or None when the
+    configuration names none. Imported lazily: python-pkcs11 is optional."""
+    ks = config.keystore
+    if ks.pkcs11_module is None:
+        return None
+    from smimeproxy.keystore.pkcs11 import PKCS11Token
+
+    if ks.pkcs11_token_label is None or ks.pkcs11_pin_file is None:
+        raise ConfigError(
+            "needs pkcs11_token_label and pkcs11_pin_file too", key="keystore.pkcs11_module"
+        )
+    pin = read_file(ks.pkcs11_pin_file).decode("utf-8", "replace").splitlines()
+    return PKCS11Token(ks.pkcs11_module, ks.pkcs11_token_label, pin[0] if pin else "")
+
+
+class _LazyToken:
+    """Opens the configured token on the first key it must resolve (most commands
+    never touch a token-held key, and a token login costs time)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.token: Any = None
+
+    def __call__(self, reference: str, certificate: x509.Certificate) -> Any:
+        if self.token is None:
+            self.token = token_for(self.config)
+        return self.token.resolver()(reference, certificate)
+
+    def close(self) -> None:
+        if self.token is not None:
+            self.token.close()
+
+
 @contextmanager
 def configured_store(args: argparse.Namespace) -> Iterator[tuple[Config, SyncStore]]:
-    """The ``--config`` file and its key store, closed (this thread's connection)
-    when the block ends."""
+    """The ``--config`` file and its key store (token-held keys resolved through the
+    configured PKCS#11 token), closed when the block ends."""
     config = require_config(args)
-    store = open_configured_store(config)
+    lazy = _LazyToken(config) if config.keystore.pkcs11_module is not None else None
+    if lazy is None:
+        store = open_configured_store(config)
+    else:
+        store = open_store(
+            config.keystore.url,
+            master_secret(config.keystore),
+            base=config.path.parent,
+            hsm=lazy,
+        )
     try:
         yield config, store
     finally:
+        if lazy is not None:
+            lazy.close()
         close_all = getattr(store.db, "close_all", None)
         if close_all is not None:
             close_all()

@@ -1,0 +1,86 @@
+"""``smimeproxy crl add|list``: certificate revocation lists for validation.
+
+A CRL is accepted only when its signature verifies with a CA certificate the store
+trusts (anchor or intermediate) whose subject is the CRL's issuer; an unsigned or
+foreign list could otherwise "unrevoke" a certificate. The store keeps the newest CRL
+per issuer. Not checked here: the CRL's scope (distribution point); validation does.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cryptography import x509
+
+from smimeproxy.commands.common import IO, print_json, read_file, table
+from smimeproxy.commands.store_ops import actor, configured_store, when
+from smimeproxy.errors import CertificateError
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("crl", help="add and list certificate revocation lists")
+    s = p.add_subparsers(dest="action", required=True, metavar="add|list")
+    a = s.add_parser("add", help="add a CRL (PEM or DER) signed by a trusted CA")
+    a.add_argument("files", nargs="+", metavar="CRL")
+    a.set_defaults(func=add_command)
+    ls = s.add_parser("list", help="the newest CRL of each issuer")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=list_command)
+
+
+def load_crl(path: str) -> x509.CertificateRevocationList:
+    data = read_file(path)
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError as e:
+        raise CertificateError(f"{path}: not a CRL: {e}") from None
+
+
+def add_command(args: argparse.Namespace, io: IO) -> int:
+    crls = [(path, load_crl(path)) for path in args.files]
+    with configured_store(args) as (_, store):
+        issuers = [r.certificate for r in store.trust_records()]
+        for path, crl in crls:
+            signer = None
+            for cert in issuers:
+                if cert.subject != crl.issuer:
+                    continue
+                try:
+                    if crl.is_signature_valid(cert.public_key()):  # type: ignore[arg-type]
+                        signer = cert
+                        break
+                except (TypeError, ValueError):
+                    continue
+            if signer is None:
+                raise CertificateError(
+                    f"{path}: not signed by a trusted CA named {crl.issuer.rfc4514_string()}"
+                    " (add the CA with trust add first)"
+                )
+            kept = store.add_crl(crl, actor=actor())
+            state = "added" if kept else "not newer than the stored one, kept the stored"
+            io.write(f"{state}: CRL of {crl.issuer.rfc4514_string()} ({len(crl)} revoked)\n")
+    return 0
+
+
+def list_command(args: argparse.Namespace, io: IO) -> int:
+    with configured_store(args) as (_, store):
+        records = store.crl_records()
+    if args.json:
+        print_json(
+            [
+                {
+                    "issuer": r.issuer,
+                    "this_update": r.this_update.isoformat(),
+                    "next_update": r.next_update.isoformat() if r.next_update else None,
+                    "revoked": [format(e.serial_number, "x") for e in r.crl],
+                }
+                for r in records
+            ],
+            io.stdout,
+        )
+        return 0
+    rows = [(r.issuer, when(r.this_update), when(r.next_update), len(r.crl)) for r in records]
+    io.write(table(rows, ("issuer", "this update", "next update", "revoked")))
+    return 0
