@@ -18,7 +18,19 @@ from smimeproxy.commands.common import IO
 from smimeproxy.errors import SMIMEProxyError
 
 #: subcommand modules under smimeproxy.commands, in the order --help lists them
-COMMANDS: tuple[str, ...] = ("init", "message", "doctor", "demo")
+COMMANDS: tuple[str, ...] = (
+    "init",
+    "users",
+    "keys",
+    "certs",
+    "trust",
+    "crl",
+    "ca",
+    "audit",
+    "message",
+    "doctor",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
