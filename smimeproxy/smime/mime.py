@@ -283,6 +283,9 @@ def to_crlf(data: bytes) -> bytes:
     """Canonical line endings (RFC 5751 section 3.1.1): every line ends with CRLF."""
     if b"\r" not in data:
         return data.replace(b"\n", b"\r\n")
+    crlf = data.count(b"\r\n")
+    if crlf == data.count(b"\n") == data.count(b"\r"):
+        return data  # already canonical: no copy (counting is far cheaper than a regex)
     return _LINE_END.sub(b"\r\n", data)
 
 
@@ -324,10 +327,35 @@ def needs_transport_encoding(entity: Entity, max_line: int = 998) -> bool:
     if entity.transfer_encoding() in ("base64", "quoted-printable"):
         return False
     body = entity.body
-    if any(b > 127 for b in body) or b"\0" in body:
+    if not body.isascii() or b"\0" in body:
         return True
-    return any(len(line) > max_line for line in body.split(b"\n"))
+    return has_long_line(body, max_line)
+
+
+def has_long_line(data: bytes, max_line: int = 998) -> bool:
+    """True when a line (split at LF, a CR counted in) is longer than ``max_line``.
+
+    Works through big bodies in slices, so a 10 MB body is never split into one list
+    of lines at once.
+    """
+    if len(data) <= max_line:
+        return False
+    step = 1 << 20
+    carry = 0  # length of the unfinished line at the end of the previous slice
+    for start in range(0, len(data), step):
+        lines = data[start : start + step].split(b"\n")
+        if carry + len(lines[0]) > max_line:
+            return True
+        if len(lines) > 1:
+            if max(map(len, lines[1:-1]), default=0) > max_line:
+                return True
+            carry = len(lines[-1])
+        else:
+            carry += len(lines[0])
+        if carry > max_line:
+            return True
+    return False
 
 
 def is_ascii(data: bytes) -> bool:
-    return all(b < 128 for b in data)
+    return data.isascii()

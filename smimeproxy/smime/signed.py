@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import binascii
 import datetime
+import functools
 import hashlib
 import hmac
 import re
@@ -35,10 +36,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.exceptions import UnsupportedAlgorithm as CryptographyUnsupported
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 
 from smimeproxy.errors import MalformedMessage, UnsupportedAlgorithm
+from smimeproxy.smime import der
 from smimeproxy.smime.algorithms import (
     DEFAULT_CAPABILITIES,
     SIGNING_DIGESTS,
@@ -74,6 +76,8 @@ MAX_SIGNED_ATTRIBUTES_BYTES = 64 * 1024
 #: (1.2.840.113546 instead of 113549; gpgsm accepts it, see its samplemsgs).
 _SIGNED_DATA_OID = "1.2.840.113549.1.7.2"
 _WEBDE_SIGNED_DATA_OID = "1.2.840.113546.1.7.2"
+_SIGNED_DATA_OID_DER = der.oid(_SIGNED_DATA_OID)
+_DATA_OID_DER = der.oid("1.2.840.113549.1.7.1")  # id-data, RFC 5652 section 4
 
 _PEM_RE = re.compile(
     rb"-----BEGIN (PKCS7|CMS|SIGNED MESSAGE|PKCS #7 SIGNED DATA)-----(.*?)-----END \1-----",
@@ -161,94 +165,103 @@ def sign_data(
         digest = "sha512"
     if digest not in SIGNING_DIGESTS:
         raise UnsupportedAlgorithm(f"we do not sign with digest {digest!r}")
-    signature_algorithm = signature_algorithm_id(public, digest, pss)
+    signature_algorithm = _signature_algorithm_der(public, digest, pss)
 
-    cert_asn1 = _to_asn1(signer.certificate)
     when = signing_time or datetime.datetime.now(datetime.UTC)
     if when.tzinfo is None:
         raise ValueError("signing_time must be timezone-aware")
+    # Written as DER directly (see smimeproxy.smime.der): building the same structure
+    # with asn1crypto objects costs several times the RSA signature itself.
     attributes = [
-        cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
-        cms.CMSAttribute({"type": "signing_time", "values": [_cms_time(when)]}),
-        cms.CMSAttribute(
-            {"type": "message_digest", "values": [hashlib.new(digest, content).digest()]}
-        ),
+        _attribute(_OID_CONTENT_TYPE, _DATA_OID_DER),
+        _attribute(_OID_SIGNING_TIME, _cms_time_der(when)),
+        _attribute(_OID_MESSAGE_DIGEST, der.tlv(0x04, hashlib.new(digest, content).digest())),
     ]
     if capabilities:
-        attributes.append(capability_attribute(capabilities))
+        attributes.append(_capability_attribute_der(tuple(capabilities)))
+    extra: list[x509.Certificate] = []
     if encryption_certificate is not None:
-        enc_asn1 = _to_asn1(encryption_certificate)
-        attributes.append(
-            cms.CMSAttribute(
-                {
-                    "type": "encrypt_key_pref",
-                    "values": [
-                        cms.SMIMEEncryptionKeyPreference(
-                            name="issuer_and_serial_number",
-                            value=_issuer_and_serial(enc_asn1),
-                        )
-                    ],
-                }
-            )
-        )
+        extra.append(encryption_certificate)
+        enc_ias = der.issuer_and_serial(_certificate_der(encryption_certificate))
+        # SMIMEEncryptionKeyPreference: issuerAndSerialNumber [0] IMPLICIT (RFC 8551 2.5.3)
+        attributes.append(_attribute(_OID_ENCRYPT_KEY_PREF, b"\xa0" + enc_ias[1:]))
     # DER: a SET OF is sorted by the encodings of its elements (X.690 11.6).
-    encoded = sorted(attribute.dump() for attribute in attributes)
-    signed_set = cms.CMSAttributes.load(
-        _der_header(0x31, len(b"".join(encoded))) + b"".join(encoded)
-    )
-    to_sign = signed_set.dump()
+    to_sign = der.set_of(attributes)
     hash_name = None if isinstance(public, ed25519.Ed25519PublicKey) else digest
     signature = signer.key.sign(to_sign, hash_name, pss=pss)
 
-    signer_info = cms.SignerInfo(
-        {
-            "version": "v1",
-            "sid": cms.SignerIdentifier(
-                name="issuer_and_serial_number", value=_issuer_and_serial(cert_asn1)
-            ),
-            "digest_algorithm": digest_algorithm_id(digest),
-            "signed_attrs": signed_set,
-            "signature_algorithm": signature_algorithm,
-            "signature": signature,
-        }
+    signer_der = _certificate_der(signer.certificate)
+    digest_algorithm = _digest_algorithm_der(digest)
+    signer_info = der.sequence(
+        b"\x02\x01\x01",  # version v1: sid is issuerAndSerialNumber (RFC 5652 5.3)
+        der.issuer_and_serial(signer_der),
+        digest_algorithm,
+        b"\xa0" + to_sign[1:],  # signedAttrs [0] IMPLICIT
+        signature_algorithm,
+        der.tlv(0x04, signature),
     )
-    certificates = []
-    seen = set()
-    extra = [encryption_certificate] if encryption_certificate is not None else []
-    for cert in [signer.certificate, *chain, *extra]:
-        der = cert.public_bytes(serialization.Encoding.DER)
-        if der not in seen:
-            seen.add(der)
-            certificates.append(asn1_x509.Certificate.load(der))
-    encap: dict[str, object] = {"content_type": "data"}
+    certificates = {signer_der}
+    certificates.update(_certificate_der(c) for c in [*chain, *extra])
+    encap = [_DATA_OID_DER]
     if not detached:
-        encap["content"] = content
-    signed_data = cms.SignedData(
-        {
-            "version": "v1",
-            "digest_algorithms": [digest_algorithm_id(digest)],
-            "encap_content_info": encap,
-            "certificates": certificates,
-            "signer_infos": [signer_info],
-        }
+        octets = der.tlv(0x04, content)
+        encap.append(der.header(0xA0, len(octets)) + octets)
+    signed_data = der.sequence(
+        b"\x02\x01\x01",  # version 1 (RFC 5652 section 5.1)
+        der.set_of([digest_algorithm]),
+        der.sequence(*encap),
+        der.set_of(certificates, 0xA0),  # certificates [0] IMPLICIT CertificateSet
+        der.set_of([signer_info]),
     )
-    return cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+    return der.sequence(_SIGNED_DATA_OID_DER, der.header(0xA0, len(signed_data)), signed_data)
 
 
-def _cms_time(when: datetime.datetime) -> core.Choice:
+def _certificate_der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _attribute(oid: str, value: bytes) -> bytes:
+    """A CMS Attribute with one value (RFC 5652 section 5.3)."""
+    return der.sequence(der.oid(oid), der.tlv(0x31, value))
+
+
+@functools.lru_cache(maxsize=32)
+def _capability_attribute_der(names: tuple[str, ...]) -> bytes:
+    return bytes(capability_attribute(names).dump())
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_algorithm_der(name: str) -> bytes:
+    return bytes(digest_algorithm_id(name).dump())
+
+
+#: signatureAlgorithm encodings per (key type, digest, PSS): they do not depend on the
+#: key itself (see algorithms.signature_algorithm_id), so each is built once.
+_SIGNATURE_ALGORITHMS: dict[tuple[type, str, bool], bytes] = {}
+_KEY_KINDS = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)
+
+
+def _signature_algorithm_der(public: object, digest: str, pss: bool) -> bytes:
+    kind = next((k for k in _KEY_KINDS if isinstance(public, k)), None)
+    if kind is None:  # not one we sign with: signature_algorithm_id raises
+        return bytes(signature_algorithm_id(public, digest, pss).dump())
+    found = _SIGNATURE_ALGORITHMS.get((kind, digest, pss))
+    if found is None:
+        found = bytes(signature_algorithm_id(public, digest, pss).dump())
+        _SIGNATURE_ALGORITHMS[(kind, digest, pss)] = found
+    return found
+
+
+def _cms_time_der(when: datetime.datetime) -> bytes:
     # RFC 5652 section 11.3: UTCTime for 1950-2049, GeneralizedTime otherwise.
-    when = when.astimezone(datetime.UTC).replace(microsecond=0)
+    when = when.astimezone(datetime.UTC)
     if 1950 <= when.year < 2050:
-        return cms.Time(name="utc_time", value=when)
-    return cms.Time(name="general_time", value=when)
+        return der.tlv(0x17, when.strftime("%y%m%d%H%M%SZ").encode("ascii"))
+    return der.tlv(0x18, f"{when.year:04d}{when:%m%d%H%M%S}Z".encode("ascii"))
 
 
 def _to_asn1(cert: x509.Certificate) -> asn1_x509.Certificate:
     return asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
-
-
-def _issuer_and_serial(cert: asn1_x509.Certificate) -> cms.IssuerAndSerialNumber:
-    return cms.IssuerAndSerialNumber({"issuer": cert.issuer, "serial_number": cert.serial_number})
 
 
 def _der_header(tag: int, length: int) -> bytes:
