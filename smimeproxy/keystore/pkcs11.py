@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, unquote_to_bytes
 
-from asn1crypto import core as asn1core
+from asn1crypto import core as asn1core  # type: ignore[import-untyped]
 from asn1crypto import keys as asn1keys
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -73,8 +73,10 @@ try:
     from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, ObjectClass
     from pkcs11 import exceptions as p11errors
     from pkcs11.util.ec import encode_named_curve_parameters
+
+    HAVE_PKCS11 = True
 except ImportError:  # pragma: no cover - exercised only without the extra installed
-    pkcs11 = None
+    HAVE_PKCS11 = False
 
 __all__ = [
     "KEY_KINDS",
@@ -230,12 +232,16 @@ class PKCS11Token:
     ``token_label`` the token's label, ``pin`` the user PIN. Raises
     :class:`KeystoreError` when python-pkcs11 is missing, the module does not load,
     the token is absent or the PIN is rejected (the PIN is never in the message).
+
+    PKCS#11 login state belongs to the application, not to a session: when another
+    :class:`PKCS11Token` of this process is already logged in to the same token, a
+    second one joins that login and its ``pin`` is not checked again.
     """
 
     _log = Logger()
 
     def __init__(self, module_path: str | Path, token_label: str, pin: str):
-        if pkcs11 is None:
+        if not HAVE_PKCS11:
             raise KeystoreError("PKCS#11 support needs python-pkcs11 (pip install python-pkcs11)")
         self.module_path = str(Path(module_path).resolve())
         self.token_label = token_label
@@ -265,9 +271,9 @@ class PKCS11Token:
         return f"<PKCS11Token {self.token_label!r} in {self.module_path}>"
 
     def _describe(self, error: BaseException, doing: str) -> str:
-        if pkcs11 is not None and isinstance(error, p11errors.PinIncorrect | p11errors.PinInvalid):
+        if HAVE_PKCS11 and isinstance(error, p11errors.PinIncorrect | p11errors.PinInvalid):
             return f"token {self.token_label!r} rejected the PIN while {doing}"
-        if pkcs11 is not None and isinstance(error, p11errors.PinLocked):
+        if HAVE_PKCS11 and isinstance(error, p11errors.PinLocked):
             return f"token {self.token_label!r}: the user PIN is locked"
         # python-pkcs11 errors carry no secrets: a class name and at most a message
         return f"token {self.token_label!r} failed while {doing}: {type(error).__name__} {error}"
@@ -525,7 +531,7 @@ class PKCS11Token:
                     ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=(mech, mgf, None)
                 ),
             )
-            supported = plain == probe
+            supported = bytes(plain) == probe
         except (p11errors.PKCS11Error, RuntimeError):
             supported = False
         self._oaep_support[hash_name] = supported

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def _pem(path: Path, cert: x509.Certificate) -> Path:
 def world(
     softhsm: SoftHSM,  # noqa: F811
     tmp_path_factory: pytest.TempPathFactory,
-) -> World:
+) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("pkcs11")
     token = PKCS11Token(softhsm.module, softhsm.tokens[0], softhsm.pin)
     ca_key, ca_cert = create_root("smimeproxy PKCS#11 Test CA", key_kind="p256")
