@@ -59,7 +59,8 @@ def zone_file(
         f"; SMIMEA records (RFC 8162) of {domain}, written by smimeproxy",
         f"$ORIGIN {origin}",
         f"$TTL {ttl}",
-        f"{origin} {negative} IN SOA {ns} {rname} {serial & 0xFFFFFFFF} 3600 600 1209600 {negative}",
+        f"{origin} {negative} IN SOA {ns} {rname} {serial & 0xFFFFFFFF}"
+        f" 3600 600 1209600 {negative}",
         f"{origin} {ttl} IN NS {ns}",
     ]
     return "\n".join(head) + "\n" + records
