@@ -59,13 +59,34 @@ def master_secret(config: KeystoreConfig, environ: dict[str, str] | None = None)
     return MasterSecret.from_file(config.master_key_file)
 
 
+def _token_resolver(config: KeystoreConfig):  # type: ignore[no-untyped-def]
+    """The PKCS#11 token's key resolver when the config names a module, else None."""
+    if config.pkcs11_module is None:
+        return None
+    from smimeproxy.keystore.pkcs11 import PKCS11Token
+
+    if config.pkcs11_pin_file is None or not config.pkcs11_token_label:
+        raise ConfigError(
+            "a PKCS#11 module needs pkcs11_token_label and pkcs11_pin_file",
+            key="keystore.pkcs11_module",
+        )
+    try:
+        pin = config.pkcs11_pin_file.read_text().splitlines()[0]
+    except (OSError, IndexError) as e:
+        raise ConfigError(
+            f"cannot read the PIN file: {e}", key="keystore.pkcs11_pin_file"
+        ) from None
+    return PKCS11Token(config.pkcs11_module, config.pkcs11_token_label, pin).resolver()
+
+
 def open_configured_store(config: Config, *, create: bool = False) -> SyncStore:
-    """The key store named by ``config`` (blocking)."""
+    """The key store named by ``config`` (blocking), with its PKCS#11 token if any."""
     return open_store(
         config.keystore.url,
         master_secret(config.keystore),
         create=create,
         base=config.path.parent,
+        hsm=_token_resolver(config.keystore),
     )
 
 
