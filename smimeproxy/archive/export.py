@@ -36,7 +36,7 @@ import json
 import mailbox as stdmailbox
 import os
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -50,6 +50,8 @@ Form = Literal["original", "decrypted", "both"]
 FORMS: tuple[str, ...] = ("original", "decrypted", "both")
 #: opens a file for writing (tests inject one that fails with ENOSPC)
 Opener = Callable[[Path], IO[bytes]]
+#: wraps the messages being exported (a progress bar): ``(hits, total) -> hits``
+Wrap = Callable[[Iterator[Hit], int], Iterable[Hit]]
 #: opens a stored message for its owner: ``(data, owner) -> OpenedMessage``
 Decrypt = Callable[[bytes, str], OpenedMessage]
 
@@ -103,6 +105,7 @@ class _Exporter:
         form: Form,
         decrypt: Decrypt | None,
         query: str,
+        wrap: Wrap | None = None,
     ):
         if form not in FORMS:
             raise ArchiveError(f"--form must be one of {', '.join(FORMS)}, not {form!r}")
@@ -113,12 +116,14 @@ class _Exporter:
         self.form = form
         self.decrypt = decrypt
         self.query = query
+        self.wrap = wrap
         self.rows: list[dict[str, Any]] = []
 
     def messages(self) -> list[tuple[Hit, bytes, bytes | None]]:
         """(hit, original, decrypted or None) for each hit; the original re-hashed."""
         out = []
-        for hit in self.hits:
+        hits = self.wrap(iter(self.hits), len(self.hits)) if self.wrap else self.hits
+        for hit in hits:
             original = self.originals.get(hit.sha256)
             decrypted = None
             if self.form != "original":
@@ -243,6 +248,7 @@ def export(
     decrypt: Decrypt | None = None,
     query: str = "",
     opener: Opener = _open_private,
+    wrap: Wrap | None = None,
 ) -> ExportResult:
     """Write ``hits`` to ``out`` (``.zip`` or ``.mbox``, by its suffix).
 
@@ -256,7 +262,7 @@ def export(
         raise ArchiveError(f"--out must end in .zip or .mbox, not {out.name}")
     if not out.parent.is_dir():
         raise ArchiveError(f"the directory {out.parent} does not exist")
-    job = _Exporter(hits, originals, form, decrypt, query)
+    job = _Exporter(hits, originals, form, decrypt, query, wrap)
     tag = f".partial-{os.getpid()}"
     finals: list[Path] = []
     temps: list[Path] = []

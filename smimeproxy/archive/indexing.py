@@ -23,7 +23,7 @@ ours, not the sender's).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +46,11 @@ BATCH = 500
 #: whether a message may hold S/MIME at all (else it is only parsed, never opened)
 _SMIME_HINT = re.compile(rb"pkcs7|\.p7[msz]\b", re.IGNORECASE)
 
-Progress = Callable[[int], None]
+#: wraps a mailbox's message stream (the command line draws a progress bar with it):
+#: ``(stream, total, label) -> stream``
+Progress = Callable[
+    [Iterator[tuple[str, bytes | None]], int, str], Iterable[tuple[str, bytes | None]]
+]
 
 
 @dataclass
@@ -193,27 +197,35 @@ class Indexer:
             with self.index.writer() as w:
                 w.delete_mailbox(box.key)
         pending = box.pending(self.state.seen(box.key))
-        for start in range(0, len(pending), self.batch):
-            self._batch(box, pending[start : start + self.batch], counts, report, progress)
+        if not pending:
+            return
+        stream: Iterable[tuple[str, bytes | None]] = box.fetch(pending)
+        if progress is not None:
+            stream = progress(iter(stream), len(pending), f"{box.owner} {box.folder}")
+        fetched = iter(stream)
+        while self._batch(box, fetched, counts, report):
+            pass
 
     def _batch(
         self,
         box: Mailbox,
-        uids: Sequence[str],
+        fetched: Iterator[tuple[str, bytes | None]],
         counts: OwnerCounts,
         report: IndexReport,
-        progress: Progress | None,
-    ) -> None:
+    ) -> bool:
+        """Index up to ``self.batch`` messages from ``fetched`` in one commit; False
+        when the stream is exhausted."""
         marks: list[tuple[str, str, str]] = []
         failure: BaseException | None = None
         started = self._clock()
         decrypting = 0.0
+        more = True
         with self.index.writer() as w:
-            fetched: Iterator[tuple[str, bytes | None]] = box.fetch(uids)
-            while True:
+            for _ in range(self.batch):
                 try:
                     uid, data = next(fetched)
                 except StopIteration:
+                    more = False
                     break
                 except (UpstreamError, MailboxGone) as e:
                     failure = e  # commit what was done, then report it
@@ -239,13 +251,12 @@ class Indexer:
                 )
                 marks.append((box.key, uid, digest))
                 _count(counts, fields)
-                if progress is not None:
-                    progress(1)
         self.state.mark(marks)
         report.decrypt_seconds += decrypting
         report.index_seconds += self._clock() - started - decrypting
         if failure is not None:
             raise failure
+        return more
 
     def _audit(self, report: IndexReport) -> None:
         for owner, counts in sorted(report.owners.items()):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smimeproxy.archive import ArchiveError
-from smimeproxy.archive.export import ExportResult, Form, Opener, export
+from smimeproxy.archive.export import ExportResult, Form, Opener, Wrap, export
 from smimeproxy.archive.index import Hit, WhooshIndex
 from smimeproxy.archive.indexing import Indexer, IndexReport, Progress
 from smimeproxy.archive.originals import Originals
@@ -163,6 +163,7 @@ def export_matches(
     actor: str,
     form: Form = "original",
     opener: Opener | None = None,
+    wrap: Wrap | None = None,
 ) -> ExportResult:
     """Export every match of ``query`` to ``out``; audited with the manifest's hash
     (a failed export is audited too, with its error)."""
@@ -175,7 +176,14 @@ def export_matches(
     detail = {"query": query, "count": len(hits), "form": form, "out": str(out)}
     try:
         result = export(
-            hits, archive.originals, out, form=form, decrypt=decrypt, query=query, **kwargs
+            hits,
+            archive.originals,
+            out,
+            form=form,
+            decrypt=decrypt,
+            query=query,
+            wrap=wrap,
+            **kwargs,
         )
     except ArchiveError as e:
         processor.store.audit(
