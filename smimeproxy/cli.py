@@ -28,6 +28,7 @@ COMMANDS: tuple[str, ...] = (
     "ca",
     "audit",
     "message",
+    "archive",
     "directory",
     "doctor",
     "demo",
