@@ -33,6 +33,7 @@ import hmac
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import islice
 
 from asn1crypto import algos, cms, core
@@ -54,7 +55,7 @@ from smimeproxy.errors import (
     SMIMEProxyError,
     UnsupportedAlgorithm,
 )
-from smimeproxy.smime import kari
+from smimeproxy.smime import der, kari
 from smimeproxy.smime.keys import KeyPair
 from smimeproxy.smime.keywrap import (
     MAX_RECIPIENTS,
@@ -64,7 +65,7 @@ from smimeproxy.smime.keywrap import (
     RecipientIdentifier,
     identified_recipients,
     key_algorithm_name,
-    recipient_info,
+    recipient_info_der,
     unwrap_key_transport,
 )
 from smimeproxy.smime.status import DecryptionStatus
@@ -528,6 +529,20 @@ def _tlv(tag: int, body: bytes) -> bytes:
     return _header(tag, len(body)) + body
 
 
+#: Content-encryption algorithm OIDs (RFC 3565 section 4.1, RFC 5084 section 3.2).
+_CIPHER_OIDS = {
+    "aes128_cbc": "2.16.840.1.101.3.4.1.2",
+    "aes256_cbc": "2.16.840.1.101.3.4.1.42",
+    "aes128_gcm": "2.16.840.1.101.3.4.1.6",
+    "aes256_gcm": "2.16.840.1.101.3.4.1.46",
+}
+
+
+@lru_cache(maxsize=16)
+def _content_type_der(name: str) -> bytes:
+    return bytes(cms.ContentType(name).dump())
+
+
 def encrypt_data(
     content: bytes,
     recipients: Sequence[x509.Certificate | Recipient],
@@ -551,7 +566,7 @@ def encrypt_data(
     wrap = "aes256_wrap" if key_size == 32 else "aes128_wrap"
     cek = os.urandom(key_size)
     infos = [
-        recipient_info(r if isinstance(r, Recipient) else Recipient(r), cek, wrap)
+        recipient_info_der(r if isinstance(r, Recipient) else Recipient(r), cek, wrap)
         for r in recipients
     ]
     view = memoryview(content).cast("B")
@@ -560,7 +575,8 @@ def encrypt_data(
         aead = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
         pieces = [aead.update(view), aead.finalize()]
         mac: bytes | None = aead.tag  # 16 bytes = _GCM_ICV_SIZE
-        parameters: core.Asn1Value = _GCMParameters({"nonce": nonce, "icv_len": _GCM_ICV_SIZE})
+        # GCMParameters (RFC 5084 section 3.2): nonce, ICV length (16, not the default)
+        parameters = der.sequence(der.tlv(0x04, nonce), der.integer(_GCM_ICV_SIZE))
         outer_oid, version = _AUTH_ENVELOPED, 0  # RFC 5083 section 2.1: always 0
     else:
         iv = os.urandom(16)
@@ -572,23 +588,23 @@ def encrypt_data(
             encryptor.update(bytes(view[full:]) + bytes([pad]) * pad) + encryptor.finalize(),
         ]
         mac = None
-        parameters = core.OctetString(iv)
+        parameters = der.tlv(0x04, iv)
         # RFC 5652 section 6.1: version 0 only if every RecipientInfo is version 0.
-        all_v0 = all(i.name == "ktri" and i.chosen["version"].native == "v0" for i in infos)
+        all_v0 = all(v0 for _, v0 in infos)
         outer_oid, version = _ENVELOPED, (0 if all_v0 else 2)
-    algorithm = algos.EncryptionAlgorithm({"algorithm": cipher, "parameters": parameters}).dump()
-    inner_oid = cms.ContentType(content_type).dump()
-    ris = cms.RecipientInfos(infos).dump()
+    algorithm = der.sequence(der.oid(_CIPHER_OIDS[cipher]), parameters)
+    inner_oid = _content_type_der(content_type)
+    ris = der.set_of(info for info, _ in infos)
     ciphertext_len = sum(len(p) for p in pieces)
     ect_header = _header(0x80, ciphertext_len)  # [0] IMPLICIT OCTET STRING
     eci_len = len(inner_oid) + len(algorithm) + len(ect_header) + ciphertext_len
     eci_header = _header(0x30, eci_len)
-    version_der = core.Integer(version).dump()
+    version_der = der.integer(version)
     mac_der = _tlv(0x04, mac) if mac is not None else b""
     env_len = len(version_der) + len(ris) + len(eci_header) + eci_len + len(mac_der)
     env_header = _header(0x30, env_len)
     explicit_header = _header(0xA0, len(env_header) + env_len)
-    outer_oid_der = core.ObjectIdentifier(outer_oid).dump()
+    outer_oid_der = der.oid(outer_oid)
     ci_len = len(outer_oid_der) + len(explicit_header) + len(env_header) + env_len
     return b"".join(
         [

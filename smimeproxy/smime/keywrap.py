@@ -16,6 +16,7 @@ import hmac
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 from asn1crypto import algos, cms
 from asn1crypto import x509 as asn1_x509
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
 
 from smimeproxy.errors import DecryptionFailed, MalformedMessage, UnsupportedAlgorithm
-from smimeproxy.smime import kari
+from smimeproxy.smime import der, kari
 from smimeproxy.smime.keys import KeyPair, hash_algorithm
 
 #: Refuse messages naming more recipients than this (hostile input bound).
@@ -246,6 +247,55 @@ def recipient_info(recipient: Recipient, cek: bytes, wrap: str) -> cms.Recipient
             ),
         )
     raise UnsupportedAlgorithm(f"cannot encrypt to a {type(public_key).__name__} certificate")
+
+
+def recipient_info_der(recipient: Recipient, cek: bytes, wrap: str) -> tuple[bytes, bool]:
+    """The DER RecipientInfo for ``recipient`` and whether it is a version 0 KTRI.
+
+    Same structure as :func:`recipient_info`, but an RSA key transport recipient is
+    written as DER directly (the fixed parts cached): building it from asn1crypto
+    objects costs more than the RSA encryption. Key agreement goes through
+    :func:`recipient_info`.
+    """
+    cert = recipient.certificate
+    public_key = cert.public_key()
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        info = recipient_info(recipient, cek, wrap)
+        return bytes(info.dump()), False
+    if recipient.oaep:
+        h = hash_algorithm(recipient.oaep_hash)
+        encrypted_key = public_key.encrypt(
+            cek, padding.OAEP(mgf=padding.MGF1(h), algorithm=h, label=None)
+        )
+    else:
+        encrypted_key = public_key.encrypt(cek, padding.PKCS1v15())
+    algorithm = _key_transport_algorithm_der(recipient.oaep, recipient.oaep_hash)
+    if recipient.use_subject_key_identifier:  # RFC 5652 section 6.2.1: version 2
+        version, rid = b"\x02\x01\x02", der.tlv(0x80, _ski(cert))  # [0] IMPLICIT
+    else:
+        cert_der = cert.public_bytes(serialization.Encoding.DER)
+        version, rid = b"\x02\x01\x00", der.issuer_and_serial(cert_der)
+    ktri = der.sequence(version, rid, algorithm, der.tlv(0x04, encrypted_key))
+    return ktri, not recipient.use_subject_key_identifier
+
+
+@lru_cache(maxsize=16)
+def _key_transport_algorithm_der(oaep: bool, oaep_hash: str) -> bytes:
+    if not oaep:
+        return bytes(cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15"}).dump())
+    digest = {"algorithm": oaep_hash}
+    algorithm = cms.KeyEncryptionAlgorithm(
+        {
+            "algorithm": "rsaes_oaep",
+            "parameters": algos.RSAESOAEPParams(
+                {
+                    "hash_algorithm": digest,
+                    "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": digest},
+                }
+            ),
+        }
+    )
+    return bytes(algorithm.dump())
 
 
 def _oaep_hash(algorithm: cms.KeyEncryptionAlgorithm) -> str:
