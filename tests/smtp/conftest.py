@@ -40,7 +40,10 @@ def pki():
 
 
 def write_config(
-    directory: Path, smtp_extra: str = "", next_hop: str = "tcp:127.0.0.1:1"
+    directory: Path,
+    smtp_extra: str = "",
+    next_hop: str = "tcp:127.0.0.1:1",
+    listen: str = "tcp:0:interface=127.0.0.1",
 ) -> Config:
     path = directory / "smimeproxy.toml"
     path.write_text(
@@ -53,7 +56,7 @@ master_key_file = "master.key"
 authserv_id = "mx.acme.test"
 
 [smtp]
-listen = ["tcp:0:interface=127.0.0.1"]
+listen = ["{listen}"]
 next_hop = "{next_hop}"
 local_domains = ["acme.test"]
 {smtp_extra}
@@ -67,8 +70,12 @@ def make_processor(tmp_path, pki) -> Callable[..., MessageProcessor]:
     """A processor over a new SQLite store: alice and dave (local, with keys), bob's
     certificate imported, the test root trusted."""
 
-    def make(smtp_extra: str = "", next_hop: str = "tcp:127.0.0.1:1") -> MessageProcessor:
-        config = write_config(tmp_path, smtp_extra, next_hop)
+    def make(
+        smtp_extra: str = "",
+        next_hop: str = "tcp:127.0.0.1:1",
+        listen: str = "tcp:0:interface=127.0.0.1",
+    ) -> MessageProcessor:
+        config = write_config(tmp_path, smtp_extra, next_hop, listen)
         store = open_store(
             f"sqlite:{tmp_path / 'store.db'}",
             MasterSecret(os.urandom(32), "test master key"),
