@@ -1,0 +1,366 @@
+"""The commands the proxy steps into: FETCH of content, SEARCH by text, APPEND to Sent.
+
+Each intercept runs with the session otherwise idle (no earlier command outstanding,
+later ones held) and issues its own tagged commands on the session's upstream.
+
+FETCH: ``[UID] FETCH set (UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])`` finds the
+S/MIME messages in the set (:func:`smimeproxy.imap.fetch.is_smime`); those not in the
+cache are fetched whole by UID (``BODY.PEEK[]``, never setting ``\\Seen``), opened with the
+user's keys in the thread pool and cached; then the client's own command goes upstream
+unchanged and :class:`FetchRewrite` replaces the content items of the responses for the
+opened messages.  The server therefore still sets ``\\Seen`` for non-PEEK fetches and
+reports FLAGS, MODSEQ and VANISHED itself.
+
+SEARCH: see :mod:`smimeproxy.imap.searchkeys`.
+
+APPEND to Sent: the whole command is read (bounded by ``max_append``), each message is
+encrypted to the user's own certificate only (``seal_for(..., recipients=[], sign=False)``
+encrypts to the sender's current certificate), and the APPEND goes upstream with the
+same mailbox, flags and internal date.  A message that cannot be encrypted is refused
+with NO (it is never stored in plaintext by mistake); a client that disconnects before
+the end sends nothing upstream.
+
+Not guaranteed: a message of more than ``max_append`` octets appended to Sent is refused
+with NO [TOOBIG]; message sets whose S/MIME messages are not yet cached cost one extra
+round trip per 25 messages.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from smimeproxy.errors import MalformedMessage, SMIMEProxyError
+from smimeproxy.imap import fetch
+from smimeproxy.imap.wire import Atom, Message, String, Token, encode_token, literal, tokenize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from smimeproxy.imap.session import ProxySession
+
+_log = Logger(namespace="smimeproxy.imap.intercept")
+BATCH = 25
+
+
+def decode_mailbox(name: bytes) -> str:
+    """A mailbox name in modified UTF-7 (RFC 3501 5.1.3) as text; INBOX case-folded."""
+    out = []
+    i = 0
+    while i < len(name):
+        c = name[i : i + 1]
+        if c != b"&":
+            out.append(c.decode("latin-1"))
+            i += 1
+            continue
+        j = name.find(b"-", i)
+        if j < 0:
+            out.append(name[i:].decode("latin-1"))
+            break
+        chunk = name[i + 1 : j]
+        if not chunk:
+            out.append("&")
+        else:
+            import base64
+
+            b64 = chunk.replace(b",", b"/")
+            b64 += b"=" * (-len(b64) % 4)
+            try:
+                out.append(base64.b64decode(b64).decode("utf-16-be"))
+            except (ValueError, UnicodeDecodeError):
+                out.append(name[i : j + 1].decode("latin-1"))
+        i = j + 1
+    text = "".join(out)
+    return "INBOX" if text.upper() == "INBOX" else text
+
+
+def open_view(processor: Any, data: bytes, owners: list[str]) -> Any:
+    """Blocking: the decrypted :class:`MessageView`, or None when it stays as stored."""
+    from smimeproxy.imap.views import MessageView
+
+    opened = processor.open_for(data, owners)
+    status = opened.status
+    if not opened.changed or status.malformed:
+        return None
+    if status.decryption is not None and not status.decryption.decrypted:
+        return None
+    return MessageView(opened.data)
+
+
+@dataclass
+class FetchRewrite:
+    """Answers for the responses of one client FETCH, by UID (and sequence number)."""
+
+    views: dict[int, Any]
+    seq_to_uid: dict[int, int]
+    items: list[fetch.ContentItem]
+    done: Deferred[None] = field(default_factory=Deferred)
+
+    def _uid(self, seq: int, uid: int | None) -> int | None:
+        return uid if uid is not None else self.seq_to_uid.get(seq)
+
+    def wants(self, line: bytes) -> bool:
+        ids = fetch.fetch_response_ids(line)
+        return ids is not None and self._uid(*ids) in self.views
+
+    def observe(self, line: bytes) -> None:
+        """Keep the sequence map right across EXPUNGE responses (RFC 3501 7.4.1)."""
+        match = re.match(rb"\* ([0-9]+) EXPUNGE", line, re.IGNORECASE)
+        if match:
+            gone = int(match.group(1))
+            self.seq_to_uid = {
+                (s - 1 if s > gone else s): u for s, u in self.seq_to_uid.items() if s != gone
+            }
+
+    def render(self, message: Message) -> bytes:
+        ids = fetch.fetch_response_ids(message.lines[0])
+        uid = self._uid(*ids) if ids else None
+        view = self.views.get(uid) if uid is not None else None
+        if view is None:
+            return message.encode()
+        try:
+            return fetch.rewrite_response(message, view, self.items)
+        except (MalformedMessage, ValueError, LookupError) as exc:
+            _log.warn("imap.fetch.rewrite_failed {error}", error=str(exc))
+            return message.encode()
+
+
+def plan(
+    session: ProxySession, tag: bytes, word: bytes, message: Message
+) -> Callable[[], Deferred[Any]] | None:
+    """The intercept for this command, or None to forward it."""
+    if word in (b"FETCH", b"UID FETCH") and session.mailbox is not None:
+        try:
+            tokens = tokenize(message)
+            args = tokens[3:] if word == b"UID FETCH" else tokens[2:]
+            seqset, item_tokens, modifiers = fetch.fetch_arguments(args)
+            _names, content = fetch.parse_items(item_tokens)
+        except MalformedMessage:
+            return None
+        if not content:
+            return None
+        return lambda: Deferred.fromCoroutine(
+            fetch_intercept(session, tag, word, message, seqset, content, modifiers)
+        )
+    if word in (b"SEARCH", b"UID SEARCH") and session.mailbox is not None:
+        from smimeproxy.imap import searchkeys
+
+        return searchkeys.plan(session, tag, word, message)
+    if word == b"APPEND":
+        return lambda: Deferred.fromCoroutine(append_intercept(session, tag, message))
+    return None
+
+
+async def after_login(session: ProxySession) -> None:
+    """Map the login to a store user with keys; learn the \\Sent folder (RFC 6154)."""
+    processor = session.ctx.processor
+    if processor is None or session.login is None:
+        return
+    user = await session.ctx.run_blocking(_user_with_keys, processor.store, session.login)
+    if user is None:
+        _log.info("imap.session.passthrough")
+        return
+    session.user = user
+    delegated = session.ctx.delegation.get(user.address, ()) or ()
+    session.owners = [user.address, *delegated]
+    _log.info("imap.session.user {user}", user=user.address)
+    result = await session.command(b'LIST "" "*" RETURN (SPECIAL-USE)')
+    for message in result.untagged:
+        try:
+            tokens = tokenize(message)
+        except MalformedMessage:
+            continue
+        if len(tokens) >= 5 and isinstance(tokens[2], list):
+            flags = {bytes(f).lower() for f in tokens[2]}
+            wanted = {b"\\sent"} | ({b"\\drafts"} if session.ctx.drafts_folders else set())
+            if flags & wanted:
+                session.sent.add(decode_mailbox(bytes(tokens[4])).lower())
+    for name in session.ctx.drafts_folders:
+        session.sent.add(name.lower())
+
+
+def _user_with_keys(store: Any, login: str) -> Any:
+    user = store.find_user(login)
+    if user is None or not store.keys(user.address):
+        return None
+    return user
+
+
+def cache_key(session: ProxySession, uid: int) -> tuple[str, str, int, int]:
+    return (session.user.address, session.mailbox or "", session.uidvalidity or 0, uid)
+
+
+async def views_for(session: ProxySession, uids: list[int]) -> dict[int, Any]:
+    """Decrypted views of these S/MIME messages (cache first, then upstream)."""
+    cache = session.ctx.cache
+    views: dict[int, Any] = {}
+    missing = []
+    for uid in uids:
+        key = cache_key(session, uid)
+        view = cache.get(key) if cache is not None else None
+        if view is not None:
+            views[uid] = view
+        elif key not in session.undecryptable:
+            missing.append(uid)
+    for start in range(0, len(missing), BATCH):
+        chunk = missing[start : start + BATCH]
+        result = await session.command(
+            b"UID FETCH " + b",".join(b"%d" % u for u in chunk) + b" (UID BODY.PEEK[])"
+        )
+        for message in result.untagged:
+            uid, data = _uid_and_body(message)
+            if uid is None or data is None or uid not in chunk:
+                continue
+            key = cache_key(session, uid)
+            try:
+                view = await session.ctx.run_blocking(
+                    open_view, session.ctx.processor, data, session.owners
+                )
+            except SMIMEProxyError as exc:
+                _log.info("imap.fetch.not_opened {error}", error=type(exc).__name__)
+                view = None
+            if view is None:
+                session.undecryptable.add(key)
+                continue
+            if cache is not None:
+                cache.put(key, view)
+            views[uid] = view
+    return views
+
+
+def _pairs(message: Message) -> dict[bytes, Token]:
+    tokens = tokenize(message)
+    if len(tokens) < 4 or not isinstance(tokens[3], list):
+        raise MalformedMessage("bad FETCH response")
+    items = tokens[3]
+    out: dict[bytes, Token] = {}
+    for i in range(0, len(items) - 1, 2):
+        name = items[i]
+        if isinstance(name, bytes):
+            key = bytes(name).upper()
+            out[key.split(b"[")[0] + (b"[" if b"[" in key else b"")] = items[i + 1]
+    out[b"*SEQ"] = tokens[1]
+    return out
+
+
+def _uid_and_body(message: Message) -> tuple[int | None, bytes | None]:
+    try:
+        pairs = _pairs(message)
+        uid = int(bytes(pairs[b"UID"]))  # type: ignore[arg-type]
+    except (MalformedMessage, KeyError, ValueError, TypeError):
+        return None, None
+    body = pairs.get(b"BODY[")
+    return uid, bytes(body) if isinstance(body, String) else None
+
+
+async def smime_uids(
+    session: ProxySession, prefix: bytes, seqset: bytes, mods: bytes
+) -> dict[int, int]:
+    """``{uid: seq}`` of the S/MIME messages in ``seqset``."""
+    result = await session.command(
+        prefix + seqset + b" (UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])" + mods
+    )
+    found: dict[int, int] = {}
+    for message in result.untagged:
+        try:
+            pairs = _pairs(message)
+            uid = int(bytes(pairs[b"UID"]))  # type: ignore[arg-type]
+            seq = int(bytes(pairs[b"*SEQ"]))  # type: ignore[arg-type]
+        except (MalformedMessage, KeyError, ValueError, TypeError):
+            continue
+        header = pairs.get(b"BODY[")
+        if isinstance(header, String) and fetch.is_smime(bytes(header)):
+            found[uid] = seq
+    return found
+
+
+async def fetch_intercept(
+    session: ProxySession,
+    tag: bytes,
+    word: bytes,
+    message: Message,
+    seqset: bytes,
+    content: list[fetch.ContentItem],
+    modifiers: list[Token],
+) -> None:
+    prefix = b"UID FETCH " if word == b"UID FETCH" else b"FETCH "
+    mods = b""
+    for i, mod in enumerate(modifiers[:-1]):
+        if isinstance(mod, Atom) and bytes(mod).upper() == b"CHANGEDSINCE":
+            mods = b" (CHANGEDSINCE " + encode_token(modifiers[i + 1]) + b")"
+    found = await smime_uids(session, prefix, seqset, mods)
+    views = await views_for(session, sorted(found)) if found else {}
+    rewrite = FetchRewrite(views, {seq: uid for uid, seq in found.items()}, content)
+    if not views:
+        session.forward(tag, word, message)
+        return
+    session.rewrite = rewrite
+    session.forward(tag, word, message, rewrite.done)
+    await rewrite.done
+
+
+def _append_parts(tokens: list[Token]) -> tuple[bytes, list[tuple[list[bytes], bytes]]]:
+    """``(mailbox, [(flags-and-date tokens, message)])`` of an APPEND (RFC 3502 too)."""
+    if len(tokens) < 4:
+        raise MalformedMessage("APPEND needs a mailbox and a message")
+    mailbox = encode_token(tokens[2])
+    out: list[tuple[list[bytes], bytes]] = []
+    extras: list[bytes] = []
+    for token in tokens[3:]:
+        if isinstance(token, list):
+            extras.append(encode_token(token))
+        elif isinstance(token, String) and not _is_date(bytes(token)):
+            out.append((extras, bytes(token)))
+            extras = []
+        else:
+            extras.append(encode_token(token))
+    if extras or not out:
+        raise MalformedMessage("APPEND arguments not understood")
+    return mailbox, out
+
+
+def _is_date(value: bytes) -> bool:
+    return len(value) < 40 and re.match(rb"\s?[0-9]{1,2}-[A-Za-z]{3}-[0-9]{4} ", value) is not None
+
+
+async def append_intercept(session: ProxySession, tag: bytes, message: Message) -> None:
+    try:
+        mailbox, parts = _append_parts(tokenize(message))
+    except MalformedMessage:
+        session.send(tag + b" BAD APPEND arguments not understood\r\n")
+        return
+    sealed = []
+    for extras, data in parts:
+        try:
+            result = await session.ctx.run_blocking(
+                session.ctx.processor.seal_for, data, session.user.address, [], sign=False
+            )
+        except SMIMEProxyError as exc:
+            _log.warn("imap.append.seal_failed {error}", error=type(exc).__name__)
+            result = None
+        if result is None or not result.encrypted_to:
+            session.send(tag + b" NO [CANNOT] the proxy could not encrypt this message\r\n")
+            return
+        sealed.append((extras, result.data))
+    text = bytearray(b"APPEND " + mailbox)
+    literals = []
+    for extras, data in sealed:
+        for extra in extras:
+            text += b" " + extra
+        text += b" {%d}\r\n" % len(data)
+        literals.append(data)
+    # the last literal is followed by the end of the command line
+    lines = bytes(text).split(b"\r\n")
+    upstream = Message([ln + b"\r\n" for ln in lines[:-1]] + [b"\r\n"], literals)
+    upstream.lines[0] = tag + b" " + upstream.lines[0]
+    done: Deferred[None] = Deferred()
+    _log.info("imap.append.encrypted {count}", count=len(sealed))
+    session.forward(tag, b"APPEND", upstream, done)
+    await done
+
+
+def literal_bytes(value: bytes) -> bytes:  # re-exported for callers composing commands
+    return literal(value)

@@ -1,0 +1,545 @@
+"""One client connection of the IMAP proxy: pass-through plumbing and command routing.
+
+The session forwards the client's commands to the server and the server's responses to
+the client, event by event from :class:`~smimeproxy.imap.wire.Splitter`, so literals of
+any size stream through.  Commands are read whole (bounded) so the session can see what
+they are; literals of those it answers ``+`` itself.  The only exception is APPEND to a
+folder that is not Sent, which streams.
+
+Three kinds of command are *intercepted* (see :mod:`smimeproxy.imap.intercept`): FETCH of
+content, SEARCH with BODY/TEXT, and APPEND to Sent, and only for a login that is a user
+with keys in the store.  An intercept waits until every earlier command has completed,
+runs its own tagged commands on the same upstream connection (tags ``smpN``; their
+untagged FETCH responses are consumed, every other untagged response is passed on), and
+holds later client commands until it is done.  Pipelining of pass-through commands is
+kept; intercepted commands are serialised.
+
+Not guaranteed: a SASL mechanism other than PLAIN is not offered (the proxy must read the
+login name); a client that sends a Sent mailbox name as a literal in APPEND gets a plain
+pass-through APPEND.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from smimeproxy.errors import MalformedMessage
+from smimeproxy.imap import intercept
+from smimeproxy.imap.upstream import (
+    UpstreamProtocol,
+    capabilities_in,
+    rewrite_capability_line,
+)
+from smimeproxy.imap.wire import (
+    Assembler,
+    Event,
+    Fragment,
+    LineTooLong,
+    LiteralData,
+    LiteralHeader,
+    Message,
+    Splitter,
+    String,
+    split_tag,
+    tokenize,
+)
+
+#: commands whose continuation lines from the client are not commands (RFC 3501 6.2.2,
+#: RFC 2177)
+RAW_CONTINUATION = frozenset({b"IDLE", b"AUTHENTICATE"})
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY ([0-9]+)\]", re.IGNORECASE)
+
+
+@dataclass
+class Result:
+    """A finished proxy-issued command: its status, text and captured untagged responses."""
+
+    status: bytes
+    text: bytes
+    untagged: list[Message] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == b"OK"
+
+
+@dataclass
+class SessionContext:
+    """What every session of one listener shares; all collaborators injected."""
+
+    connect_upstream: Callable[[Protocol], Deferred[Any]]
+    run_blocking: Callable[..., Deferred[Any]]
+    processor: Any = None  # MessageProcessor | None
+    cache: Any = None  # DecryptedCache | None
+    tls: Any = None  # an IOpenSSLServerConnectionCreator for STARTTLS, or None
+    implicit_tls: bool = False
+    plaintext_login: bool = False
+    sent_folders: tuple[str, ...] = ("Sent",)
+    drafts_folders: tuple[str, ...] = ()
+    delegation: Any = field(default_factory=dict)
+    max_command: int = 1 << 20
+    max_append: int = 64 << 20
+    max_line: int = 65536
+    upstream_starttls: Callable[[UpstreamProtocol], Deferred[Any]] | None = None
+
+
+class ProxySession(Protocol):
+    """The client-facing protocol; see the module docstring."""
+
+    _log = Logger()
+
+    def __init__(self, context: SessionContext):
+        self.ctx = context
+        self.upstream: UpstreamProtocol | None = None
+        self.secure = context.implicit_tls
+        self.login: str | None = None
+        self.user: Any = None  # keystore User with keys, or None: pass-through
+        self.owners: list[str] = []
+        self.sent: set[str] = {f.lower() for f in context.sent_folders}
+        self.mailbox: str | None = None
+        self.uidvalidity: int | None = None
+        self.upstream_caps: set[bytes] = set()
+        self._client = Splitter(context.max_line)
+        self._queue: deque[Event] = deque()
+        self._mode: str | None = None  # current client line: forward | collect | skip
+        self._collector = Assembler(context.max_command)
+        self._collect_tag = b""
+        self._busy = True  # until the upstream greeting
+        self._outstanding: dict[bytes, tuple[bytes, Any]] = {}
+        self._raw_tag: bytes | None = None
+        self._pending_intercept: Callable[[], Deferred[Any]] | None = None
+        self._serial = 0
+        self._injected: dict[bytes, Deferred[Result]] = {}
+        self._captured: list[Message] = []
+        self._continuation: Deferred[None] | None = None
+        self._resp_mode: str | None = None  # forward | capture | rewrite | skip
+        self._resp = Assembler(context.max_append + (1 << 20))
+        self.rewrite: intercept.FetchRewrite | None = None
+        self._greeted = False
+        self._closed = False
+        self._upstream_lost = False
+        self.undecryptable: set[tuple[str, str, int, int]] = set()
+
+    # -- connection lifecycle ----------------------------------------------------------
+    def connectionMade(self) -> None:
+        d = self.ctx.connect_upstream(UpstreamProtocol(self))
+        d.addErrback(self._upstream_failed)
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        self._log.warn("imap.upstream.connect_failed {error}", error=failure.getErrorMessage())
+        self.send(b"* BYE upstream server unavailable\r\n")
+        self.close()
+
+    def upstream_connected(self, upstream: UpstreamProtocol) -> None:
+        self.upstream = upstream
+        if self._closed:
+            upstream.transport.loseConnection()
+
+    def upstream_lost(self, reason: Failure | None) -> None:
+        self._upstream_lost = True
+        for d in list(self._injected.values()):
+            d.errback(MalformedMessage("upstream connection lost"))
+        self._injected.clear()
+        if not self._closed:
+            self._log.info("imap.upstream.lost")
+            self.send(b"* BYE upstream connection lost\r\n")
+            self.close()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._closed = True
+        self._queue.clear()
+        if self.upstream is not None and self.upstream.transport is not None:
+            if self._client.in_literal or self._mode == "forward":
+                # a half-sent literal must never complete upstream (e.g. APPEND)
+                self.upstream.transport.abortConnection()
+            else:
+                self.upstream.transport.loseConnection()
+
+    def close(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
+
+    def send(self, data: bytes) -> None:
+        if not self._closed and self.transport is not None:
+            self.transport.write(data)
+
+    def send_upstream(self, data: bytes) -> None:
+        if self.upstream is not None and not self._upstream_lost:
+            self.upstream.write(data)
+
+    # -- client side -------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        self._queue.extend(self._client.feed(data))
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._queue and not self._busy and not self._closed:
+            event = self._queue.popleft()
+            if self._mode is None:
+                self._start_line(event)
+            else:
+                self._continue_line(event)
+
+    def _start_line(self, event: Event) -> None:
+        if isinstance(event, LineTooLong):
+            self.send(b"* BAD line too long\r\n")
+            return
+        if isinstance(event, LiteralData):  # stray (only after a refused literal)
+            return
+        if self._raw_tag is not None and self._raw_tag in self._outstanding:
+            self._observe_raw(event.data)
+            self._mode = "forward"
+            self._continue_line(event)
+            return
+        tag, word, rest = split_tag(event.data)
+        if not tag or not word or tag in (b"*", b"+"):
+            self._mode = "skip"
+            self._continue_line(event)
+            self.send(b"* BAD command line not understood\r\n")
+            return
+        if word == b"APPEND" and not self._append_is_protected(rest):
+            self._mode = "forward"
+            self._outstanding[tag] = (b"APPEND", None)
+            self._continue_line(event)
+            return
+        self._mode = "collect"
+        self._collect_tag = tag
+        self._continue_line(event)
+
+    def _continue_line(self, event: Event) -> None:
+        mode = self._mode
+        ends = (isinstance(event, Fragment) and event.literal is None) or isinstance(
+            event, LineTooLong
+        )
+        if mode == "forward":
+            if isinstance(event, (Fragment, LiteralData)):
+                self.send_upstream(event.data)
+        elif mode == "collect":
+            try:
+                message = self._collector.add(event)
+            except MalformedMessage:
+                self.send(self._collect_tag + b" BAD command too long\r\n")
+                self._mode = "skip" if not ends else None
+                return
+            if isinstance(event, Fragment) and event.literal and not event.literal.nonsync:
+                self.send(b"+ Ready for literal data\r\n")
+            if message is not None:
+                self._mode = None
+                self._command(message)
+                return
+        if ends:
+            self._mode = None
+
+    def _observe_raw(self, line: bytes) -> None:
+        """SASL PLAIN response sent on its own line (no SASL-IR)."""
+        kind, _ = self._outstanding.get(self._raw_tag or b"", (b"", None))
+        if kind == b"AUTHENTICATE" and self.login is None:
+            self.login = _plain_login(line.strip())
+
+    def _append_is_protected(self, rest: bytes) -> bool:
+        if self.user is None:
+            return False
+        try:
+            tokens = tokenize(Message([rest.split(b"{")[0] + b"\r\n"]))
+        except MalformedMessage:
+            return False
+        if not tokens or isinstance(tokens[0], list):
+            return False
+        return intercept.decode_mailbox(bytes(tokens[0])).lower() in self.sent
+
+    def _command(self, message: Message) -> None:
+        tag, word, rest = split_tag(message.lines[0])
+        if word == b"UID":
+            sub = rest.split(b" ", 1)[0].upper()
+            word = b"UID " + sub
+        if word == b"STARTTLS":
+            self._starttls(tag)
+            return
+        if word == b"COMPRESS":
+            self.send(tag + b" BAD COMPRESS is not available through this proxy\r\n")
+            return
+        if word in (b"LOGIN", b"AUTHENTICATE"):
+            if not self.secure and not self.ctx.plaintext_login:
+                self.send(tag + b" NO [PRIVACYREQUIRED] use TLS (STARTTLS) first\r\n")
+                return
+            self.login = _login_name(word, message)
+            if word == b"AUTHENTICATE":
+                self._raw_tag = tag
+        if word in RAW_CONTINUATION:
+            self._raw_tag = tag
+        if word in (b"SELECT", b"EXAMINE"):
+            try:
+                self.mailbox = intercept.decode_mailbox(bytes(tokenize(message)[2]))
+            except (MalformedMessage, IndexError):
+                self.mailbox = None
+            self.uidvalidity = None
+        if self.user is not None:
+            action = intercept.plan(self, tag, word, message)
+            if action is not None:
+                self._intercept(action)
+                return
+        self.forward(tag, word, message)
+
+    def forward(self, tag: bytes, word: bytes, message: Message, state: Any = None) -> None:
+        """Send a whole client command upstream under its own tag."""
+        self._outstanding[tag] = (word, state)
+        self._write_message(message)
+
+    def _write_message(self, message: Message) -> None:
+        if not message.literals:
+            self.send_upstream(message.lines[0])
+            return
+        nonsync = b"LITERAL+" in self.upstream_caps
+        if not nonsync:
+            self._busy = True
+            d = self._send_sync(message)
+            d.addBoth(self._unbusy)
+            return
+        out = bytearray()
+        for i, line in enumerate(message.lines):
+            header = _header_of(line)
+            if header is not None:
+                line = (
+                    line[: -len(header.encode())]
+                    + LiteralHeader(header.size, True, header.binary).encode()
+                )
+            out += line
+            if i < len(message.literals):
+                out += message.literals[i]
+        self.send_upstream(bytes(out))
+
+    async def _send_sync_async(self, message: Message) -> None:
+        for i, line in enumerate(message.lines):
+            self.send_upstream(line)
+            if i < len(message.literals):
+                self._continuation = Deferred()
+                await self._continuation
+                self.send_upstream(message.literals[i])
+
+    def _send_sync(self, message: Message) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._send_sync_async(message))
+
+    def _unbusy(self, result: object = None) -> object:
+        self._busy = False
+        self._drain()
+        return None if isinstance(result, Failure) else result
+
+    def _intercept(self, action: Callable[[], Deferred[Any]]) -> None:
+        self._busy = True
+        self._pending_intercept = action
+        self._maybe_start_intercept()
+
+    def _maybe_start_intercept(self) -> None:
+        if self._pending_intercept is None or self._outstanding or not self._greeted:
+            return
+        action, self._pending_intercept = self._pending_intercept, None
+        d = ensureDeferred(action())
+        d.addErrback(self._intercept_failed)
+        d.addBoth(self._unbusy)
+
+    def _intercept_failed(self, failure: Failure) -> None:
+        self._log.failure("imap.intercept.failed", failure)
+        if not self._closed:
+            self.send(b"* BYE internal error in proxy\r\n")
+            self.close()
+
+    def _starttls(self, tag: bytes) -> None:
+        if self.secure or self.ctx.tls is None:
+            self.send(tag + b" BAD STARTTLS not available\r\n")
+            return
+        self.send(tag + b" OK Begin TLS negotiation now\r\n")
+        self._queue.clear()
+        self._client = Splitter(self.ctx.max_line)
+        self.transport.startTLS(self.ctx.tls)
+        self.secure = True
+
+    # -- proxy-issued commands ---------------------------------------------------------
+    def command(self, text: bytes, literals: tuple[bytes, ...] = ()) -> Deferred[Result]:
+        """Run one command of the proxy's own upstream (``text`` without tag; literal
+        headers in it must match ``literals``)."""
+        self._serial += 1
+        tag = b"smp%d" % self._serial
+        d: Deferred[Result] = Deferred()
+        if self._upstream_lost:
+            d.errback(MalformedMessage("upstream connection lost"))
+            return d
+        self._injected[tag] = d
+        parts = (tag + b" " + text).split(b"\r\n")
+        self._write_message(Message([p + b"\r\n" for p in parts if p], list(literals)))
+        return d
+
+    # -- server side -------------------------------------------------------------------
+    def restart_upstream_parser(self) -> None:
+        """Start parsing the server afresh (after STARTTLS)."""
+        self._server = Splitter(1 << 20)
+
+    def upstream_data(self, data: bytes) -> None:
+        for event in self._upstream_split().feed(data):
+            self._server_event(event)
+
+    def _upstream_split(self) -> Splitter:
+        if not hasattr(self, "_server"):
+            self._server = Splitter(1 << 20)
+        return self._server
+
+    def _server_event(self, event: Event) -> None:
+        if isinstance(event, LineTooLong):
+            self._resp_mode = None
+            return
+        if self._resp_mode is None:
+            if isinstance(event, Fragment):
+                self._server_line(event)
+            return
+        if self._resp_mode == "forward":
+            self.send(event.data)
+        elif self._resp_mode in ("capture", "rewrite"):
+            try:
+                message = self._resp.add(event)
+            except MalformedMessage:
+                self._resp_mode = "skip"
+                message = None
+            if message is not None:
+                self._server_message(message)
+        if isinstance(event, Fragment) and event.literal is None:
+            self._resp_mode = None
+
+    def _server_line(self, event: Fragment) -> None:
+        line = event.data
+        if line.startswith(b"+"):
+            if self._continuation is not None:
+                d, self._continuation = self._continuation, None
+                d.callback(None)
+                return
+            self._resp_mode = "forward"
+            self._server_event(event)
+            return
+        if not line.startswith(b"* "):
+            self._tagged(line)
+            return
+        caps = capabilities_in(line) if event.literal is None else None
+        if caps is not None:
+            self.upstream_caps = set(caps)
+        if not self._greeted:
+            self._greeting(line)
+            return
+        if self._injected or (self.rewrite is not None and self.rewrite.wants(line)):
+            self._resp_mode = "capture" if self._injected else "rewrite"
+            self._server_event(event)
+            return
+        validity = _UIDVALIDITY.search(line)
+        if validity:
+            self.uidvalidity = int(validity.group(1))
+        if self.rewrite is not None:
+            self.rewrite.observe(line)
+        if caps is not None:
+            event = Fragment(self._caps(line), True, None)
+        self._resp_mode = "forward"
+        self._server_event(event)
+
+    def _caps(self, line: bytes) -> bytes:
+        return rewrite_capability_line(
+            line,
+            starttls=self.ctx.tls is not None and not self.secure,
+            logindisabled=not self.secure and not self.ctx.plaintext_login,
+        )
+
+    def _greeting(self, line: bytes) -> None:
+        self._greeted = True
+        if self.ctx.upstream_starttls is not None and self.upstream is not None:
+            d = self.ctx.upstream_starttls(self.upstream)
+            d.addCallbacks(lambda _: self._greeted_ready(line), self._upstream_failed)
+            return
+        self._greeted_ready(line)
+
+    def _greeted_ready(self, line: bytes) -> None:
+        if self.ctx.upstream_starttls is not None and self.upstream_caps:
+            caps = b" ".join(sorted(self.upstream_caps))
+            line = b"* OK [CAPABILITY " + caps + b"] smimeproxy ready\r\n"
+        self.send(self._caps(line))
+        self._unbusy()
+
+    def _server_message(self, message: Message) -> None:
+        mode = self._resp_mode
+        if mode == "rewrite" and self.rewrite is not None:
+            self.send(self.rewrite.render(message))
+            return
+        head = message.lines[0]
+        if re.match(rb"\* [0-9]+ FETCH ", head, re.IGNORECASE):
+            self._captured.append(message)
+            return
+        if self._injected and re.match(rb"\* (LIST|SEARCH|ESEARCH|CAPABILITY)\b", head, re.I):
+            self._captured.append(message)
+            return
+        validity = _UIDVALIDITY.search(head)
+        if validity:
+            self.uidvalidity = int(validity.group(1))
+        self.send(message.encode())
+
+    def _tagged(self, line: bytes) -> None:
+        tag, status, text = split_tag(line)
+        if tag in self._injected:
+            d = self._injected.pop(tag)
+            captured, self._captured = self._captured, []
+            d.callback(Result(status, text, captured))
+            return
+        word, state = self._outstanding.pop(tag, (b"", None))
+        if tag == self._raw_tag:
+            self._raw_tag = None
+        caps = capabilities_in(line)
+        if caps is not None:
+            self.upstream_caps = set(caps)
+        if word in (b"FETCH", b"UID FETCH") and self.rewrite is not None:
+            self.rewrite = None
+        self.send(self._caps(line) if caps is not None else line)
+        if isinstance(state, Deferred):
+            state.callback(None)
+        if word in (b"LOGIN", b"AUTHENTICATE") and status == b"OK" and self.login:
+            self._intercept(lambda: intercept.after_login(self))
+        elif word in (b"LOGIN", b"AUTHENTICATE"):
+            self.login = None
+        self._maybe_start_intercept()
+
+
+def _header_of(line: bytes) -> LiteralHeader | None:
+    from smimeproxy.imap.wire import literal_header
+
+    return literal_header(line)
+
+
+def _plain_login(b64: bytes) -> str | None:
+    """The login name in a SASL PLAIN response (RFC 4616): authzid, else authcid."""
+    try:
+        raw = base64.b64decode(b64, validate=True)
+        authz, authc, _password = raw.split(b"\x00", 2)
+        return (authz or authc).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _login_name(word: bytes, message: Message) -> str | None:
+    try:
+        tokens = tokenize(message)
+    except MalformedMessage:
+        return None
+    if word == b"LOGIN" and len(tokens) >= 3:
+        try:
+            return bytes(tokens[2]).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if word == b"AUTHENTICATE" and len(tokens) >= 4 and isinstance(tokens[3], bytes):
+        if bytes(tokens[2]).upper() == b"PLAIN" and not isinstance(tokens[3], String):
+            return _plain_login(bytes(tokens[3]))
+    return None

@@ -1,0 +1,33 @@
+"""Run the IMAP proxy of a config file in its own process (integration tests, bench).
+
+``python -m tests.imap.runner CONFIG`` starts the ``[imap]`` face with a
+MessageProcessor over the configured store and prints ``READY`` once listening.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.internet import reactor
+from twisted.python import log
+
+from smimeproxy.config import load_config
+from smimeproxy.imap import make_service
+from smimeproxy.processing import MessageProcessor, open_configured_store
+
+
+def main(path: str) -> None:
+    config = load_config(path)
+    store = open_configured_store(config)
+    processor = MessageProcessor(store, config.smime)
+    service = make_service(config, processor, reactor=reactor)
+    if "-v" in sys.argv:
+        log.startLogging(sys.stderr)
+    reactor.getThreadPool().adjustPoolsize(4, 8)
+    service.startService()
+    reactor.callWhenRunning(lambda: print("READY", flush=True))
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
