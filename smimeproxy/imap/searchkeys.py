@@ -92,6 +92,10 @@ def plan(
     args = tokens[3:] if word == b"UID SEARCH" else tokens[2:]
     if not _has_text_key(args):
         return None
+    try:
+        from smimeproxy.imap.search import matches_text  # noqa: F401 (the content layer)
+    except ImportError:
+        return None
     return lambda: Deferred.fromCoroutine(search_intercept(session, tag, word, args))
 
 
