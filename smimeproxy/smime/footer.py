@@ -228,7 +228,7 @@ def wrap_with_footer(entity: Entity, status: MessageStatus) -> Entity:
     wrapper.add("MIME-Version", "1.0")
     # a multipart may only be as "wide" as its widest part (RFC 2045 section 6.4)
     cte = entity.transfer_encoding()
-    if cte in ("8bit", "binary") or any(b > 127 for b in entity.body):
+    if cte in ("8bit", "binary") or not entity.body.isascii():
         wrapper.add("Content-Transfer-Encoding", "binary" if cte == "binary" else "8bit")
     return wrapper
 

@@ -24,6 +24,7 @@ import re
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from smimeproxy.errors import MalformedMessage
 
@@ -195,6 +196,24 @@ def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
     """``type/subtype`` lower-cased and its parameters (RFC 2045, RFC 2231 continuations)."""
     if not value:
         return "text/plain", {}
+    if len(value) > _CACHED_VALUE_LIMIT:
+        return _parse_content_type(value)
+    ctype, params = _parse_content_type_cached(value)
+    return ctype, dict(params)
+
+
+#: email's parser costs ~50 us a call and the engine asks for the same few values many
+#: times per message; short values are cached (long ones would pin memory).
+_CACHED_VALUE_LIMIT = 1000
+
+
+@lru_cache(maxsize=512)
+def _parse_content_type_cached(value: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    ctype, params = _parse_content_type(value)
+    return ctype, tuple(params.items())
+
+
+def _parse_content_type(value: str) -> tuple[str, dict[str, str]]:
     msg = email.message.Message()
     msg["Content-Type"] = value
     ctype = msg.get_content_type()

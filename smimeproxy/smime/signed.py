@@ -487,27 +487,53 @@ def _read_crls(
 
 
 class _CertificateIndex:
-    """Certificates of the message by (issuer, serial) and by subjectKeyIdentifier."""
+    """Certificates of the message by (issuer, serial) and by subjectKeyIdentifier.
+
+    Lookups first compare the issuer Name's DER bytes (what nearly every signer writes:
+    a copy of its certificate's issuer); only on a miss are names compared the RFC 5280
+    way (asn1crypto's ``hashable``, costly), and the SKI index is built on first use.
+    """
 
     def __init__(self, certificates: Sequence[asn1_x509.Certificate]):
-        self._by_issuer_serial: dict[tuple[str, int], asn1_x509.Certificate] = {}
-        self._by_ski: dict[bytes, asn1_x509.Certificate] = {}
+        self._certificates = certificates
+        self._by_raw: dict[tuple[bytes, int], asn1_x509.Certificate] = {}
+        self._by_issuer_serial: dict[tuple[str, int], asn1_x509.Certificate] | None = None
+        self._by_ski: dict[bytes, asn1_x509.Certificate] | None = None
         for cert in certificates:
             try:
                 tbs = cert["tbs_certificate"]
-                key = (tbs["issuer"].hashable, tbs["serial_number"].native)
-                self._by_issuer_serial.setdefault(key, cert)
-                ski = cert.key_identifier
-                if ski:
-                    self._by_ski.setdefault(ski, cert)
-                self._by_ski.setdefault(cert.public_key.sha1, cert)  # RFC 5280 4.2.1.2 (1)
+                key = (bytes(tbs["issuer"].dump()), tbs["serial_number"].native)
+                self._by_raw.setdefault(key, cert)
             except _PARSE_ERRORS:
                 continue
 
     def by_issuer_serial(self, ias: cms.IssuerAndSerialNumber) -> asn1_x509.Certificate | None:
-        return self._by_issuer_serial.get((ias["issuer"].hashable, ias["serial_number"].native))
+        serial = ias["serial_number"].native
+        found = self._by_raw.get((bytes(ias["issuer"].dump()), serial))
+        if found is not None:
+            return found
+        if self._by_issuer_serial is None:
+            self._by_issuer_serial = {}
+            for cert in self._certificates:
+                try:
+                    tbs = cert["tbs_certificate"]
+                    key = (tbs["issuer"].hashable, tbs["serial_number"].native)
+                    self._by_issuer_serial.setdefault(key, cert)
+                except _PARSE_ERRORS:
+                    continue
+        return self._by_issuer_serial.get((ias["issuer"].hashable, serial))
 
     def by_ski(self, ski: bytes) -> asn1_x509.Certificate | None:
+        if self._by_ski is None:
+            self._by_ski = {}
+            for cert in self._certificates:
+                try:
+                    key_id = cert.key_identifier
+                    if key_id:
+                        self._by_ski.setdefault(key_id, cert)
+                    self._by_ski.setdefault(cert.public_key.sha1, cert)  # RFC 5280 4.2.1.2 (1)
+                except _PARSE_ERRORS:
+                    continue
         return self._by_ski.get(ski)
 
     def find(self, sid: cms.SignerIdentifier) -> asn1_x509.Certificate | None:
