@@ -56,8 +56,9 @@ class CLI:
     def __call__(self, *args: str, stdin: bytes = b"", stderr: io.StringIO | None = None) -> Result:
         out = io.BytesIO()
         err = stderr if stderr is not None else io.StringIO()
-        rc = main(["--config", str(self.config), *args], stdin=io.BytesIO(stdin), stdout=out,
-                  stderr=err)  # fmt: skip
+        rc = main(
+            ["--config", str(self.config), *args], stdin=io.BytesIO(stdin), stdout=out, stderr=err
+        )
         return Result(rc, out.getvalue(), err.getvalue())
 
     def ok(self, *args: str, stdin: bytes = b"") -> Result:

@@ -25,8 +25,16 @@ def test_audit_show_json_and_verify_intact(cli: CLI) -> None:
 def test_private_key_export_is_audited_and_private(cli: CLI, tmp_path: Path) -> None:
     cli.ok("keys", "generate", "--user", "alice@acme.test", "--kind", "p256")
     out = tmp_path / "alice.key"
-    cli.ok("keys", "export-key", "--user", "alice@acme.test", "--reason", "ticket 42",
-           "--out", str(out))  # fmt: skip
+    cli.ok(
+        "keys",
+        "export-key",
+        "--user",
+        "alice@acme.test",
+        "--reason",
+        "ticket 42",
+        "--out",
+        str(out),
+    )
     assert out.stat().st_mode & 0o777 == 0o600
     assert out.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
     entries = cli.ok("audit", "show", "--json").json()
@@ -36,8 +44,9 @@ def test_private_key_export_is_audited_and_private(cli: CLI, tmp_path: Path) -> 
     assert export[0]["detail"]["reason"] == "ticket 42"
     assert "PRIVATE KEY" not in cli.ok("audit", "show").text
     # a second export to the same file is refused before anything is exported or audited
-    again = cli("keys", "export-key", "--user", "alice@acme.test", "--reason", "x",
-                "--out", str(out))  # fmt: skip
+    again = cli(
+        "keys", "export-key", "--user", "alice@acme.test", "--reason", "x", "--out", str(out)
+    )
     assert again.rc == 4 and "already exists" in again.err
     entries = cli.ok("audit", "show", "--json").json()
     assert len([e for e in entries if e["action"] == "key.export"]) == 1

@@ -35,13 +35,27 @@ def test_issued_certificates_pass_openssl_smime_purposes(
     purposes = ("smimesign", "smimeencrypt") if kind.startswith("rsa") else ("smimesign",)
     for purpose in purposes:
         run = subprocess.run(
-            [openssl, "verify", "-purpose", purpose, "-CAfile", str(root),
-             "-untrusted", str(issuing), str(cert)],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                openssl,
+                "verify",
+                "-purpose",
+                purpose,
+                "-CAfile",
+                str(root),
+                "-untrusted",
+                str(issuing),
+                str(cert),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert run.returncode == 0 and f"{cert}: OK" in run.stdout, run.stderr
-    text = subprocess.run([openssl, "x509", "-in", str(cert), "-noout", "-text"],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    text = subprocess.run(
+        [openssl, "x509", "-in", str(cert), "-noout", "-text"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "email:alice@acme.test" in text and "E-mail Protection" in text
 
 
@@ -50,25 +64,55 @@ def test_users_aliases_go_into_the_certificate(cli: CLI, tmp_path: Path, openssl
     cli.ok("keys", "generate", "--user", "bob", "--kind", "p256")
     cert = tmp_path / "bob.pem"
     cert.write_bytes(cli.ok("keys", "export-cert", "robert@acme.test").out)
-    text = subprocess.run([openssl, "x509", "-in", str(cert), "-noout", "-ext",
-                           "subjectAltName"], capture_output=True, text=True).stdout  # fmt: skip
+    text = subprocess.run(
+        [openssl, "x509", "-in", str(cert), "-noout", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "email:bob@acme.test" in text and "email:robert@acme.test" in text
 
 
 def test_ca_issue_for_an_openssl_csr(cli: CLI, tmp_path: Path, openssl: str) -> None:
     subprocess.run(
-        [openssl, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", "ext.key", "-subj", "/CN=External Erin",
-         "-addext", "subjectAltName=email:erin@acme.test", "-out", "erin.csr"],
-        cwd=tmp_path, check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            openssl,
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ext.key",
+            "-subj",
+            "/CN=External Erin",
+            "-addext",
+            "subjectAltName=email:erin@acme.test",
+            "-out",
+            "erin.csr",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
     cli.ok("ca", "issue", "--csr", str(tmp_path / "erin.csr"), "--out", str(tmp_path / "e.pem"))
     root, issuing = _ca_files(cli, tmp_path)
     run = subprocess.run(
-        [openssl, "verify", "-purpose", "smimesign", "-CAfile", str(root), "-untrusted",
-         str(issuing), str(tmp_path / "e.pem")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            openssl,
+            "verify",
+            "-purpose",
+            "smimesign",
+            "-CAfile",
+            str(root),
+            "-untrusted",
+            str(issuing),
+            str(tmp_path / "e.pem"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     issued = cli.ok("ca", "list", "--json").json()
     assert [r["subject"] for r in issued if r["issuer"] == "issuing"] == ["erin@acme.test"]
@@ -91,32 +135,51 @@ def test_revocation_shows_in_crl_and_in_validation(cli: CLI, tmp_path: Path, ope
     cli.ok("keys", "generate", "--user", "alice@acme.test", "--kind", "p256")
     cli.ok("keys", "generate", "--user", "bob@acme.test", "--kind", "p256")
     mail = message("alice@acme.test", "bob@acme.test")
-    encrypted = cli.ok("message", "seal", "--from", "alice@acme.test", "--no-sign", "--to",
-                       "bob@acme.test", stdin=mail).out  # fmt: skip
+    encrypted = cli.ok(
+        "message",
+        "seal",
+        "--from",
+        "alice@acme.test",
+        "--no-sign",
+        "--to",
+        "bob@acme.test",
+        stdin=mail,
+    ).out
     plain = cli("message", "open", "--as", "bob@acme.test", "--json", stdin=encrypted).json()
     assert plain["decryption"]["decrypted"] and plain["smime"] == "none"
-    sealed = cli.ok("message", "seal", "--from", "alice@acme.test",
-                    stdin=message("alice@acme.test", "bob@acme.test")).out  # fmt: skip
+    sealed = cli.ok(
+        "message",
+        "seal",
+        "--from",
+        "alice@acme.test",
+        stdin=message("alice@acme.test", "bob@acme.test"),
+    ).out
     before = cli("message", "open", "--as", "bob@acme.test", "--json", stdin=sealed)
     assert before.rc == 0 and before.json()["smime"] == "pass"
 
     serial = cli.ok("users", "show", "alice@acme.test", "--json").json()["keys"][0]["serial"]
-    revoked = cli.ok("ca", "revoke", "--user", "alice@acme.test", "--reason", "keyCompromise",
-                     "--json").json()  # fmt: skip
+    revoked = cli.ok(
+        "ca", "revoke", "--user", "alice@acme.test", "--reason", "keyCompromise", "--json"
+    ).json()
     assert revoked["serial"] == serial and revoked["reason"] == "keyCompromise"
     assert revoked["key"] is not None
     crl_path = tmp_path / "issuing.crl"
     cli.ok("ca", "crl", "--out", str(crl_path))
-    text = subprocess.run([openssl, "crl", "-in", str(crl_path), "-noout", "-text"],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    text = subprocess.run(
+        [openssl, "crl", "-in", str(crl_path), "-noout", "-text"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert serial.upper().lstrip("0") in text.replace(":", "").upper()
     assert "Key Compromise" in text
     assert "X509v3 CRL Number" in text
     _root, issuing = _ca_files(cli, tmp_path)
     run = subprocess.run(
         [openssl, "crl", "-in", str(crl_path), "-CAfile", str(issuing), "-noout"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert "verify OK" in run.stdout + run.stderr
 
     after = cli("message", "open", "--as", "bob@acme.test", "--json", stdin=sealed)
@@ -128,16 +191,26 @@ def test_revocation_shows_in_crl_and_in_validation(cli: CLI, tmp_path: Path, ope
     cli.ok("ca", "crl", "--out", str(tmp_path / "second.crl"))
     numbers = []
     for p in (crl_path, tmp_path / "second.crl"):
-        out = subprocess.run([openssl, "crl", "-in", str(p), "-noout", "-crlnumber"],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [openssl, "crl", "-in", str(p), "-noout", "-crlnumber"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         numbers.append(int(out.strip().split("=")[1], 16))
     assert numbers[1] > numbers[0]
     listed = cli.ok("crl", "list", "--json").json()
-    assert any(c["issuer"] == "CN=smimeproxy issuing CA" and c["revoked"] == [serial]
-               for c in listed)  # fmt: skip
+    assert any(
+        c["issuer"] == "CN=smimeproxy issuing CA" and c["revoked"] == [serial] for c in listed
+    )
     # revoked: it no longer signs
-    refused = cli("message", "seal", "--from", "alice@acme.test",
-                  stdin=message("alice@acme.test", "bob@acme.test"))  # fmt: skip
+    refused = cli(
+        "message",
+        "seal",
+        "--from",
+        "alice@acme.test",
+        stdin=message("alice@acme.test", "bob@acme.test"),
+    )
     assert refused.rc == 4 and "no current key" in refused.err
 
 

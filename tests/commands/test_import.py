@@ -39,17 +39,40 @@ def test_pkcs12_made_by_openssl(
     (tmp_path / "chain.pem").write_bytes(people["sub"].cert_pem)
     (tmp_path / "pw").write_text("s3cret pass\n")
     subprocess.run(
-        [openssl, "pkcs12", "-export", "-inkey", "dave.key", "-in", "dave.pem",
-         "-certfile", "chain.pem", "-passout", "file:pw", "-out", "dave.p12"],
-        cwd=tmp_path, check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            openssl,
+            "pkcs12",
+            "-export",
+            "-inkey",
+            "dave.key",
+            "-in",
+            "dave.pem",
+            "-certfile",
+            "chain.pem",
+            "-passout",
+            "file:pw",
+            "-out",
+            "dave.p12",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
     wrong = tmp_path / "wrong"
     wrong.write_text("nope\n")
-    bad = cli("keys", "import", "--pkcs12", str(tmp_path / "dave.p12"), "--password-file",
-              str(wrong))  # fmt: skip
+    bad = cli(
+        "keys", "import", "--pkcs12", str(tmp_path / "dave.p12"), "--password-file", str(wrong)
+    )
     assert bad.rc == 4 and "wrong password" in bad.err
-    done = cli.ok("keys", "import", "--pkcs12", str(tmp_path / "dave.p12"),
-                  "--password-file", str(tmp_path / "pw"), "--json").json()  # fmt: skip
+    done = cli.ok(
+        "keys",
+        "import",
+        "--pkcs12",
+        str(tmp_path / "dave.p12"),
+        "--password-file",
+        str(tmp_path / "pw"),
+        "--json",
+    ).json()
     assert done["address"] == "dave@acme.test"  # the owner comes from the certificate
     assert done["state"] == "current"
     assert done["intermediates_added"] == ["CN=Partner Issuing CA"]
@@ -64,11 +87,20 @@ def test_pem_key_and_certificate(cli: CLI, tmp_path: Path, people: dict[str, Iss
     (tmp_path / "erin.key").write_bytes(erin.key_pem)
     (tmp_path / "erin.pem").write_bytes(erin.cert_pem)
     (tmp_path / "dave.pem").write_bytes(people["dave"].cert_pem)
-    mismatch = cli("keys", "import", "--key", str(tmp_path / "erin.key"), "--cert",
-                   str(tmp_path / "dave.pem"))  # fmt: skip
+    mismatch = cli(
+        "keys", "import", "--key", str(tmp_path / "erin.key"), "--cert", str(tmp_path / "dave.pem")
+    )
     assert mismatch.rc == 4 and "does not belong" in mismatch.err
-    done = cli.ok("keys", "import", "--key", str(tmp_path / "erin.key"), "--cert",
-                  str(tmp_path / "erin.pem"), "--previous", "--json").json()  # fmt: skip
+    done = cli.ok(
+        "keys",
+        "import",
+        "--key",
+        str(tmp_path / "erin.key"),
+        "--cert",
+        str(tmp_path / "erin.pem"),
+        "--previous",
+        "--json",
+    ).json()
     assert done["address"] == "erin@acme.test" and done["state"] == "previous"
     listing = cli.ok("keys", "list", "--json").json()
     assert [(k["address"], k["state"]) for k in listing] == [("erin@acme.test", "previous")]
@@ -78,19 +110,40 @@ def test_csr_for_an_external_ca_then_import_its_certificate(
     cli: CLI, tmp_path: Path, openssl: str, people: dict[str, Issued]
 ) -> None:
     csr = tmp_path / "grace.csr"
-    cli.ok("keys", "generate", "--user", "grace@acme.test", "--kind", "p256",
-           "--csr-out", str(csr))  # fmt: skip
-    text = subprocess.run([openssl, "req", "-in", str(csr), "-noout", "-text", "-verify"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    cli.ok("keys", "generate", "--user", "grace@acme.test", "--kind", "p256", "--csr-out", str(csr))
+    text = subprocess.run(
+        [openssl, "req", "-in", str(csr), "-noout", "-text", "-verify"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "email:grace@acme.test" in text.stdout
     sub = people["sub"]
     (tmp_path / "ca.pem").write_bytes(sub.cert_pem)
     (tmp_path / "ca.key").write_bytes(sub.key_pem)
     subprocess.run(
-        [openssl, "x509", "-req", "-in", "grace.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-         "-CAcreateserial", "-days", "30", "-copy_extensions", "copy", "-out", "grace.pem"],
-        cwd=tmp_path, check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            openssl,
+            "x509",
+            "-req",
+            "-in",
+            "grace.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-copy_extensions",
+            "copy",
+            "-out",
+            "grace.pem",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
     assert cli.ok("keys", "list", "--json").json() == []  # pending, not usable yet
     done = cli.ok("keys", "import", "--cert", str(tmp_path / "grace.pem"), "--json").json()
     assert done["address"] == "grace@acme.test" and done["state"] == "current"
@@ -110,25 +163,50 @@ def test_certs_import_pem_der_and_pkcs7(
     (tmp_path / "carol.der").write_bytes(carol.certificate.public_bytes(serialization.Encoding.DER))
     (tmp_path / "frank.pem").write_bytes(frank.cert_pem)
     subprocess.run(
-        [openssl, "crl2pkcs7", "-nocrl", "-certfile", "frank.pem", "-certfile", "carol.pem",
-         "-out", "bundle.p7b"],
-        cwd=tmp_path, check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            openssl,
+            "crl2pkcs7",
+            "-nocrl",
+            "-certfile",
+            "frank.pem",
+            "-certfile",
+            "carol.pem",
+            "-out",
+            "bundle.p7b",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
     subprocess.run(
-        [openssl, "crl2pkcs7", "-nocrl", "-certfile", "frank.pem", "-outform", "DER",
-         "-out", "bundle.p7c"],
-        cwd=tmp_path, check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            openssl,
+            "crl2pkcs7",
+            "-nocrl",
+            "-certfile",
+            "frank.pem",
+            "-outform",
+            "DER",
+            "-out",
+            "bundle.p7c",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
     der = cli.ok("certs", "import", str(tmp_path / "carol.der"), "--json").json()
     assert [r["addresses"] for r in der] == [["carol@partner.test"]]
     p7 = cli.ok("certs", "import", str(tmp_path / "bundle.p7b"), "--json").json()
     assert sorted(a for r in p7 for a in r["addresses"]) == [
-        "carol@partner.test", "frank@partner.test"
-    ]  # fmt: skip
+        "carol@partner.test",
+        "frank@partner.test",
+    ]
     cli.ok("certs", "import", str(tmp_path / "bundle.p7c"), str(tmp_path / "carol.pem"))
     listing = cli.ok("certs", "list", "--json").json()
-    assert sorted(r["addresses"][0] for r in listing) == ["carol@partner.test",
-                                                          "frank@partner.test"]  # fmt: skip
+    assert sorted(r["addresses"][0] for r in listing) == [
+        "carol@partner.test",
+        "frank@partner.test",
+    ]
     assert all(r["source"] == "imported" for r in listing)
     fp = next(r["fingerprint"] for r in listing if r["addresses"] == ["frank@partner.test"])
     shown = cli.ok("certs", "show", fp[:12], "--pem").out
