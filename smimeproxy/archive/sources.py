@@ -261,7 +261,12 @@ class IMAPFolder:
 
 
 class IMAPSource:
-    """Every selectable folder of every account on one IMAP server."""
+    """Every selectable folder of every account on one IMAP server.
+
+    A folder's identity is ``imap:LOGIN:FOLDER`` with its UIDVALIDITY, not the
+    server's address: the same server reached on another address or port (a restart,
+    a new load balancer) is not indexed again. ``name`` is for messages only.
+    """
 
     def __init__(
         self,
@@ -324,7 +329,7 @@ class IMAPSource:
                 uidvalidity = (validity[0] or b"0").decode() if validity else "0"
                 yield IMAPFolder(
                     conn,
-                    f"imap:{self.name}:{account.login}:{name}",
+                    f"imap:{account.login}:{name}",
                     account.owner,
                     name,
                     uidvalidity,
