@@ -24,9 +24,10 @@ says so" is not applied, so a self-signed DANE-EE certificate does not validate.
 
 Trusted answers are recorded in the store (``CertificateSource.SMIMEA``) when a store
 is given, and cached in memory for the RRset's TTL (negative answers for the SOA
-minimum, at most an hour). Resolver failures (timeout, SERVFAIL) are not cached and
-give an empty list; ``UpstreamError`` is raised only when the resolver cannot be
-reached at all, so the caller can answer "try later" instead of "no certificate".
+minimum, at most an hour). A resolver that does not answer (timeout, unreachable)
+raises ``UpstreamError``, so the caller can answer "try later" instead of "no
+certificate"; an error answer (SERVFAIL, which is also what a validating resolver
+says for a bogus signature) gives an empty list and is not cached.
 """
 
 from __future__ import annotations
@@ -131,9 +132,6 @@ class SMIMEALookup:
             response, _ = dns.query.udp_with_fallback(
                 request, self.resolver, timeout=self.timeout, port=self.port
             )
-        except dns.exception.Timeout:
-            self._log.warn("smimea.timeout {resolver}", resolver=self.resolver)
-            return LookupResult((), False, 0, "the resolver did not answer")
         except (dns.exception.DNSException, OSError) as e:
             raise UpstreamError(f"resolver {self.resolver}:{self.port}: {e}") from None
         authenticated = bool(response.flags & dns.flags.AD)

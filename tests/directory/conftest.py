@@ -46,6 +46,12 @@ class People:
 
 @pytest.fixture(scope="session")
 def people(pki: CertificateFactory) -> People:
+    return make_people(pki)
+
+
+def make_people(pki: CertificateFactory) -> People:
+    """Alice (and her next certificate), Bob, and Carol with an RSA-4096 certificate
+    under an RSA-4096 CA (a record of over 1232 octets)."""
     big_ca = pki.ca("smimeproxy Test RSA-4096 CA", pki.root, key_kind="rsa4096")
     return People(
         alice=pki.user("alice@acme.test", key_kind="p256"),
