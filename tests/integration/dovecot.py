@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,8 @@ def _free_port() -> int:
 
 @dataclass
 class Dovecot:
-    """A running server; ``stop()`` it (the fixture does) to end it."""
+    """A running server; ``stop()`` it (the fixture does) to end it and delete its files
+    (``base`` is a private directory outside tmp_path, see :func:`start_dovecot`)."""
 
     host: str
     port: int
@@ -163,6 +165,7 @@ class Dovecot:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 def _wait_greeting(host: str, port: int, process: subprocess.Popen[bytes], deadline: float) -> bool:
@@ -185,19 +188,15 @@ def start_dovecot(
 ) -> Dovecot:
     """Start Dovecot for ``users`` (login -> password); skip/fail like ``require_tool``."""
     binary = require_tool("dovecot")
-    base = Path(tmp_path) / "dovecot"
-    base.mkdir(parents=True, exist_ok=True)
-    # Dovecot's unprivileged helpers (auth, login) must reach their files.
-    for parent in [base, *base.parents]:
-        if parent == Path("/"):
-            break
-        try:
-            mode = parent.stat().st_mode
-            if parent.stat().st_uid == os.getuid():
-                os.chmod(parent, mode | 0o111)
-        except OSError:
-            pass
+    # Dovecot's unprivileged helpers (auth, login, mail as "nobody") must reach their
+    # files, and pytest keeps its own base temp directory owner-only (re-tightened by
+    # every concurrent pytest run): so the server lives in its own 0755 directory under
+    # the system temp dir, linked from tmp_path as "dovecot" and removed by stop().
+    base = Path(tempfile.mkdtemp(prefix="smimeproxy-dovecot-"))
     base.chmod(0o755)
+    link = Path(tmp_path) / "dovecot"
+    if not link.exists():
+        link.symlink_to(base)
     (base / "mail").mkdir(exist_ok=True)
     uid, gid = os.getuid(), os.getgid()
     if uid == 0:
