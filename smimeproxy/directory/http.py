@@ -121,9 +121,16 @@ class CertificatesRoot(resource.Resource):
         return CertificateResource(self.live, name.strip().lower(), form)
 
 
+class _Root(_NotFound):
+    isLeaf = False
+
+    def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
+        return _NotFound()
+
+
 def make_site(live: LivePublication) -> server.Site:
     """A site serving ``/certs/``; anything else is 404."""
-    root = resource.Resource()
+    root = _Root()
     root.putChild(b"certs", CertificatesRoot(live))
     site = server.Site(root)
     site.displayTracebacks = False

@@ -1,0 +1,121 @@
+"""``make_service`` from a configuration file: DNS and HTTP listeners on loopback,
+certificates downloaded as PEM and as PKCS#7 certs-only (checked with openssl)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from twisted.internet import reactor
+from twisted.web.client import Agent, readBody
+
+from smimeproxy.config import load_config
+from smimeproxy.directory.publication import Publication
+from smimeproxy.directory.service import make_service
+from smimeproxy.keystore import SyncStore
+from smimeproxy.pki.smimea import parse_smimea_presentation, smimea_for_certificate
+from smimeproxy.pki.smimea import smimea_owner_name as owner_of
+from tests.directory.conftest import People, dig
+from tests.integration.bind import free_port
+
+
+@pytest.fixture
+def running(tmp_path: Path, store: SyncStore) -> Iterator[tuple[int, int]]:
+    dns_port, http_port = free_port(), free_port()
+    path = tmp_path / "smimeproxy.toml"
+    path.write_text(
+        f"""
+[keystore]
+url = "sqlite:store.db"
+master_key_file = "master.key"
+
+[directory]
+dns_listen = ["udp:{dns_port}:interface=127.0.0.1", "tcp:{dns_port}:interface=127.0.0.1"]
+http_listen = ["tcp:{http_port}:interface=127.0.0.1"]
+domains = ["acme.test"]
+ttl = 900
+smimea_matching_type = 1
+"""
+    )
+    service = make_service(load_config(path), store, reactor, nameserver="ns1.acme.test")
+    service.startService()
+    yield dns_port, http_port
+    pytest_twisted.blockon(service.stopService())
+
+
+def get(port: int, path: str):  # type: ignore[no-untyped-def]
+    d = Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+
+    def body(response):  # type: ignore[no-untyped-def]
+        return readBody(response).addCallback(lambda data: (response, data))
+
+    return d.addCallback(body)
+
+
+@pytest_twisted.inlineCallbacks
+def test_dns_from_config_uses_configured_parameters(
+    running: tuple[int, int], people: People, dig_path: str
+):
+    dns_port, _ = running
+    out = yield dig(dig_path, dns_port, "+short", owner_of("alice@acme.test"), "SMIMEA")
+    record = parse_smimea_presentation(out.strip())
+    assert record == smimea_for_certificate(people.alice.certificate, matching_type=1)
+    tcp = yield dig(dig_path, dns_port, "+tcp", "+short", owner_of("bob@acme.test"), "SMIMEA")
+    assert parse_smimea_presentation(tcp.strip()).matching_type == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_http_pem_and_p7c(running: tuple[int, int], people: People, tmp_path: Path, openssl: str):
+    _, port = running
+    response, body = yield get(port, "/certs/alice@acme.test")
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/pem-certificate-chain"]
+    assert x509.load_pem_x509_certificates(body) == [people.alice.certificate]
+    response, body = yield get(port, "/certs/Alice%40acme.test.p7c")
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type") == [
+        b"application/pkcs7-mime; smime-type=certs-only"
+    ]
+    (tmp_path / "alice.p7c").write_bytes(body)
+    shown = subprocess.run(
+        [openssl, "pkcs7", "-inform", "DER", "-in", str(tmp_path / "alice.p7c"), "-print_certs"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert x509.load_pem_x509_certificates(shown) == [people.alice.certificate]
+
+
+@pytest_twisted.inlineCallbacks
+def test_http_not_found_and_live(running: tuple[int, int], store: SyncStore, people: People):
+    _, port = running
+    for path in ("/certs/mallory@acme.test", "/certs/alice@other.test", "/certs/x", "/", "/certs/"):
+        response, body = yield get(port, path)
+        assert response.code == 404, path
+        assert b"Traceback" not in body
+    store.rotate("alice@acme.test", people.alice_new.private_key, people.alice_new.certificate)
+    response, body = yield get(port, "/certs/alice@acme.test.pem")
+    assert x509.load_pem_x509_certificates(body) == [people.alice_new.certificate]
+    (key,) = store.keys("bob@acme.test")
+    store.revoke_key(key.id, "compromised")
+    response, _ = yield get(port, "/certs/bob@acme.test")
+    assert response.code == 404
+
+
+def test_publication_follows_aliases_and_expiry(store: SyncStore, people: People):
+    now = [people.alice.certificate.not_valid_before_utc]
+    publication = Publication(store, ["acme.test"], now=lambda: now[0])
+    assert publication.by_address("alice.smith@acme.test") is None
+    store.add_alias("alice@acme.test", "alice.smith@acme.test")
+    found = publication.by_address("alice.smith@acme.test")
+    assert found is not None and found.certificates == (people.alice.certificate,)
+    assert found.owner == owner_of("alice.smith@acme.test")
+    everything = publication.everything("acme.test")
+    assert {p.address for p in everything} == {
+        "alice@acme.test", "alice.smith@acme.test", "bob@acme.test", "carol@acme.test"
+    }  # fmt: skip
+    now[0] = people.alice.certificate.not_valid_after_utc
+    assert publication.by_address("alice@acme.test") is None  # expired: no longer published
