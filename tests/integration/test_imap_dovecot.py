@@ -1,0 +1,357 @@
+"""The IMAP proxy in front of a real Dovecot: clients see decrypted mail, the server
+keeps ciphertext, everything else passes through.
+
+One Dovecot and one proxy process for the module; each test works in its own mailbox.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.integration.imap_world import World, plain_message, start_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    require_tool("dovecot")
+    w = start_world(tmp_path_factory.mktemp("imap"))
+    yield w
+    w.stop()
+
+
+def mailbox(world: World, name: str, messages: list[bytes], user: str = "alice") -> None:
+    c = world.direct(user)
+    c.create(name)
+    for data in messages:
+        assert c.append(name, None, None, data)[0] == "OK"
+    c.logout()
+
+
+def body_of(data: list) -> bytes:
+    return next(part[1] for part in data if isinstance(part, tuple))
+
+
+def fetch(c: imaplib.IMAP4, uid: str, item: str) -> list:
+    typ, data = c.uid("FETCH", uid, item)
+    assert typ == "OK", data
+    return data
+
+
+def test_capabilities_are_filtered(world: World) -> None:
+    c = imaplib.IMAP4("127.0.0.1", world.proxy_port)
+    caps = set(c.capabilities)
+    assert "AUTH=PLAIN" in caps and "IMAP4REV1" in caps
+    assert not any(cap.startswith(("COMPRESS", "AUTH=LOGIN", "STARTTLS")) for cap in caps)
+    assert "LOGINDISABLED" not in caps  # plaintext_login = true (loopback test listener)
+    c.login("alice", "alice-pw")
+    typ, data = c.capability()
+    after = data[0].split()
+    assert b"MOVE" in after and b"UIDPLUS" in after and b"CONDSTORE" in after
+    assert not any(cap.startswith(b"COMPRESS") for cap in after)
+    c.logout()
+
+
+def test_plain_messages_pass_through_unchanged(world: World) -> None:
+    msg = plain_message("plain", "just text")
+    mailbox(world, "Plain", [msg])
+    c, d = world.client(), world.direct()
+    for conn in (c, d):
+        conn.select("Plain")
+    # (FLAGS differ: \\Recent goes to the first session that selects the mailbox)
+    item = "(UID INTERNALDATE RFC822.SIZE ENVELOPE BODYSTRUCTURE BODY.PEEK[] BINARY.PEEK[1])"
+    assert fetch(c, "1:*", item) == fetch(d, "1:*", item)
+    c.logout()
+    d.logout()
+
+
+def test_encrypted_message_is_answered_decrypted(world: World) -> None:
+    pytest.importorskip("smimeproxy.imap.cache")  # the same decryption across commands
+    mailbox(world, "Enc", [world.encrypted("secret subject", "the hidden body text")])
+    c, d = world.client(), world.direct()
+    c.select("Enc")
+    d.select("Enc")
+    whole = body_of(fetch(c, "1", "(BODY.PEEK[])"))
+    assert b"the hidden body text" in whole
+    assert b"Authentication-Results:" in whole
+    assert b"pkcs7-mime" not in whole.split(b"\r\n\r\n")[0].lower()
+    size = fetch(c, "1", "(RFC822.SIZE)")[0]
+    assert int(re.search(rb"RFC822.SIZE (\d+)", size).group(1)) == len(whole)
+    header = body_of(fetch(c, "1", "(BODY.PEEK[HEADER])"))
+    text = body_of(fetch(c, "1", "(BODY.PEEK[TEXT])"))
+    assert header + text == whole
+    assert body_of(fetch(c, "1", "(RFC822.HEADER)")) == header
+    # server-owned items stay the server's
+    for item in ("(ENVELOPE)", "(INTERNALDATE)", "(UID)"):
+        assert fetch(c, "1", item) == fetch(d, "1", item)
+    structure = fetch(c, "1", "(BODYSTRUCTURE)")[0]
+    assert b"application" not in structure.lower() and b'"text" "plain"' in structure.lower()
+    # the server itself still holds ciphertext
+    assert b"pkcs7-mime" in body_of(fetch(d, "1", "(BODY.PEEK[HEADER])")).lower()
+    c.logout()
+    d.logout()
+
+
+def test_chunked_fetch_is_consistent(world: World) -> None:
+    """Thunderbird-style: size first, then BODY.PEEK[]<n.m> chunks, then structure."""
+    pytest.importorskip("smimeproxy.imap.cache")
+    mailbox(world, "Chunks", [world.encrypted("chunks", "line\r\n" * 3000)])
+    c = world.client()
+    c.select("Chunks")
+    first = fetch(c, "1", "(UID RFC822.SIZE BODYSTRUCTURE)")[0]
+    size = int(re.search(rb"RFC822.SIZE (\d+)", first).group(1))
+    chunks = []
+    for origin in range(0, size, 4096):
+        data = fetch(c, "1", f"(BODY.PEEK[]<{origin}.4096>)")
+        chunks.append(body_of(data))
+    whole = b"".join(chunks)
+    assert len(whole) == size
+    assert whole == body_of(fetch(c, "1", "(BODY.PEEK[])"))
+    assert fetch(c, "1", "(UID RFC822.SIZE BODYSTRUCTURE)")[0] == first
+    c.logout()
+
+
+def test_non_peek_fetch_sets_seen(world: World) -> None:
+    mailbox(world, "Seen", [world.encrypted("seen", "read me")])
+    c = world.client()
+    c.select("Seen")
+    data = fetch(c, "1", "(BODY[])")
+    assert b"read me" in body_of(data)
+    c.logout()
+    d = world.direct()
+    d.select("Seen")
+    assert b"\\Seen" in fetch(d, "1", "(FLAGS)")[0]
+    d.logout()
+
+
+def test_key_isolation(world: World) -> None:
+    """Bob's message in Alice's mailbox stays encrypted for Alice; Carol (no keys) gets
+    a plain pass-through session."""
+    bobs = world.encrypted("for bob", "bob only", to=world.bob)
+    mailbox(world, "Isolation", [bobs, world.encrypted("for alice", "alice text")])
+    c, d = world.client(), world.direct()
+    c.select("Isolation")
+    d.select("Isolation")
+    assert fetch(c, "1", "(BODY.PEEK[])") == fetch(d, "1", "(BODY.PEEK[])")  # as stored
+    assert b"alice text" in body_of(fetch(c, "2", "(BODY.PEEK[])"))
+    c.logout()
+    d.logout()
+    mailbox(world, "CarolBox", [world.encrypted("x", "alice text")], user="carol")
+    carol = world.client("carol")
+    carol.select("CarolBox")
+    assert b"alice text" not in body_of(fetch(carol, "1", "(BODY.PEEK[])"))
+    carol.logout()
+
+
+def test_append_to_sent_is_encrypted(world: World) -> None:
+    c = world.client()
+    msg = plain_message("my sent mail", "sent body words", sender="alice@acme.test")
+    date = imaplib.Time2Internaldate(time.time() - 86400 * 3)
+    typ, data = c.append("Sent", "(\\Seen $Label1)", date, msg)
+    assert typ == "OK", data
+    uid = re.search(rb"APPENDUID \d+ (\d+)", data[0]).group(1).decode()
+    c.select("Sent")
+    assert b"sent body words" in body_of(fetch(c, uid, "(BODY.PEEK[])"))
+    c.logout()
+    d = world.direct()
+    d.select("Sent")
+    stored = body_of(fetch(d, uid, "(BODY.PEEK[])"))
+    assert b"sent body words" not in stored and b"application/pkcs7-mime" in stored
+    meta = fetch(d, uid, "(FLAGS INTERNALDATE)")[0]
+    assert b"$Label1" in meta and b"\\Seen" in meta
+    assert date.strip('"')[:11].encode() in meta
+    d.logout()
+
+
+def test_append_elsewhere_passes_through(world: World) -> None:
+    c = world.client()
+    c.create("Notes")
+    msg = plain_message("note", "stays plain")
+    assert c.append("Notes", None, None, msg)[0] == "OK"
+    c.logout()
+    d = world.direct()
+    d.select("Notes")
+    assert body_of(fetch(d, "1", "(BODY.PEEK[])")) == msg
+    d.logout()
+
+
+def test_search_body_matches_encrypted(world: World) -> None:
+    pytest.importorskip("smimeproxy.imap.search")
+    mailbox(
+        world,
+        "Search",
+        [
+            plain_message("p1", "zebra plain"),
+            world.encrypted("e1", "zebra hidden"),
+            world.encrypted("e2", "giraffe hidden"),
+        ],
+    )
+    c = world.client()
+    c.select("Search")
+    assert c.search(None, "BODY", "zebra")[1][0].split() == [b"1", b"2"]
+    assert c.search(None, "NOT", "BODY", "zebra")[1][0].split() == [b"3"]
+    assert c.search(None, "OR", "TEXT", "giraffe", "SUBJECT", "p1")[1][0].split() == [b"1", b"3"]
+    assert c.uid("SEARCH", "BODY", "hidden", "NOT", "SUBJECT", "e2")[1][0].split() == [b"2"]
+    c.logout()
+
+
+def test_imapclient_library(world: World) -> None:
+    imapclient = pytest.importorskip("imapclient")
+    mailbox(
+        world, "IMAPClient", [world.encrypted("lib", "via imapclient"), plain_message("p", "q")]
+    )
+    client = imapclient.IMAPClient("127.0.0.1", port=world.proxy_port, ssl=False)
+    client.login("alice", "alice-pw")
+    client.select_folder("IMAPClient")
+    got = client.fetch([1, 2], ["RFC822", "RFC822.SIZE", "FLAGS"])
+    assert b"via imapclient" in got[1][b"RFC822"]
+    assert got[1][b"RFC822.SIZE"] == len(got[1][b"RFC822"])
+    assert got[2][b"RFC822"].endswith(b"q\r\n")
+    client.logout()
+
+
+def test_mbsync_syncs_decrypted(world: World, tmp_path: Path) -> None:
+    mbsync = require_tool("mbsync")
+    mailbox(world, "Sync", [world.encrypted(f"m{i}", f"synced body {i}") for i in range(3)])
+    local = tmp_path / "local"
+    local.mkdir()
+    rc = tmp_path / "mbsyncrc"
+    rc.write_text(
+        f"""IMAPAccount proxy
+Host 127.0.0.1
+Port {world.proxy_port}
+User alice
+Pass alice-pw
+SSLType None
+AuthMechs LOGIN
+
+IMAPStore remote
+Account proxy
+
+MaildirStore local
+Path {local}/
+Inbox {local}/INBOX
+
+Channel sync
+Far :remote:Sync
+Near :local:Sync
+Create Near
+Sync Pull
+"""
+    )
+    result = subprocess.run(
+        [mbsync, "-c", str(rc), "sync"], capture_output=True, timeout=60, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    files = [
+        p for p in (local / "Sync").rglob("*") if p.is_file() and p.parent.name in ("cur", "new")
+    ]
+    assert len(files) == 3
+    bodies = sorted(p.read_bytes() for p in files)
+    for i in range(3):
+        assert any(f"synced body {i}".encode() in b for b in bodies)
+    assert not any(b"application/pkcs7-mime" in b.split(b"\r\n\r\n")[0] for b in bodies)
+
+
+def raw(world: World) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", world.proxy_port), timeout=10)
+    assert s.recv(4096).startswith(b"* OK")
+    return s
+
+
+def read_until(s: socket.socket, token: bytes) -> bytes:
+    data = b""
+    while token not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def count(world: World, name: str) -> int:
+    d = world.direct()
+    typ, data = d.select(name)
+    d.logout()
+    return int(data[0])
+
+
+@pytest.mark.parametrize("folder", ["Sent", "Drop"])
+def test_client_drop_mid_append_appends_nothing(world: World, folder: str) -> None:
+    if folder != "Sent":
+        mailbox(world, folder, [])
+    before = count(world, folder)
+    s = raw(world)
+    s.sendall(b"a LOGIN alice alice-pw\r\n")
+    read_until(s, b"a OK")
+    time.sleep(0.3)  # let the proxy map the login
+    s.sendall(b"b APPEND " + folder.encode() + b" {1000}\r\n")
+    assert read_until(s, b"\r\n").startswith(b"+")
+    s.sendall(b"Subject: half\r\n\r\n" + b"x" * 400)
+    time.sleep(0.2)
+    s.close()
+    time.sleep(0.5)
+    assert count(world, folder) == before
+
+
+def test_garbage_and_long_lines(world: World) -> None:
+    s = raw(world)
+    s.sendall(b"\x00\xff garbage\r\n")
+    assert b"BAD" in read_until(s, b"\r\n")
+    s.sendall(b"x" * 200_000 + b"\r\n")
+    got = read_until(s, b"BAD")
+    assert b"BAD" in got or got == b""
+    s.close()
+    c = world.client()  # the proxy still serves
+    assert c.noop()[0] == "OK"
+    c.logout()
+
+
+def test_idle_passes_through(world: World) -> None:
+    mailbox(world, "Idle", [])
+    s = raw(world)
+    s.sendall(b"a LOGIN alice alice-pw\r\nb SELECT Idle\r\n")
+    read_until(s, b"b OK")
+    s.sendall(b"c IDLE\r\n")
+    assert read_until(s, b"\r\n").startswith(b"+")
+    world.append("Idle", plain_message("new", "arrives"))
+    assert b"EXISTS" in read_until(s, b"EXISTS")
+    s.sendall(b"DONE\r\n")
+    assert b"c OK" in read_until(s, b"c OK")
+    s.close()
+
+
+def test_fifty_concurrent_sessions(world: World) -> None:
+    mailbox(world, "Busy", [world.encrypted("busy", "concurrent body"), plain_message("p", "q")])
+    errors: list[BaseException] = []
+
+    def session() -> None:
+        try:
+            c = world.client()
+            c.select("Busy", readonly=True)
+            for _ in range(3):
+                assert b"concurrent body" in body_of(fetch(c, "1", "(BODY.PEEK[])"))
+                assert fetch(c, "2", "(BODY.PEEK[])")
+            c.logout()
+        except BaseException as exc:
+            errors.append(exc)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=session) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors, errors[:3]
+    assert time.monotonic() - started < 90
+    assert shutil.which("dovecot")
