@@ -122,14 +122,23 @@ def _certificate_id(certificate: x509.Certificate) -> CertificateId:
 
 
 def _issuer_serial_id(kind: str, value: cms.IssuerAndSerialNumber) -> RecipientIdentifier:
-    issuer = value["issuer"]
-    try:
-        human = issuer.human_friendly
-    except (ValueError, TypeError, KeyError):
-        human = "(unreadable name)"
+    issuer_der = bytes(value["issuer"].dump())
     return RecipientIdentifier(
-        kind, issuer=human, issuer_der=issuer.dump(), serial_number=value["serial_number"].native
+        kind,
+        issuer=_human_name(issuer_der),
+        issuer_der=issuer_der,
+        serial_number=value["serial_number"].native,
     )
+
+
+@lru_cache(maxsize=256)
+def _human_name(issuer_der: bytes) -> str:
+    """A Name for people; cached (asn1crypto's rendering costs more than an RSA
+    decryption, and the same few issuers come back in every message)."""
+    try:
+        return str(asn1_x509.Name.load(issuer_der).human_friendly)
+    except (ValueError, TypeError, KeyError):
+        return "(unreadable name)"
 
 
 def _ktri_id(ktri: cms.KeyTransRecipientInfo) -> RecipientIdentifier:

@@ -274,15 +274,27 @@ def iter_leaves(entity: Entity, depth: int = 0, max_depth: int = 32) -> Iterator
         yield entity
 
 
+#: every byte that is not in the base64 alphabet or "=" (RFC 2045 section 6.8 says to
+#: ignore them when decoding)
+_NOT_BASE64 = bytes(
+    b
+    for b in range(256)
+    if b not in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+)
+
+
 def decode_transfer_encoding(body: bytes, encoding: str) -> bytes:
     """Remove a Content-Transfer-Encoding; unknown encodings are an error, not a guess."""
     encoding = encoding.lower()
     if encoding in ("7bit", "8bit", "binary", ""):
         return body
     if encoding == "base64":
-        cleaned = re.sub(rb"[^A-Za-z0-9+/=]", b"", body)
-        cleaned = cleaned.split(b"=", 1)[0] if b"=" in cleaned[:-2] else cleaned
-        cleaned += b"=" * (-len(cleaned) % 4)
+        # one C pass each, no slice copies: 10 MB bodies come through here
+        cleaned = body.translate(None, _NOT_BASE64)
+        if cleaned.find(b"=", 0, max(len(cleaned) - 2, 0)) >= 0:
+            cleaned = cleaned.split(b"=", 1)[0]
+        if len(cleaned) % 4:
+            cleaned += b"=" * (-len(cleaned) % 4)
         try:
             return base64.b64decode(cleaned)
         except (binascii.Error, ValueError) as e:

@@ -456,9 +456,11 @@ def _read_certificates(
     return asn1_certs, certs
 
 
+@functools.lru_cache(maxsize=256)
 def _load_certificate(der: bytes) -> x509.Certificate | None:
     """A certificate, or None when ``cryptography`` cannot read it; silences the
-    deprecation warning for negative serial numbers (old gpgsm test certificates)."""
+    deprecation warning for negative serial numbers (old gpgsm test certificates).
+    Cached: correspondents send the same certificates with every message."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         try:
@@ -722,10 +724,22 @@ def _capabilities(attrs: dict[str, list[cms.CMSAttribute]], errors: list[str]) -
         value = _single_value(attrs, _OID_SMIME_CAPABILITIES)
         if value is None:
             return ()
-        return parse_capabilities(value if isinstance(value, bytes) else value.dump())
+        encoded = bytes(value if isinstance(value, bytes) else value.dump())
+        if len(encoded) > _CACHED_CAPABILITIES_LIMIT:
+            return parse_capabilities(encoded)
+        return _parse_capabilities_cached(encoded)
     except (_SingleValueRule, MalformedMessage, *_PARSE_ERRORS):
         errors.append("SMIMECapabilities attribute unreadable")
         return ()
+
+
+#: A correspondent sends the same capabilities every time: parse each encoding once.
+_CACHED_CAPABILITIES_LIMIT = 2048
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_capabilities_cached(encoded: bytes) -> tuple[str, ...]:
+    return parse_capabilities(encoded)
 
 
 def _key_preference(
