@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sh.set_defaults(func=show_command)
     rm = s.add_parser("remove", help="forget a certificate, by fingerprint")
     rm.add_argument("fingerprint")
+    rm.add_argument("--json", action="store_true")
     rm.set_defaults(func=remove_command)
 
 
@@ -65,7 +66,7 @@ def _full(store: Any, prefix: str) -> str:
         return prefix
     matches = [r.fingerprint for r in store.certificates() if r.fingerprint.startswith(prefix)]
     if len(matches) == 1:
-        return matches[0]
+        return str(matches[0])
     from smimeproxy.errors import KeyNotFound
 
     raise KeyNotFound(
@@ -127,5 +128,8 @@ def remove_command(args: argparse.Namespace, io: IO) -> int:
     with configured_store(args) as (_, store):
         fp = _full(store, args.fingerprint)
         store.remove_certificate(fp, actor=actor())
-    io.write(f"removed {fp}\n")
+    if args.json:
+        print_json({"removed": fp}, io.stdout)
+    else:
+        io.write(f"removed {fp}\n")
     return 0

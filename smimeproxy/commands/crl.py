@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = p.add_subparsers(dest="action", required=True, metavar="add|list")
     a = s.add_parser("add", help="add a CRL (PEM or DER) signed by a trusted CA")
     a.add_argument("files", nargs="+", metavar="CRL")
+    a.add_argument("--json", action="store_true")
     a.set_defaults(func=add_command)
     ls = s.add_parser("list", help="the newest CRL of each issuer")
     ls.add_argument("--json", action="store_true")
@@ -40,6 +41,7 @@ def load_crl(path: str) -> x509.CertificateRevocationList:
 
 def add_command(args: argparse.Namespace, io: IO) -> int:
     crls = [(path, load_crl(path)) for path in args.files]
+    results = []
     with configured_store(args) as (_, store):
         issuers = [r.certificate for r in store.trust_records()]
         for path, crl in crls:
@@ -59,8 +61,19 @@ def add_command(args: argparse.Namespace, io: IO) -> int:
                     " (add the CA with trust add first)"
                 )
             kept = store.add_crl(crl, actor=actor())
-            state = "added" if kept else "not newer than the stored one, kept the stored"
-            io.write(f"{state}: CRL of {crl.issuer.rfc4514_string()} ({len(crl)} revoked)\n")
+            results.append(
+                {
+                    "file": path,
+                    "issuer": crl.issuer.rfc4514_string(),
+                    "kept": kept,
+                    "revoked": len(crl),
+                }
+            )
+    for r in results if not args.json else ():
+        state = "added" if r["kept"] else "not newer than the stored one, kept the stored"
+        io.write(f"{state}: CRL of {r['issuer']} ({r['revoked']} revoked)\n")
+    if args.json:
+        print_json(results, io.stdout)
     return 0
 
 

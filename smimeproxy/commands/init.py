@@ -92,7 +92,7 @@ def _kek_meta(db: Database) -> tuple[str | None, str | None]:
     has no schema or no master key yet (nothing is created here)."""
     try:
         with db.transaction(write=False) as tx:
-            rows = dict(
+            rows: dict[str, str] = dict(
                 tx.all("SELECT name, value FROM meta WHERE name IN ('kek_kdf', 'kek_check')")
             )
     except KeystoreError:

@@ -107,6 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="FILE",
         help="the new master key (created owner-only if it does not exist)",
     )
+    rs.add_argument("--json", action="store_true")
     rs.set_defaults(func=reseal_command)
 
     ec = s.add_parser("export-cert", help="print a user's current certificate (PEM)")
@@ -122,6 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ek.add_argument(
         "--password-file", metavar="FILE", help="encrypt the PKCS#8 PEM with this password"
     )
+    ek.add_argument("--json", action="store_true")
     ek.set_defaults(func=export_key_command)
 
 
@@ -375,6 +377,9 @@ def reseal_command(args: argparse.Namespace, io: IO) -> int:
         new = create_key_file(args.new_master_key_file)
     with configured_store(args) as (config, store):
         count = reseal(store, new, actor=actor())
+    if args.json:
+        print_json({"resealed": count, "master": new.origin}, io.stdout)
+        return 0
     io.write(
         f"resealed {count} private key(s) under {new.origin}; point keystore.master_key_file"
         f" in {config.path} at it and restart every node\n"
@@ -389,7 +394,7 @@ def export_cert_command(args: argparse.Namespace, io: IO) -> int:
         if not current:
             raise KeyNotFound(f"{args.address} has no current certificate")
         if args.chain:
-            identity_chain = certs.chain_for(current[0].certificate, store.intermediates())
+            identity_chain = list(certs.chain_for(current[0].certificate, store.intermediates()))
     for cert in [current[0].certificate, *identity_chain]:
         io.stdout.write(cert.public_bytes(serialization.Encoding.PEM))
     return 0
@@ -417,5 +422,8 @@ def export_key_command(args: argparse.Namespace, io: IO) -> int:
             key_id = matches[0]
         pem = store.export_key(key_id, reason=args.reason, password=password, actor=actor())
     write_private(args.out, pem)
+    if args.json:
+        print_json({"key": key_id, "out": args.out, "encrypted": bool(password)}, io.stdout)
+        return 0
     io.write(f"exported key {short(key_id)} to {args.out} (audited)\n")
     return 0

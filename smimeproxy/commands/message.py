@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import socket
 import sys
+from typing import Any
 
 from cryptography import x509
 
@@ -253,7 +254,7 @@ def _open_from_store(args: argparse.Namespace, data: bytes) -> OpenedMessage:
     with configured_store(args) as (config, store):
         store.user(args.as_address)  # KeyNotFound for an unknown user, not a silent no-key
         settings = config.smime
-        overrides: dict[str, object] = {"revocation": args.revocation}
+        overrides: dict[str, Any] = {"revocation": args.revocation}
         if args.authserv_id:
             overrides["authserv_id"] = args.authserv_id
         if args.no_footer:
@@ -301,7 +302,7 @@ def _seal_from_store(args: argparse.Namespace, data: bytes) -> bytes:
             key="message seal --from",
         )
     with configured_store(args) as (config, store):
-        overrides: dict[str, object] = {"header_protection": args.header_protection}
+        overrides: dict[str, Any] = {"header_protection": args.header_protection}
         if args.cipher:
             overrides["cipher"] = args.cipher
         if args.digest != "sha256":

@@ -177,22 +177,23 @@ class CAState:
         now = self._now()
         with self.store.db.transaction() as tx:
             for name, (key, cert) in made.items():
-                fp = fingerprint(cert)
-                try:
-                    tx.attempt(
-                        f"ca_{name}",
-                        lambda t, n=name, k=key, c=cert, f=fp: t.run(
-                            "INSERT INTO ca_keys (name, certificate, sealed, created,"
-                            " crl_number, crl_url_template) VALUES (?, ?, ?, ?, 0, ?)",
-                            (
-                                n,
-                                certs.der(c),
-                                self._sealer.seal(_pkcs8(k), owner_id=f"ca:{n}", key_id=f),
-                                to_text(now),
-                                crl_url_template,
-                            ),
-                        ),
+                row = (
+                    name,
+                    certs.der(cert),
+                    self._sealer.seal(_pkcs8(key), owner_id=f"ca:{name}", key_id=fingerprint(cert)),
+                    to_text(now),
+                    crl_url_template,
+                )
+
+                def insert(t: Tx, row: tuple[Any, ...] = row) -> None:
+                    t.run(
+                        "INSERT INTO ca_keys (name, certificate, sealed, created,"
+                        " crl_number, crl_url_template) VALUES (?, ?, ?, ?, 0, ?)",
+                        row,
                     )
+
+                try:
+                    tx.attempt(f"ca_{name}", insert)
                 except tx.integrity_errors:
                     raise KeystoreError("another node created the internal CA meanwhile") from None
                 certs.add_trust(tx, cert, TrustKind.ANCHOR if name == ROOT else None, now)

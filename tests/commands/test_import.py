@@ -254,7 +254,12 @@ def test_crl_add_needs_a_trusted_signer(
     assert refused.rc == 4 and "trust add" in refused.err
     (tmp_path / "sub.pem").write_bytes(people["sub"].cert_pem)
     cli.ok("trust", "add", str(tmp_path / "sub.pem"))
-    cli.ok("crl", "add", str(path))
+    added = cli.ok("crl", "add", str(path), "--json").json()
+    assert added == [
+        {"file": str(path), "issuer": "CN=Partner Issuing CA", "kept": True, "revoked": 1}
+    ]
+    # the same CRL again is not newer: the store keeps what it has
+    assert cli.ok("crl", "add", str(path), "--json").json()[0]["kept"] is False
     listed = cli.ok("crl", "list", "--json").json()
     mine = [c for c in listed if c["issuer"] == "CN=Partner Issuing CA"]
     assert mine and mine[0]["revoked"] == [format(people["carol"].certificate.serial_number, "x")]
