@@ -55,7 +55,7 @@ def test_capabilities_are_filtered(world: World) -> None:
     assert not any(cap.startswith(("COMPRESS", "AUTH=LOGIN", "STARTTLS")) for cap in caps)
     assert "LOGINDISABLED" not in caps  # plaintext_login = true (loopback test listener)
     c.login("alice", "alice-pw")
-    typ, data = c.capability()
+    _typ, data = c.capability()
     after = data[0].split()
     assert b"MOVE" in after and b"UIDPLUS" in after and b"CONDSTORE" in after
     assert not any(cap.startswith(b"COMPRESS") for cap in after)
@@ -247,6 +247,7 @@ Far :remote:Sync
 Near :local:Sync
 Create Near
 Sync Pull
+SyncState *
 """
     )
     result = subprocess.run(
@@ -281,7 +282,7 @@ def read_until(s: socket.socket, token: bytes) -> bytes:
 
 def count(world: World, name: str) -> int:
     d = world.direct()
-    typ, data = d.select(name)
+    _typ, data = d.select(name)
     d.logout()
     return int(data[0])
 
