@@ -88,6 +88,8 @@ def dovecot(tmp_path_factory):
             conn.logout()
         finally:
             server.stop()
+            if server.process.stderr is not None:  # the fixture leaves its pipe open
+                server.process.stderr.close()
 
 
 def _server_search(conn: imaplib.IMAP4, key: str, needle: str) -> set[int]:

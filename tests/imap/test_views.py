@@ -188,6 +188,8 @@ def dovecot(tmp_path_factory):
             conn.logout()
         finally:
             server.stop()
+            if server.process.stderr is not None:  # the fixture leaves its pipe open
+                server.process.stderr.close()
 
 
 @pytest.mark.parametrize("name", list(M))
