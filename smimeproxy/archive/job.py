@@ -33,7 +33,7 @@ class ArchiveJob(Service):
     """Calls ``run_pass`` in a thread every ``interval`` seconds (first at start)."""
 
     _log = Logger()
-    name = "archive-index"
+    name = "archive-index"  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -64,7 +64,12 @@ class ArchiveJob(Service):
         if running is None:
             return succeed(None)
         waiting: Deferred[Any] = Deferred()
-        running.addBoth(lambda r: (waiting.callback(None), r)[1])
+
+        def release(result: Any) -> Any:
+            waiting.callback(None)
+            return result
+
+        running.addBoth(release)
         return waiting
 
     def tick(self) -> None:
@@ -110,7 +115,7 @@ def make_service(
     top = MultiService()
     archive: ArchiveConfig | None = config.archive
     if archive is None or not archive.schedule:
-        return top
+        return top  # type: ignore[return-value]  # zope: MultiService provides IService
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -128,4 +133,4 @@ def make_service(
             return configured_pass(archive, processor, actor="archive-job")
 
     ArchiveJob(archive.schedule, run_pass, run_in_thread, reactor).setServiceParent(top)
-    return top
+    return top  # type: ignore[return-value]

@@ -72,13 +72,12 @@ def _normalise_dates(text: str) -> str:
     return _DATE_TERM.sub(fix, text)
 
 
-def parser(schema: Any) -> qparser.QueryParser:
-    """A whoosh parser for ``schema`` that raises on unreadable dates."""
+def parser(schema: Any) -> tuple[qparser.QueryParser, list[str]]:
+    """A whoosh parser for ``schema`` and the list it appends unreadable dates to."""
     errors: list[str] = []
     multi = qparser.MultifieldParser(list(DEFAULT_FIELDS), schema, group=qparser.AndGroup)
     multi.add_plugin(DateParserPlugin(free=False, callback=errors.append))
-    multi._date_errors = errors  # type: ignore[attr-defined]
-    return multi
+    return multi, errors
 
 
 def parse(text: str, schema: Any) -> Query:
@@ -88,12 +87,11 @@ def parse(text: str, schema: Any) -> Query:
     text = text.strip()
     if not text or text == "*":
         return Every()
-    p = parser(schema)
+    p, errors = parser(schema)
     try:
         query = p.parse(_normalise_dates(text))
     except (ValueError, TypeError, IndexError, KeyError) as e:
         raise ArchiveError(f"cannot read the query: {e}") from None
-    errors = p._date_errors  # type: ignore[attr-defined]
     if errors:
         raise ArchiveError(
             "cannot read the date in the query: "
