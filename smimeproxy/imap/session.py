@@ -117,6 +117,7 @@ class ProxySession(Protocol):
         self._busy = True  # until the upstream greeting
         self._outstanding: dict[bytes, tuple[bytes, Any]] = {}
         self._raw_tag: bytes | None = None
+        self._barrier = False
         self._pending_intercept: Callable[[], Deferred[Any]] | None = None
         self._serial = 0
         self._injected: dict[bytes, Deferred[Result]] = {}
@@ -187,6 +188,8 @@ class ProxySession(Protocol):
 
     def _drain(self) -> None:
         while self._queue and not self._busy and not self._closed:
+            if self._barrier and self._mode is None and self._raw_tag not in self._outstanding:
+                break  # wait for the login's outcome (a pipelined APPEND may need it)
             event = self._queue.popleft()
             if self._mode is None:
                 self._start_line(event)
@@ -278,6 +281,7 @@ class ProxySession(Protocol):
             self.login = _login_name(word, message)
             if word == b"AUTHENTICATE":
                 self._raw_tag = tag
+            self._barrier = self.ctx.processor is not None
         if word in RAW_CONTINUATION:
             self._raw_tag = tag
         if word in (b"SELECT", b"EXAMINE"):
@@ -506,10 +510,13 @@ class ProxySession(Protocol):
         self.send(self._caps(line) if caps is not None else line)
         if isinstance(state, Deferred):
             state.callback(None)
-        if word in (b"LOGIN", b"AUTHENTICATE") and status == b"OK" and self.login:
-            self._intercept(lambda: intercept.after_login(self))
-        elif word in (b"LOGIN", b"AUTHENTICATE"):
-            self.login = None
+        if word in (b"LOGIN", b"AUTHENTICATE"):
+            self._barrier = False
+            if status == b"OK" and self.login:
+                self._intercept(lambda: intercept.after_login(self))
+            else:
+                self.login = None
+                self._drain()
         self._maybe_start_intercept()
 
 

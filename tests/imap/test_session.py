@@ -1,0 +1,242 @@
+"""The proxy session against a scripted upstream, on StringTransports (no sockets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+
+from smimeproxy.imap.session import ProxySession, SessionContext
+
+GREETING = (
+    b"* OK [CAPABILITY IMAP4rev1 LITERAL+ COMPRESS=DEFLATE STARTTLS AUTH=PLAIN AUTH=LOGIN ID IDLE]"
+    b" hi\r\n"
+)
+
+
+@dataclass
+class User:
+    address: str
+
+
+class Store:
+    """Only the two lookups the session makes."""
+
+    def __init__(self, users: dict[str, str]):
+        self.users = users
+
+    def find_user(self, login: str) -> User | None:
+        return User(self.users[login]) if login in self.users else None
+
+    def keys(self, address: str) -> list[str]:
+        return ["key"]
+
+
+class Processor:
+    def __init__(self, users: dict[str, str]):
+        self.store = Store(users)
+
+
+class Harness:
+    def __init__(self, greeting: bytes = GREETING, **options: Any):
+        self.up_transport = StringTransport()
+        self.up: Protocol | None = None
+
+        def connect(protocol: Protocol) -> Deferred[Protocol]:
+            self.up = protocol
+            protocol.makeConnection(self.up_transport)
+            return succeed(protocol)
+
+        options.setdefault("plaintext_login", True)
+        self.ctx = SessionContext(
+            connect_upstream=connect,
+            run_blocking=lambda f, *a, **k: maybeDeferred(f, *a, **k),
+            **options,
+        )
+        self.session = ProxySession(self.ctx)
+        self.client = StringTransport()
+        self.session.makeConnection(self.client)
+        if greeting:
+            self.server(greeting)
+
+    def server(self, data: bytes) -> None:
+        assert self.up is not None
+        self.up.dataReceived(data)
+
+    def send(self, data: bytes) -> None:
+        self.session.dataReceived(data)
+
+    def to_client(self) -> bytes:
+        value = self.client.value()
+        self.client.clear()
+        return value
+
+    def to_server(self) -> bytes:
+        value = self.up_transport.value()
+        self.up_transport.clear()
+        return value
+
+
+def test_greeting_capabilities_filtered() -> None:
+    h = Harness()
+    greeting = h.to_client()
+    assert greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN ID IDLE]")
+    assert b"COMPRESS" not in greeting and b"AUTH=LOGIN" not in greeting
+
+
+def test_logindisabled_before_tls_and_login_refused() -> None:
+    h = Harness(plaintext_login=False, tls=object())
+    greeting = h.to_client()
+    assert b"STARTTLS" in greeting and b"LOGINDISABLED" in greeting
+    h.send(b"a LOGIN alice secret\r\n")
+    assert h.to_client().startswith(b"a NO [PRIVACYREQUIRED]")
+    assert h.to_server() == b""  # the password never left the proxy
+
+
+def test_untagged_capability_response_filtered() -> None:
+    h = Harness()
+    h.to_client()
+    h.send(b"c CAPABILITY\r\n")
+    assert h.to_server() == b"c CAPABILITY\r\n"
+    h.server(b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE MOVE\r\nc OK done\r\n")
+    assert h.to_client() == b"* CAPABILITY IMAP4rev1 MOVE\r\nc OK done\r\n"
+
+
+def test_compress_is_refused_locally() -> None:
+    h = Harness()
+    h.to_client()
+    h.send(b"z COMPRESS DEFLATE\r\n")
+    assert h.to_client().startswith(b"z BAD")
+    assert h.to_server() == b""
+
+
+def test_pipelined_commands_and_sync_literal_as_literal_plus() -> None:
+    h = Harness()
+    h.to_client()
+    h.send(b"a NOOP\r\nb LOGIN {5}\r\n")
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    h.send(b"alice pw\r\n")
+    assert h.to_server() == b"a NOOP\r\nb LOGIN {5+}\r\nalice pw\r\n"
+    h.server(b"a OK noop\r\nb OK [CAPABILITY IMAP4rev1 COMPRESS=DEFLATE] in\r\n")
+    assert h.to_client() == b"a OK noop\r\nb OK [CAPABILITY IMAP4rev1] in\r\n"
+
+
+def test_sync_literal_waits_for_upstream_without_literal_plus() -> None:
+    h = Harness(greeting=b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    h.to_client()
+    h.send(b"b LOGIN {5}\r\n")
+    h.send(b"alice pw\r\n")
+    assert h.to_server() == b"b LOGIN {5}\r\n"
+    h.server(b"+ go\r\n")
+    assert h.to_server() == b"alice pw\r\n"
+    assert h.to_client() == b"+ Ready for literal data\r\n"  # the server's + is not repeated
+
+
+def test_append_literal_streams_to_server() -> None:
+    h = Harness()
+    h.to_client()
+    h.send(b"a APPEND Archive {100000}\r\n")
+    assert h.to_server() == b"a APPEND Archive {100000}\r\n"
+    h.server(b"+ OK\r\n")
+    assert h.to_client() == b"+ OK\r\n"
+    h.send(b"x" * 40000)
+    assert h.to_server() == b"x" * 40000  # forwarded before the literal is complete
+    h.send(b"y" * 60000 + b"\r\n")
+    assert h.to_server() == b"y" * 60000 + b"\r\n"
+
+
+def test_server_literal_streams_to_client() -> None:
+    h = Harness()
+    h.to_client()
+    h.send(b"f FETCH 1 BODY.PEEK[]\r\n")
+    h.to_server()
+    h.server(b"* 1 FETCH (BODY[] {50000}\r\n" + b"z" * 20000)
+    assert h.to_client() == b"* 1 FETCH (BODY[] {50000}\r\n" + b"z" * 20000
+    h.server(b"z" * 30000 + b")\r\nf OK done\r\n")
+    assert h.to_client() == b"z" * 30000 + b")\r\nf OK done\r\n"
+
+
+def test_upstream_drop_mid_literal_sends_bye() -> None:
+    h = Harness()
+    h.to_client()
+    h.send(b"f FETCH 1 BODY.PEEK[]\r\n")
+    h.server(b"* 1 FETCH (BODY[] {50000}\r\n" + b"z" * 100)
+    h.to_client()
+    assert h.up is not None
+    h.up.connectionLost(None)
+    assert b"* BYE" in h.to_client()
+    assert h.client.disconnecting
+
+
+def test_client_drop_mid_append_aborts_upstream() -> None:
+    h = Harness()
+    h.to_client()
+    h.send(b"a APPEND Archive {1000}\r\n")
+    h.server(b"+ OK\r\n")
+    h.send(b"partial")
+    h.session.connectionLost(None)
+    assert h.up_transport.disconnecting  # the server never sees the literal complete
+
+
+def test_idle_done_is_forwarded_raw() -> None:
+    h = Harness()
+    h.to_client()
+    h.send(b"i IDLE\r\n")
+    h.server(b"+ idling\r\n* 3 EXISTS\r\n")
+    h.send(b"DONE\r\n")
+    assert h.to_server() == b"i IDLE\r\nDONE\r\n"
+    h.server(b"i OK idle done\r\n")
+    assert h.to_client().endswith(b"* 3 EXISTS\r\ni OK idle done\r\n")
+
+
+def test_garbage_gets_bad_not_forwarded() -> None:
+    h = Harness(max_line=1000)
+    h.to_client()
+    h.send(b"\r\n" + b"q" * 5000 + b"\r\n")
+    out = h.to_client()
+    assert b"BAD" in out
+    assert h.to_server() == b""
+    h.send(b"n NOOP\r\n")
+    assert h.to_server() == b"n NOOP\r\n"
+
+
+def test_login_maps_user_and_learns_sent_folder() -> None:
+    h = Harness(processor=Processor({"alice": "alice@acme.test"}), sent_folders=())
+    h.to_client()
+    h.send(b"a LOGIN alice pw\r\nb APPEND Outbox {3}\r\n")
+    assert h.to_server() == b"a LOGIN alice pw\r\n"
+    h.server(b"a OK logged in\r\n")
+    assert h.session.user == User("alice@acme.test")
+    assert h.to_server() == b'smp1 LIST "" "*" RETURN (SPECIAL-USE)\r\n'
+    h.server(b'* LIST (\\Sent) "/" Outbox\r\n* LIST () "/" INBOX\r\nsmp1 OK done\r\n')
+    # the LIST answers were the proxy's own: the client sees only its LOGIN reply
+    assert h.to_client() == b"a OK logged in\r\n+ Ready for literal data\r\n"
+    assert "outbox" in h.session.sent
+    h.send(b"abc\r\n")  # collected for encryption, not streamed
+    assert h.to_server() == b""
+
+
+def test_login_without_keys_is_pass_through() -> None:
+    h = Harness(processor=Processor({}))
+    h.to_client()
+    h.send(b"a AUTHENTICATE PLAIN AGNhcm9sAHB3\r\n")
+    h.server(b"a OK in\r\n")
+    assert h.session.login == "carol" and h.session.user is None
+    h.send(b"b APPEND Sent {3}\r\n")
+    assert h.to_server().endswith(b"b APPEND Sent {3}\r\n")  # streamed straight on
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.binary(max_size=80), max_size=8), st.lists(st.binary(max_size=80), max_size=8))
+def test_fuzz_never_raises(client_chunks: list[bytes], server_chunks: list[bytes]) -> None:
+    """Arbitrary bytes from either side, cut anywhere: no exception escapes the protocol."""
+    h = Harness(max_line=200)
+    for c, s in zip(client_chunks, server_chunks, strict=False):
+        h.send(c)
+        h.server(s)
+    h.session.connectionLost(None)
