@@ -43,28 +43,23 @@ from twisted.python.failure import Failure
 
 from smimeproxy.directory.publication import LivePublication, Published
 from smimeproxy.directory.records import SMIMEA, Record_SMIMEA
+from smimeproxy.directory.wire import EDNS_PAYLOAD, Request, opt_record, parse_request
 from smimeproxy.errors import SMIMEProxyError
 from smimeproxy.pki.smimea import smimea_for_certificate
 
 __all__ = [
     "EDNS_PAYLOAD",
+    "Answer",
     "DNSDatagramServer",
     "DNSStreamServer",
     "DNSStreamServerFactory",
     "SMIMEAAuthority",
     "SMIMEAResponder",
+    "encode_answer",
+    "reply_bytes",
     "zone_name",
 ]
 
-#: RFC 6891 section 6.2.5 leaves the size to us; 1232 is the DNS flag day 2020 value
-#: (no IP fragmentation on common paths).
-EDNS_PAYLOAD = 1232
-#: RFC 1035 section 4.2.1: the UDP limit without EDNS.
-CLASSIC_UDP_LIMIT = 512
-#: RFC 6891 section 9: BADVERS is extended RCODE 16.
-BADVERS = 16
-#: RFC 1035 4.1.1 opcodes / RFC 2136 section 1.3 (UPDATE = 5)
-OP_UPDATE = 5
 #: AXFR (252), IXFR (251, RFC 1995): zone transfers are not offered.
 _TRANSFERS = (dns.AXFR, dns.IXFR)
 #: RFC 7766 section 6.2.3: servers close idle TCP connections; seconds
@@ -162,11 +157,12 @@ class SMIMEAAuthority:
         zone = self.zone_of(name)
         if zone is None or qclass not in (dns.IN, dns.ANY) or qtype in _TRANSFERS:
             return succeed(REFUSED)
-        return self.live.by_owner(name).addCallback(self._answer, name, zone, qtype)
+        return self.live.by_owner(name).addCallback(self.answer, name, zone, qtype)
 
-    def _answer(
+    def answer(
         self, found: tuple[int, Published | None], name: str, zone: str, qtype: int
     ) -> Answer:
+        """The answer for ``name`` in ``zone`` given ``(serial, published)``."""
         serial, published = found
         soa = self._soa(zone, serial)
         if name == zone:
@@ -183,127 +179,105 @@ class SMIMEAAuthority:
         return Answer(dns.OK, (), (soa,))
 
 
-@dataclass(frozen=True)
-class Request:
-    """A parsed query: the header fields we echo and the one question."""
+@dataclass
+class _Encoded:
+    """The sections after the question of one reply, ready to send behind any
+    request's header and question (compression pointers only point into the
+    question, whose length is the same for every spelling of the name)."""
 
-    id: int
-    recursion_desired: bool
-    checking_disabled: bool
-    question: dns.Query
-    edns: bool
-    udp_limit: int
-
-
-def _error(data: bytes, rcode: int) -> bytes:
-    """A header-only reply to the request in ``data`` (at least 12 octets)."""
-    ident, flags = struct.unpack("!2H", data[:4])
-    opcode = flags & 0x7800
-    rd = flags & 0x0100
-    return _HEADER.pack(ident, 0x8000 | opcode | rd | rcode, 0, 0, 0, 0)
+    published: Published | None
+    rcode: int
+    aa: bool
+    counts: tuple[int, int, int]
+    body: bytes
 
 
-def parse_request(data: bytes) -> Request | bytes | None:
-    """A :class:`Request`, the bytes of an immediate error reply, or None (drop it:
-    too short to reply to, or itself a response)."""
-    if len(data) < _HEADER.size:
-        return None
-    flags = struct.unpack("!H", data[2:4])[0]
-    if flags & 0x8000:
-        return None
-    opcode = (flags >> 11) & 0xF
-    if opcode != dns.OP_QUERY:
-        return _error(data, dns.ENOTIMP)
-    message = dns.Message()
-    try:
-        message.fromStr(data)
-    except Exception:  # twisted.names raises assorted errors on bad wire data
-        return _error(data, dns.EFORMAT)
-    if len(message.queries) != 1:
-        return _error(data, dns.EFORMAT)
-    opts = [r for r in message.additional if r.type == dns.OPT]
-    if len(opts) > 1:  # RFC 6891 section 6.1.1
-        return _error(data, dns.EFORMAT)
-    edns = bool(opts)
-    limit = CLASSIC_UDP_LIMIT
-    if opts:
-        opt = dns._OPTHeader.fromRRHeader(opts[0])
-        if opt.version != 0:
-            reply = dns.Message(message.id, answer=1, rCode=0)
-            reply.queries = message.queries
-            reply.additional = [dns._OPTHeader(EDNS_PAYLOAD, BADVERS >> 4, 0)]
-            return reply.toStr()
-        limit = max(CLASSIC_UDP_LIMIT, min(opt.udpPayloadSize, EDNS_PAYLOAD))
-    return Request(
-        id=message.id,
-        recursion_desired=bool(message.recDes),
-        checking_disabled=bool(message.checkingDisabled),
-        question=message.queries[0],
-        edns=edns,
-        udp_limit=limit,
+def encode_answer(request: Request, answer: Answer) -> _Encoded:
+    """``answer`` encoded by twisted.names behind ``request``'s question."""
+    m = dns.Message(0, answer=1, auth=int(answer.aa), rCode=answer.rcode & 0xF, maxSize=0)
+    m.queries = [dns.Query(request.name, request.qtype, request.qclass)]
+    m.answers = list(answer.answers)
+    m.authority = list(answer.authority)
+    wire = m.toStr()
+    counts = struct.unpack_from("!3H", wire, 6)
+    return _Encoded(None, answer.rcode, answer.aa, counts, wire[12 + len(request.question) :])
+
+
+def reply_bytes(request: Request, encoded: _Encoded, limit: int | None) -> bytes:
+    """The reply: our header, the question as asked, the sections, our OPT if the
+    request had one; over UDP (``limit`` set) an empty reply with TC when the whole
+    would not fit (RFC 2181 section 9: never a partial RRset)."""
+    flags = 0x8000 | (request.flags & 0x0110) | (encoded.rcode & 0xF)  # QR, RD+CD echoed
+    if encoded.aa:
+        flags |= 0x0400
+    an, ns, ar = encoded.counts
+    opt = opt_record(encoded.rcode >> 4) if request.edns else b""
+    extra = 1 if request.edns else 0
+    wire = (
+        _HEADER.pack(request.id, flags, 1, an, ns, ar + extra)
+        + request.question
+        + encoded.body
+        + opt
     )
-
-
-def encode_reply(request: Request, answer: Answer, limit: int | None) -> bytes:
-    """The reply's wire form; over UDP (``limit`` set) an empty reply with TC when the
-    whole would not fit (RFC 2181 section 9)."""
-
-    def build(answers: Iterable[dns.RRHeader], authority: Iterable[dns.RRHeader], tc: int) -> bytes:
-        m = dns.Message(
-            request.id,
-            answer=1,
-            opCode=dns.OP_QUERY,
-            auth=int(answer.aa),
-            trunc=tc,
-            recDes=int(request.recursion_desired),
-            rCode=answer.rcode & 0xF,
-            maxSize=0,
-            checkingDisabled=int(request.checking_disabled),
-        )
-        m.queries = [request.question]
-        m.answers = list(answers)
-        m.authority = list(authority)
-        if request.edns:
-            m.additional = [dns._OPTHeader(EDNS_PAYLOAD, answer.rcode >> 4, 0)]
-        return m.toStr()
-
-    wire = build(answer.answers, answer.authority, 0)
     if limit is not None and len(wire) > limit:
-        wire = build((), (), 1)
+        wire = _HEADER.pack(request.id, flags | 0x0200, 1, 0, 0, extra) + request.question + opt
     return wire
 
 
 class SMIMEAResponder:
-    """Bytes of a request in, bytes of its reply out (or None: no reply)."""
+    """Bytes of a request in, bytes of its reply out (or None: no reply).
+
+    Encoded replies are cached per question and per published state (the object
+    :class:`Publication` returns, which changes whenever what it publishes does), so
+    a repeated question costs a store freshness check (batched) and a header.
+    """
 
     _log = Logger()
+    _CACHE_LIMIT = 50_000
 
     def __init__(self, authority: SMIMEAAuthority) -> None:
         self.authority = authority
+        self._cache: dict[tuple[str, int, int], _Encoded] = {}
+        self._serial = -1
 
     def respond(self, data: bytes, *, udp: bool) -> Deferred[bytes | None]:
         parsed = parse_request(data)
         if not isinstance(parsed, Request):
             return succeed(parsed)
         request = parsed
-        q = request.question
+        limit = request.udp_limit if udp else None
         try:
-            name = q.name.name.decode("ascii")
+            name = request.name.decode("ascii").lower()
         except UnicodeDecodeError:
-            return succeed(encode_reply(request, REFUSED, None))
-        d = self.authority.resolve(name, q.type, q.cls)
+            name = ""
+        zone = self.authority.zone_of(name) if name else None
+        if zone is None or request.qclass not in (dns.IN, dns.ANY) or request.qtype in _TRANSFERS:
+            return succeed(reply_bytes(request, encode_answer(request, REFUSED), limit))
+        d = self.authority.live.by_owner(name)
 
-        def failed(failure: Failure) -> Answer:
+        def found(result: tuple[int, Published | None]) -> bytes:
+            serial, published = result
+            if serial != self._serial or len(self._cache) > self._CACHE_LIMIT:
+                self._cache.clear()
+                self._serial = serial
+            key = (name, request.qtype, request.qclass)
+            encoded = self._cache.get(key)
+            if encoded is None or encoded.published is not published:
+                answer = self.authority.answer(result, name, zone, request.qtype)
+                encoded = encode_answer(request, answer)
+                encoded.published = published
+                self._cache[key] = encoded
+            return reply_bytes(request, encoded, limit)
+
+        def failed(failure: Failure) -> bytes:
             if failure.check(SMIMEProxyError):
                 self._log.warn("directory lookup failed: {error}", error=failure.getErrorMessage())
             else:
                 self._log.failure("directory lookup crashed", failure)
-            return Answer(dns.ESERVER, aa=False)
+            servfail = encode_answer(request, Answer(dns.ESERVER, aa=False))
+            return reply_bytes(request, servfail, limit)
 
-        d.addErrback(failed)
-        return d.addCallback(
-            lambda answer: encode_reply(request, answer, request.udp_limit if udp else None)
-        )
+        return d.addCallbacks(found, failed)
 
 
 class DNSDatagramServer(protocol.DatagramProtocol):

@@ -18,13 +18,13 @@ from smimeproxy.directory.dns import (
     TCP_IDLE_TIMEOUT,
     Answer,
     DNSStreamServer,
-    Request,
     SMIMEAAuthority,
     SMIMEAResponder,
-    encode_reply,
-    parse_request,
+    encode_answer,
+    reply_bytes,
 )
 from smimeproxy.directory.records import SMIMEA, Record_SMIMEA, smimea_message_types
+from smimeproxy.directory.wire import Request, parse_request
 from smimeproxy.pki.smimea import smimea_for_certificate, smimea_owner_name
 from tests.directory.conftest import DOMAIN, ZONE, People, Server
 
@@ -142,8 +142,9 @@ def test_fuzz_random_bytes(data: bytes):
     result = parse_request(data)
     assert result is None or isinstance(result, (bytes, Request))
     if isinstance(result, Request):
-        wire = encode_reply(result, Answer(dns.ENAME), 512)
+        wire = reply_bytes(result, encode_answer(result, Answer(dns.ENAME)), 512)
         assert len(wire) <= 512
+        assert decode(wire).id == result.id
 
 
 @settings(max_examples=400, deadline=None)
@@ -169,7 +170,7 @@ class _Immediate:
 
         result = parse_request(data)
         if isinstance(result, Request):
-            return succeed(encode_reply(result, Answer(dns.ENAME), None))
+            return succeed(reply_bytes(result, encode_answer(result, Answer(dns.ENAME)), None))
         return succeed(result)
 
 
