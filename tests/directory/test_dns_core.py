@@ -222,3 +222,52 @@ def test_record_smimea_round_trip():
     (back,) = decode(m.toStr()).answers
     assert back.payload == record
     assert "SMIMEA" in str(back.payload)
+
+
+# -- the request parser's edge cases ---------------------------------------------------
+
+
+def _header(qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0, flags: int = 0x0100) -> bytes:
+    return struct.pack("!6H", 0xBEEF, flags, qd, an, ns, ar)
+
+
+_QUESTION = b"\x04_x_y\x04acme\x04test\x00" + struct.pack("!HH", SMIMEA, dns.IN)
+_OPT = b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)
+
+
+def test_parser_accepts_plain_and_edns_queries():
+    plain = parse_request(_header() + _QUESTION)
+    assert isinstance(plain, Request)
+    assert plain.name == b"_x_y.acme.test" and plain.qtype == SMIMEA and not plain.edns
+    assert plain.udp_limit == 512 and plain.question == _QUESTION
+    edns = parse_request(_header(ar=1) + _QUESTION + _OPT)
+    assert isinstance(edns, Request) and edns.edns and edns.udp_limit == 1232
+
+
+def test_parser_rejects_what_rfcs_forbid():
+    formerr = [
+        _header() + _QUESTION + b"\x00",  # trailing garbage
+        _header() + _QUESTION[:-1],  # cut question
+        _header(an=1) + _QUESTION + _OPT,  # OPT outside the additional section
+        _header(ar=2) + _QUESTION + _OPT + _OPT,  # two OPT records
+        _header(ar=1) + _QUESTION + b"\x01a" + _OPT[1:],  # OPT not owned by the root
+        _header() + b"\xc0\x0c" + _QUESTION[-4:],  # a pointer in the question
+        _header(ar=1) + _QUESTION + b"\xc0\x20" + _OPT[1:],  # a pointer to itself
+        _header() + b"\x3f" + b"a" * 63 + (b"\x3f" + b"a" * 63) * 4 + b"\x00" + _QUESTION[-4:],
+        _header() + b"\x41a\x00" + _QUESTION[-4:],  # extended label type
+    ]
+    for data in formerr:
+        reply = parse_request(data)
+        assert isinstance(reply, bytes), data
+        assert reply[:2] == b"\xbe\xef" and reply[3] & 0xF == dns.EFORMAT, data
+
+
+@pytest_twisted.inlineCallbacks
+def test_dotted_label_and_0x20_case(dns_server: Server):
+    responder = responder_for(dns_server)
+    dotted = _header() + b"\x0fa._smimecert.ac\x04acme\x04test\x00" + _QUESTION[-4:]
+    assert rcode_of((yield responder.respond(dotted, udp=True))) == dns.EREFUSED
+    mixed = query("_SmImEcErT.AcMe.TeSt", dns.SOA)
+    wire = yield responder.respond(mixed, udp=True)
+    assert b"_SmImEcErT\x04AcMe\x04TeSt" in wire  # the question is echoed byte for byte
+    assert decode(wire).rCode == dns.OK
