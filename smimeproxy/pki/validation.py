@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -315,7 +316,13 @@ def _build_paths(leaf: x509.Certificate, pool: _Pool, max_depth: int) -> list[_C
     return results
 
 
+@functools.lru_cache(maxsize=1024)
 def _signature_problem(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
+    """Why ``issuer``'s key does not verify ``cert``, or None when it does.
+
+    Cached: certificates compare and hash by their DER, so a cached verdict is about
+    exactly these two certificates; the same chains come with every message.
+    """
     try:
         cert.verify_directly_issued_by(issuer)
     except DECODE_ERRORS as e:

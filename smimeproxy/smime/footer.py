@@ -25,7 +25,14 @@ import unicodedata
 from dataclasses import dataclass
 
 from smimeproxy.errors import MalformedMessage
-from smimeproxy.smime.mime import CRLF, Entity, HeaderField, build_multipart, parse_entity
+from smimeproxy.smime.mime import (
+    CRLF,
+    Entity,
+    HeaderField,
+    build_multipart,
+    delimiter_lines,
+    parse_entity,
+)
 from smimeproxy.smime.status import Check, MessageStatus, Outcome, SignerStatus
 
 #: on the footer MIME part, so we can recognise it
@@ -250,19 +257,13 @@ def part_spans(body: bytes, boundary: str) -> tuple[list[_Span], int | None]:
     before a delimiter belongs to it), so that parts can be cut out of ``body`` leaving
     every other byte where it was.
     """
-    if not boundary or len(boundary) > 200:
-        raise MalformedMessage("multipart without a usable boundary parameter")
-    delim = b"--" + boundary.encode("ascii", "replace")
-    pattern = re.compile(
-        rb"(?:\A|\r\n|\n)" + re.escape(delim) + rb"(--)?[ \t]*(?=\r\n|\n|\Z)(?:\r\n|\n)?"
-    )
     spans: list[_Span] = []
-    for m in pattern.finditer(body):
+    for start, end, closing in delimiter_lines(body, boundary):
         if spans:
-            spans[-1].end = m.start()
-        if m.group(1):
-            return spans, m.start()
-        spans.append(_Span(m.start(), m.end(), len(body)))
+            spans[-1].end = start
+        if closing:
+            return spans, start
+        spans.append(_Span(start, end, len(body)))
     return spans, None
 
 

@@ -234,31 +234,63 @@ def split_multipart(body: bytes, boundary: str) -> tuple[bytes, list[bytes], byt
     """
     if not boundary or len(boundary) > 200:
         raise MalformedMessage("multipart without a usable boundary parameter")
-    delim = b"--" + boundary.encode("ascii", "replace")
-    # a delimiter line: at the start of the body or after a line ending, followed by
-    # optional "--", optional whitespace and a line ending (or the end of the data)
-    pattern = re.compile(
-        rb"(?:\A|\r\n|\n)" + re.escape(delim) + rb"(--)?[ \t]*(?=\r\n|\n|\Z)(?:\r\n|\n)?"
-    )
     parts: list[bytes] = []
     preamble = b""
     start: int | None = None
-    closed = False
-    for m in pattern.finditer(body):
+    for m_start, m_end, closing in delimiter_lines(body, boundary):
         if start is None:
-            preamble = body[: m.start()]
+            preamble = body[:m_start]
         else:
-            parts.append(body[start : m.start()])
+            parts.append(body[start:m_start])
             if len(parts) > MAX_PARTS:
                 raise MalformedMessage("too many MIME parts")
-        if m.group(1):
-            closed = True
-            return preamble, parts, body[m.end() :], closed
-        start = m.end()
+        if closing:
+            return preamble, parts, body[m_end:], True
+        start = m_end
     if start is None:
         return body, [], b"", False
     parts.append(body[start:])
-    return preamble, parts, b"", closed
+    return preamble, parts, b"", False
+
+
+#: what may follow the boundary on a delimiter line: "--" for the closing one, then
+#: optional whitespace and a line ending (or the end of the data), RFC 2046 5.1.1
+_DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*(?=\r\n|\n|\Z)(?:\r\n|\n)?")
+
+
+def delimiter_lines(body: bytes, boundary: str) -> Iterator[tuple[int, int, bool]]:
+    r"""(start, end, closing) of each delimiter line of a multipart body, in order.
+
+    ``start`` is at the line ending before the delimiter (it belongs to the delimiter,
+    RFC 2046 section 5.1.1), ``end`` after the line ending that closes it. A delimiter
+    counts at the start of the body or right after CRLF or LF that no earlier
+    delimiter line took. Scans with ``bytes.find`` for the boundary, not with a regex
+    tried at every byte: the same result as the pattern
+    ``(?:\A|\r\n|\n)--boundary(--)?[ \t]*(?=\r\n|\n|\Z)(?:\r\n|\n)?`` found left to right.
+    """
+    if not boundary or len(boundary) > 200:
+        raise MalformedMessage("multipart without a usable boundary parameter")
+    delim = b"--" + boundary.encode("ascii", "replace")
+    last_end = 0
+    i = body.find(delim)
+    while i >= 0:
+        if i >= last_end + 2 and body[i - 2 : i] == b"\r\n":
+            m_start = i - 2
+        elif i >= last_end + 1 and body[i - 1] == 0x0A:
+            m_start = i - 1
+        elif i == 0:
+            m_start = 0
+        else:
+            i = body.find(delim, i + 1)
+            continue
+        tail = _DELIMITER_TAIL.match(body, i + len(delim))
+        if tail is None:
+            i = body.find(delim, i + 1)
+            continue
+        closing = tail.group(1) is not None
+        yield m_start, tail.end(), closing
+        last_end = tail.end()
+        i = body.find(delim, last_end)
 
 
 def iter_leaves(entity: Entity, depth: int = 0, max_depth: int = 32) -> Iterator[Entity]:
