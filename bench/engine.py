@@ -10,7 +10,9 @@ For 4 KB, 100 KB and 10 MB messages it measures
 * peak Python memory (tracemalloc) while sealing and opening the 10 MB message.
 
 It prints messages per second and the ratio engine/primitives (time per message);
-lower is better, 1.0 would mean the engine costs nothing beyond the primitives.
+lower is better, 1.0 would mean the engine costs nothing beyond the primitives. Engine
+and primitives run in alternating batches (median time per call of each), so that a
+busy machine slows both alike and the ratio stays meaningful.
 Not a test: numbers depend on the machine. Run: ``python bench/engine.py``.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -41,17 +44,33 @@ def make_message(size: int) -> bytes:
     )
 
 
-def rate(fn: Callable[[], object], min_time: float, min_runs: int = 3) -> float:
-    """Seconds per call: repeat until ``min_time`` passed and ``min_runs`` were made."""
-    fn()  # warm up
-    runs = 0
-    start = time.perf_counter()
-    while True:
+def rates(
+    engine: Callable[[], object], bare: Callable[[], object], min_time: float
+) -> tuple[float, float]:
+    """Seconds per call of ``engine`` and ``bare``, measured in alternating batches.
+
+    Both run interleaved in batches of about 20 ms for ``min_time`` each, so that load
+    from other processes on the machine falls on both alike; each figure is the median
+    over its batches of the time per call (robust against a batch that was preempted).
+    """
+    timings: dict[Callable[[], object], list[float]] = {engine: [], bare: []}
+    sizes = {}
+    for fn in (engine, bare):
+        fn()  # warm up
+        t = time.perf_counter()
         fn()
-        runs += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time and runs >= min_runs:
-            return elapsed / runs
+        sizes[fn] = max(1, int(0.02 / max(time.perf_counter() - t, 1e-6)))
+    spent = 0.0
+    while spent < 2 * min_time or min(len(v) for v in timings.values()) < 3:
+        for fn, out in timings.items():
+            n = sizes[fn]
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            elapsed = time.perf_counter() - t
+            out.append(elapsed / n)
+            spent += elapsed
+    return statistics.median(timings[engine]), statistics.median(timings[bare])
 
 
 def main() -> None:
@@ -101,18 +120,15 @@ def main() -> None:
 
         seconds = args.seconds if size < 1024 * 1024 else max(args.seconds, 4.0)
         results = {
-            "seal": (
-                rate(lambda: seal(msg, signer=alice.pair, recipients=[bob.certificate]), seconds),
-                rate(primitives_seal, seconds),
+            "seal": rates(
+                lambda: seal(msg, signer=alice.pair, recipients=[bob.certificate]),
+                primitives_seal,
+                seconds,
             ),
-            "open": (
-                rate(
-                    lambda: open_message(
-                        sealed, keys=[bob.pair], validator=validator, options=options
-                    ),
-                    seconds,
-                ),
-                rate(primitives_open, seconds),
+            "open": rates(
+                lambda: open_message(sealed, keys=[bob.pair], validator=validator, options=options),
+                primitives_open,
+                seconds,
             ),
         }
         label = f"{size // 1024} KB" if size < 1024 * 1024 else f"{size // 1024 // 1024} MB"
