@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import imaplib
 import mailbox as stdmailbox
+import os
 import re
 import ssl
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,7 @@ from smimeproxy.errors import UpstreamError
 
 #: UIDs fetched per IMAP command
 FETCH_BATCH = 50
+_MAILDIR_PARTS = ("cur", "new", "tmp")
 #: a file-based mailbox has no UIDVALIDITY: one constant stands in
 FILE_UIDVALIDITY = "file"
 
@@ -90,7 +92,8 @@ class MaildirFolder:
 
 
 def maildir_folders(root: Path, owner: str) -> list[MaildirFolder]:
-    """The INBOX at ``root`` and its Maildir++ subfolders (``.Sent``, ``.Archive.2024``)."""
+    """The INBOX at ``root`` and its subfolders: Maildir++ (``.Sent``, ``.Archive.2024``)
+    and plain subdirectories (Dovecot's ``LAYOUT=fs``: ``Sent/``, ``Archive/2024/``)."""
     root = Path(root).resolve()
     if not (root / "cur").is_dir() and not (root / "new").is_dir():
         raise ArchiveError(f"{root} is not a Maildir (no cur/ or new/)")
@@ -103,6 +106,13 @@ def maildir_folders(root: Path, owner: str) -> list[MaildirFolder]:
     for name in sorted(names):
         path = root / f".{name}"
         out.append(MaildirFolder(path, f"maildir:{owner}:{path}", owner, name))
+    # Dovecot's LAYOUT=fs: folders are plain subdirectories (Sent/, Archive/2024/)
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if d not in _MAILDIR_PARTS and d[0] != ".")
+        if here != root and ((here / "cur").is_dir() or (here / "new").is_dir()):
+            name = here.relative_to(root).as_posix()
+            out.append(MaildirFolder(here, f"maildir:{owner}:{here}", owner, name))
     return out
 
 

@@ -7,7 +7,6 @@ import imaplib
 import io
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from smimeproxy.archive.indexing import Indexer
 from smimeproxy.archive.operations import imap_accounts, imap_mailboxes, index_pass, search
-from smimeproxy.archive.sources import IMAPSource, connector
+from smimeproxy.archive.sources import IMAPSource, connector, maildir_folders
 from smimeproxy.cli import main
 from tests.archive.conftest import ALICE, BOB, World, encrypt, pki, plain, world  # noqa: F401
 from tests.integration.dovecot import Dovecot, start_dovecot
@@ -40,19 +39,8 @@ def append(server: Dovecot, login: str, folder: str, messages: list[bytes]) -> N
 
 
 @pytest.fixture
-def dovecot_base() -> Iterator[Path]:
-    """Dovecot's directory outside pytest's ``/tmp/pytest-of-USER`` (another pytest
-    session resets that to 0700, and Dovecot's unprivileged processes then lose
-    their mail mid-test)."""
-    base = Path(tempfile.mkdtemp(prefix="smimeproxy-archive-dovecot-"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def dovecot(dovecot_base: Path) -> Iterator[Dovecot]:
-    server = start_dovecot(dovecot_base, USERS, master_user=MASTER)
+def dovecot(tmp_path: Path) -> Iterator[Dovecot]:
+    server = start_dovecot(tmp_path, USERS, master_user=MASTER)
     yield server
     server.stop()
 
@@ -141,15 +129,16 @@ def test_changed_uidvalidity_reindexes_that_mailbox(world: World, filled: Doveco
 def test_upstream_dies_mid_run_then_resumes_without_duplicates(
     world: World,  # noqa: F811
     filled: Dovecot,
-    dovecot_base: Path,
+    tmp_path: Path,
 ) -> None:
     archive = world.archive()
 
     def kill_after_first(stream: Iterator, total: int, label: str) -> Iterator:
         for n, item in enumerate(stream):
             yield item
-            if n == 0:
-                filled.stop()
+            if n == 0:  # the server dies; its mail stays on disk
+                filled.process.kill()
+                filled.process.wait()
 
     report = Indexer(world.processor, archive.index, archive.state, archive.originals).run(
         imap_mailboxes(source(world, filled)), progress=kill_after_first
@@ -157,8 +146,11 @@ def test_upstream_dies_mid_run_then_resumes_without_duplicates(
     assert report.errors and any("IMAP" in e for e in report.errors)
     done = archive.index.count()
     assert 1 <= done < 5
-    # the server comes back (same mail, another port)
-    again = start_dovecot(dovecot_base, USERS, master_user=MASTER)
+    # the server comes back on another port with the same mail (UIDs, UIDVALIDITY)
+    (tmp_path / "second").mkdir()
+    again = start_dovecot(tmp_path / "second", USERS, master_user=MASTER)
+    shutil.copytree(filled.base / "mail", again.base / "mail", dirs_exist_ok=True)
+    again.own(again.base / "mail")
     try:
         resumed = index_pass(archive, world.processor, imap_mailboxes(source(world, again)))
     finally:
@@ -183,4 +175,17 @@ def test_wrong_master_password_is_a_clear_error(world: World, filled: Dovecot) -
     assert report.indexed == 0
     assert report.errors and "refused the login" in report.errors[0]
     assert "wrong" not in " ".join(report.errors)
+    archive.close()
+
+
+def test_dovecot_maildir_tree_read_directly(world: World, filled: Dovecot) -> None:  # noqa: F811
+    """The same mail read from Dovecot's files (LAYOUT=fs: folders are subdirectories)."""
+    folders = maildir_folders(filled.maildir("alice"), ALICE)
+    assert {"INBOX", "Sent"} <= {f.folder for f in folders}
+    archive = world.archive()
+    report = index_pass(archive, world.processor, folders)
+    assert report.owners[ALICE].indexed == 4 and report.owners[ALICE].decrypted == 2
+    assert [h.subject for h in search(archive, world.store, "folder:Sent", actor="t")] == [
+        "my report"
+    ]
     archive.close()
