@@ -113,8 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     op.add_argument(
         "--revocation",
         choices=("require", "soft-fail", "off"),
-        default="soft-fail",
-        help="what an unknown revocation status means (default: soft-fail, shown)",
+        default=None,
+        help="what an unknown revocation status means (default: soft-fail, shown; with"
+        " --as, the config's smime.revocation)",
     )
     op.add_argument(
         "--authserv-id",
@@ -227,7 +228,9 @@ def _validator(args: argparse.Namespace) -> PathValidator:
         for cert in load_certificates(_read_file(path)):
             (anchors if cert.issuer == cert.subject else intermediates).append(cert)
     crls = [_load_crl(_read_file(p)) for p in args.crl]
-    return PathValidator(anchors, intermediates, crls, revocation=RevocationPolicy(args.revocation))
+    return PathValidator(
+        anchors, intermediates, crls, revocation=RevocationPolicy(args.revocation or "soft-fail")
+    )
 
 
 def _summary(status_dict: dict) -> str:  # type: ignore[type-arg]
@@ -254,7 +257,9 @@ def _open_from_store(args: argparse.Namespace, data: bytes) -> OpenedMessage:
     with configured_store(args) as (config, store):
         store.user(args.as_address)  # KeyNotFound for an unknown user, not a silent no-key
         settings = config.smime
-        overrides: dict[str, Any] = {"revocation": args.revocation}
+        overrides: dict[str, Any] = {}
+        if args.revocation:
+            overrides["revocation"] = args.revocation
         if args.authserv_id:
             overrides["authserv_id"] = args.authserv_id
         if args.no_footer:
