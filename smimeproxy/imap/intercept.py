@@ -142,6 +142,10 @@ def plan(
             return None
         if not content:
             return None
+        if word == b"UID FETCH" and not session.mailbox_changed:
+            known = session.classification()
+            if not in_uid_set(seqset, known.smime, known.upto - 1):
+                return None  # nothing to decrypt: forward at once, keep pipelining
         return lambda: Deferred.fromCoroutine(
             fetch_intercept(session, tag, word, message, seqset, content, modifiers)
         )
@@ -277,6 +281,49 @@ async def smime_uids(
     return found
 
 
+@dataclass
+class Classification:
+    """Which messages of one mailbox (user, name, UIDVALIDITY) are S/MIME; shared by the
+    user's sessions (a message's Content-Type never changes under one UIDVALIDITY)."""
+
+    smime: set[int] = field(default_factory=set)
+    upto: int = 1  # every UID below this one is classified
+
+
+async def classify(session: ProxySession) -> Classification:
+    """Bring the selected mailbox's classification up to date (one round trip that
+    returns only the messages not classified yet)."""
+    known = session.classification()
+    session.mailbox_changed = False
+    result = await session.command(
+        b"UID FETCH %d:* (UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])" % known.upto
+    )
+    for message in result.untagged:
+        try:
+            pairs = _pairs(message)
+            uid = int(bytes(pairs[b"UID"]))  # type: ignore[arg-type]
+        except (MalformedMessage, KeyError, ValueError, TypeError):
+            continue
+        header = pairs.get(b"BODY[")
+        if isinstance(header, String) and fetch.is_smime(bytes(header)):
+            known.smime.add(uid)
+        known.upto = max(known.upto, uid + 1)
+    return known
+
+
+def in_uid_set(uidset: bytes, candidates: set[int], largest: int) -> set[int]:
+    """The ``candidates`` inside an IMAP sequence set (``*`` is ``largest``)."""
+    ranges = []
+    for part in uidset.split(b","):
+        ends = part.split(b":")
+        try:
+            bounds = [largest if e == b"*" else int(e) for e in ends]
+        except ValueError:
+            return set(candidates)  # "$" (SEARCHRES) and the like: assume all
+        ranges.append((min(bounds), max(bounds)))
+    return {u for u in candidates if any(lo <= u <= hi for lo, hi in ranges)}
+
+
 async def fetch_intercept(
     session: ProxySession,
     tag: bytes,
@@ -286,14 +333,21 @@ async def fetch_intercept(
     content: list[fetch.ContentItem],
     modifiers: list[Token],
 ) -> None:
-    prefix = b"UID FETCH " if word == b"UID FETCH" else b"FETCH "
-    mods = b""
-    for i, mod in enumerate(modifiers[:-1]):
-        if isinstance(mod, Atom) and bytes(mod).upper() == b"CHANGEDSINCE":
-            mods = b" (CHANGEDSINCE " + encode_token(modifiers[i + 1]) + b")"
-    found = await smime_uids(session, prefix, seqset, mods)
-    views = await views_for(session, sorted(found)) if found else {}
-    rewrite = FetchRewrite(views, {seq: uid for uid, seq in found.items()}, content)
+    if word == b"UID FETCH":
+        # UID FETCH responses carry the UID: classify the mailbox once (and again only
+        # after new mail), then decide per response; no extra round trip per command.
+        known = await classify(session) if session.mailbox_changed else session.classification()
+        wanted = in_uid_set(seqset, known.smime, known.upto - 1)
+        views = await views_for(session, sorted(wanted)) if wanted else {}
+        rewrite = FetchRewrite(views, {}, content)
+    else:
+        mods = b""
+        for i, mod in enumerate(modifiers[:-1]):
+            if isinstance(mod, Atom) and bytes(mod).upper() == b"CHANGEDSINCE":
+                mods = b" (CHANGEDSINCE " + encode_token(modifiers[i + 1]) + b")"
+        found = await smime_uids(session, b"FETCH ", seqset, mods)
+        views = await views_for(session, sorted(found)) if found else {}
+        rewrite = FetchRewrite(views, {seq: uid for uid, seq in found.items()}, content)
     if not views:
         session.forward(tag, word, message)
         return

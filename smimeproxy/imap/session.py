@@ -57,6 +57,7 @@ from smimeproxy.imap.wire import (
 #: commands whose continuation lines from the client are not commands (RFC 3501 6.2.2,
 #: RFC 2177)
 RAW_CONTINUATION = frozenset({b"IDLE", b"AUTHENTICATE"})
+_EXISTS = re.compile(rb"\* [0-9]+ EXISTS\r?$", re.IGNORECASE)
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY ([0-9]+)\]", re.IGNORECASE)
 
 
@@ -91,6 +92,9 @@ class SessionContext:
     max_append: int = 64 << 20
     max_line: int = 65536
     upstream_starttls: Callable[[UpstreamProtocol], Deferred[Any]] | None = None
+    #: (user, mailbox, UIDVALIDITY) -> which UIDs are S/MIME, most recently used last
+    classifications: dict[tuple[str, str, int], Any] = field(default_factory=dict)
+    max_classified_mailboxes: int = 10000
 
 
 class ProxySession(Protocol):
@@ -129,6 +133,7 @@ class ProxySession(Protocol):
         self._greeted = False
         self._closed = False
         self._upstream_lost = False
+        self.mailbox_changed = True  # new messages may have arrived since
         self.undecryptable: set[tuple[str, str, int, int]] = set()
 
     # -- connection lifecycle ----------------------------------------------------------
@@ -290,6 +295,7 @@ class ProxySession(Protocol):
             except (MalformedMessage, IndexError):
                 self.mailbox = None
             self.uidvalidity = None
+            self.mailbox_changed = True
         if self.user is not None:
             action = intercept.plan(self, tag, word, message)
             if action is not None:
@@ -443,9 +449,7 @@ class ProxySession(Protocol):
             self._resp_mode = "capture" if self._injected else "rewrite"
             self._server_event(event)
             return
-        validity = _UIDVALIDITY.search(line)
-        if validity:
-            self.uidvalidity = int(validity.group(1))
+        self._observe(line)
         if self.rewrite is not None:
             self.rewrite.observe(line)
         if caps is not None:
@@ -487,10 +491,28 @@ class ProxySession(Protocol):
         if self._injected and re.match(rb"\* (LIST|SEARCH|ESEARCH|CAPABILITY)\b", head, re.I):
             self._captured.append(message)
             return
-        validity = _UIDVALIDITY.search(head)
+        self._observe(head)
+        self.send(message.encode())
+
+    def _observe(self, line: bytes) -> None:
+        """State the proxy keeps from untagged responses: UIDVALIDITY, new mail."""
+        if _EXISTS.match(line):
+            self.mailbox_changed = True
+            return
+        validity = _UIDVALIDITY.search(line)
         if validity:
             self.uidvalidity = int(validity.group(1))
-        self.send(message.encode())
+            self.mailbox_changed = True
+
+    def classification(self) -> intercept.Classification:
+        """The shared S/MIME classification of the selected mailbox (bounded LRU)."""
+        key = (self.user.address if self.user else "", self.mailbox or "", self.uidvalidity or 0)
+        table = self.ctx.classifications
+        found = table.pop(key, None) or intercept.Classification()
+        table[key] = found
+        while len(table) > self.ctx.max_classified_mailboxes:
+            table.pop(next(iter(table)))
+        return found
 
     def _tagged(self, line: bytes) -> None:
         tag, status, text = split_tag(line)
