@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s = p.add_subparsers(
         dest="action",
         required=True,
-        metavar="generate|import|list|rotate|reseal|export-cert|export-key",
+        metavar="generate|import|list|rotate|republish|reseal|export-cert|export-key",
     )
 
     g = s.add_parser("generate", help="a new key for a user, certified by the internal CA")
@@ -99,6 +99,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=rotate_command)
+
+    rp = s.add_parser(
+        "republish",
+        help="certificates made by rotation that directories must publish (and mark them done)",
+    )
+    rp.add_argument(
+        "--done", action="append", default=[], metavar="ADDRESS", help="mark ADDRESS published"
+    )
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=republish_command)
 
     rs = s.add_parser("reseal", help="re-seal every private key under a new master key")
     rs.add_argument(
@@ -365,6 +375,20 @@ def rotate_command(args: argparse.Namespace, io: IO) -> int:
             f" {counts['failed']} failed; {republish} certificate(s) to republish\n"
         )
     return 4 if counts["failed"] else 0
+
+
+def republish_command(args: argparse.Namespace, io: IO) -> int:
+    with configured_store(args) as (_, store):
+        ca = CAState(store)
+        for address in args.done:
+            if not ca.mark_published(address):
+                raise KeyNotFound(f"nothing waits to be republished for {address}")
+        pending = ca.to_republish()
+    if args.json:
+        print_json([{"address": a, "key": k, "run": r} for a, k, r in pending], io.stdout)
+    else:
+        io.write(table([(a, short(k), r) for a, k, r in pending], ("address", "new key", "run")))
+    return 0
 
 
 # -- reseal, exports ----------------------------------------------------------------------

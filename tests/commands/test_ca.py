@@ -4,6 +4,7 @@ CSRs, revocation in the CRL (as openssl reads it) and in validation."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,15 @@ def test_ca_issue_for_an_openssl_csr(cli: CLI, tmp_path: Path, openssl: str) -> 
     )
     refused = cli("ca", "issue", "--csr", str(bad))
     assert refused.rc == 4 and "certificate signing request" in refused.err
+
+
+def test_generate_needs_the_ca(make_cli: Callable[..., CLI]) -> None:
+    bare = make_cli("bare")
+    bare.ok("init")
+    result = bare("keys", "generate", "--user", "a@acme.test", "--kind", "p256")
+    assert result.rc == 4 and "ca init" in result.err
+    assert bare("keys", "rotate", "--all").rc == 4
+    assert bare.ok("keys", "list", "--json").json() == []
 
 
 def test_ca_init_twice_refuses(cli: CLI) -> None:

@@ -57,6 +57,46 @@ def test_seal_from_to_and_open_as_round_trip(people: CLI) -> None:
     assert eve.rc == 3 and b"round trip" not in eve.out
 
 
+def test_seal_to_an_imported_partner_certificate(people: CLI, tmp_path: Path, openssl: str) -> None:
+    from smimeproxy.testing import CertificateFactory
+
+    partner = CertificateFactory()
+    carol = partner.user("carol@partner.test", key_kind="p256")
+    (tmp_path / "carol.pem").write_bytes(carol.cert_pem)
+    (tmp_path / "carol.key").write_bytes(carol.key_pem)
+    (tmp_path / "root.pem").write_bytes(partner.root.cert_pem)
+    cli = people
+    cli.ok("certs", "import", str(tmp_path / "carol.pem"))
+    mail = message("alice@acme.test", "carol@partner.test", "to a partner")
+    untrusted = cli(
+        "message", "seal", "--from", "alice@acme.test", "--to", "carol@partner.test", stdin=mail
+    )
+    assert untrusted.rc == 4 and "carol@partner.test" in untrusted.err
+    cli.ok("trust", "add", str(tmp_path / "root.pem"))
+    sealed = tmp_path / "sealed.eml"
+    sealed.write_bytes(
+        cli.ok(
+            "message", "seal", "--from", "alice@acme.test", "--to", "carol@partner.test", stdin=mail
+        ).out
+    )
+    dec = subprocess.run(
+        [
+            openssl,
+            "cms",
+            "-decrypt",
+            "-in",
+            str(sealed),
+            "-recip",
+            str(tmp_path / "carol.pem"),
+            "-inkey",
+            str(tmp_path / "carol.key"),
+        ],
+        capture_output=True,
+    )
+    assert dec.returncode == 0, dec.stderr
+    assert b"to a partner" in dec.stdout
+
+
 def test_seal_errors_are_one_line(people: CLI) -> None:
     cli = people
     mail = message("alice@acme.test", "nobody@partner.test")

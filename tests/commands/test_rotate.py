@@ -64,6 +64,14 @@ def test_rotate_all_summary_and_rerun(many: CLI) -> None:
     assert bulk[0]["subject"] == "r1" and bulk[0]["detail"]["rotated"] == USERS
     assert len([e for e in audit if e["action"] == "key.rotate"]) == USERS
     assert any(e["action"] == "key.rotate.bulk.start" for e in audit)
+    # what directories must republish, until marked done
+    waiting = cli.ok("keys", "republish", "--json").json()
+    assert len(waiting) == USERS and {w["run"] for w in waiting} == {"r1"}
+    new_of_00 = next(u["new"] for u in first["users"] if u["address"] == "user00@acme.test")
+    assert next(w["key"] for w in waiting if w["address"] == "user00@acme.test") == new_of_00
+    left = cli.ok("keys", "republish", "--done", "user00@acme.test", "--json").json()
+    assert len(left) == USERS - 1
+    assert cli("keys", "republish", "--done", "user00@acme.test").rc == 4
 
 
 def _rotated_in(db: Path, run: str) -> int:
