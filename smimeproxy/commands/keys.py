@@ -30,6 +30,7 @@ from smimeproxy.commands.store_ops import (
     when,
     write_private,
 )
+from smimeproxy.commands.trust import is_ca
 from smimeproxy.commands.users import key_dict
 from smimeproxy.errors import CertificateError, KeyNotFound, SMIMEProxyError
 from smimeproxy.keystore import KeyRecord, KeyState, MasterSecret, SyncStore, create_key_file
@@ -254,7 +255,7 @@ def import_command(args: argparse.Namespace, io: IO) -> int:
         for c in extra:
             # the file's CA certificates help path building; a root is never trusted
             # just because it came inside a PKCS#12: that takes trust add
-            if c.issuer != c.subject:
+            if c.issuer != c.subject and is_ca(c):
                 store.add_trust(c, kind=None, actor=actor())
                 intermediates.append(c.subject.rfc4514_string())
     out = {"address": certs.certificate_addresses(cert)[0], **key_dict(record)}

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ls.set_defaults(func=list_command)
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
@@ -42,7 +42,7 @@ def _is_ca(cert: x509.Certificate) -> bool:
 def add_command(args: argparse.Namespace, io: IO) -> int:
     found = [c for path in args.files for c in certificates_in(path)]
     for cert in found:
-        if not _is_ca(cert):
+        if not is_ca(cert):
             raise CertificateError(
                 f"{cert.subject.rfc4514_string()} is not a CA certificate; import partners'"
                 " certificates with certs import"
