@@ -43,11 +43,15 @@ class Adjacent(list):  # type: ignore[type-arg]
 Item = None | int | str | list  # type: ignore[type-arg]
 
 
-def body_structure(part: Part, extended: bool) -> list:  # type: ignore[type-arg]
-    """The nested-list form of ``BODYSTRUCTURE`` (``extended``) or ``BODY`` of ``part``."""
+def body_structure(part: Part, extended: bool, top: bool = True) -> list:  # type: ignore[type-arg]
+    """The nested-list form of ``BODYSTRUCTURE`` (``extended``) or ``BODY`` of ``part``.
+
+    ``top`` marks the whole message (Dovecot abbreviates a plain top level, see
+    :func:`_is_default_text`).
+    """
     if part.is_multipart:
         result: list = [  # type: ignore[type-arg]
-            Adjacent(body_structure(child, extended) for child in part.children)
+            Adjacent(body_structure(child, extended, False) for child in part.children)
             or Adjacent([_empty_part(extended)]),
             part.sub,
         ]
@@ -59,6 +63,10 @@ def body_structure(part: Part, extended: bool) -> list:  # type: ignore[type-arg
                 part.first("content-location"),
             ]
         return result
+    if part.ignores_content_fields or (top and _is_default_text(part)):
+        lines = part.body.count(b"\n")
+        fields: list = ["text", "plain", ["charset", "us-ascii"], None, None, "7bit"]  # type: ignore[type-arg]
+        return [*fields, len(part.body), lines, *([None] * 4 if extended else [])]
     main, sub, params = part.main, part.sub, list(part.params)
     if main.lower() == "text" and not any(k.lower() == "charset" for k, _ in params):
         params.append(("charset", "us-ascii"))
@@ -77,7 +85,7 @@ def body_structure(part: Part, extended: bool) -> list:  # type: ignore[type-arg
     elif part.message is not None:
         result += [
             envelope(part.message),
-            body_structure(part.message, extended),
+            body_structure(part.message, extended, False),
             part.body.count(b"\n"),
         ]
     if extended:
@@ -88,6 +96,29 @@ def body_structure(part: Part, extended: bool) -> list:  # type: ignore[type-arg
             part.first("content-location"),
         ]
     return result
+
+
+_OTHER_CONTENT_FIELDS = (
+    "content-id",
+    "content-description",
+    "content-md5",
+    "content-disposition",
+    "content-language",
+    "content-location",
+)
+
+
+def _is_default_text(part: Part) -> bool:
+    """A top level that is plain ``text/plain`` (any case, at most ``charset=us-ascii``,
+    7bit, no other content field): Dovecot stores only a flag for such messages
+    (``message_part_data_is_plain_7bit``) and writes the default in lower case."""
+    if (part.main.lower(), part.sub.lower()) != ("text", "plain"):
+        return False
+    if any(k.lower() != "charset" or v.lower() != "us-ascii" for k, v in part.params):
+        return False
+    if part.transfer_encoding().lower() != "7bit":
+        return False
+    return all(part.first(name) is None for name in _OTHER_CONTENT_FIELDS)
 
 
 def _empty_part(extended: bool) -> list:  # type: ignore[type-arg]

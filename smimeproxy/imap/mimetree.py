@@ -50,11 +50,23 @@ class Part:
     #: where each child lies in ``body`` (start, end): BINARY[] rebuilds around them
     spans: list[tuple[int, int]] = field(default_factory=list)
     message: Part | None = None
+    #: a message header (the top level or an encapsulated message), not a MIME part header
+    is_message: bool = False
 
     @property
     def is_multipart(self) -> bool:
         """Any ``multipart/*`` type, even without a boundary (then it has no parts)."""
         return self.main.lower() == "multipart"
+
+    @property
+    def ignores_content_fields(self) -> bool:
+        """A message header without MIME-Version and Content-Type: Dovecot then reports
+        the RFC 2045 defaults and ignores every other Content-* field."""
+        return (
+            self.is_message
+            and self.first("mime-version") is None
+            and (self.first("content-type") is None)
+        )
 
     @property
     def is_rfc822(self) -> bool:
@@ -93,7 +105,9 @@ def _unfold(raw: bytes) -> str:
     return _LINE_END.sub(b"", rest).strip(b" \t").decode("utf-8", "surrogateescape")
 
 
-def parse_part(data: bytes, default_type: str = "text/plain", depth: int = 0) -> Part:
+def parse_part(
+    data: bytes, default_type: str = "text/plain", depth: int = 0, *, is_message: bool = True
+) -> Part:
     """Parse one entity and everything below it; never raises for odd structure.
 
     Raises :class:`MalformedMessage` only for the hard limits of the MIME codec
@@ -102,7 +116,7 @@ def parse_part(data: bytes, default_type: str = "text/plain", depth: int = 0) ->
     entity = parse_entity(data)
     header = data[: len(data) - len(entity.body)]
     fields = [(h.key, h.raw) for h in entity.headers]
-    part = Part(header, entity.body, fields, "", "", "", [])
+    part = Part(header, entity.body, fields, "", "", "", [], is_message=is_message)
     ctype = part.first("content-type")
     main, sub, params = parse_content_type(ctype) if ctype is not None else (None, None, [])
     if main is None or sub is None:
@@ -122,12 +136,12 @@ def parse_part(data: bytes, default_type: str = "text/plain", depth: int = 0) ->
             )
             body = part.body
             for start, end in split_spans(body, boundary):
-                child = parse_part(body[start:end], child_default, depth + 1)
+                child = parse_part(body[start:end], child_default, depth + 1, is_message=False)
                 if _ends_with_close(child) and body[end : end + 1] in (b"\r", b"\n"):
                     # Dovecot: the line end after a nested close delimiter stays with the
                     # part; only a line end not ending a delimiter line goes to the next.
                     end += 2 if body[end : end + 2] == b"\r\n" else 1
-                    child = parse_part(body[start:end], child_default, depth + 1)
+                    child = parse_part(body[start:end], child_default, depth + 1, is_message=False)
                 part.children.append(child)
                 part.spans.append((start, end))
     elif part.mime_type == "message/rfc822":
@@ -289,14 +303,15 @@ def parse_params(raw: bytes, pos: int) -> list[tuple[str, str]]:
             plain.append((key, value))
             continue
         name, rest = key[:star], key[star + 1 :]
-        digits = re.match(r"[0-9]*", rest)
-        idx_text = digits.group() if digits else ""
+        if rest == "":  # "name*": one extended piece (Dovecot reads it as index 0)
+            pieces.append((name, 0, True, value))
+            continue
+        idx_text = re.match(r"[0-9]*", rest).group()  # type: ignore[union-attr]
         rest = rest[len(idx_text) :]
-        extended = rest == "*"
-        if rest not in ("", "*") or (idx_text == "" and not extended):
+        if rest not in ("", "*"):
             plain.append((key, value))
             continue
-        pieces.append((name, int(idx_text or "0"), extended, value))
+        pieces.append((name, int(idx_text or "0"), rest == "*", value))
     pieces.sort(key=lambda p: (p[0].lower(), p[1]))
     i = 0
     while i < len(pieces):
