@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 
 from smimeproxy.errors import MalformedMessage
-from smimeproxy.imap.wire import Atom, Message, String, Token, literal, tokenize
+from smimeproxy.imap.wire import Atom, Message, Token, literal
 
 #: RFC 3501 6.4.5 macros
 MACROS = {
@@ -171,21 +171,88 @@ def render_item(view: object, item: ContentItem) -> bytes:
 
 
 def rewrite_response(message: Message, view: object, items: list[ContentItem]) -> bytes:
-    """A server ``* n FETCH (...)`` with content items replaced from ``view``."""
-    tokens = tokenize(message)
-    if len(tokens) < 4 or tokens[0] != b"*" or not isinstance(tokens[3], list):
-        raise MalformedMessage("not a FETCH response")
-    seq = bytes(tokens[1])
-    pairs = tokens[3]
-    kept: list[bytes] = []
-    i = 0
-    while i + 1 < len(pairs):
-        name, value = pairs[i], pairs[i + 1]
-        i += 2
-        if isinstance(name, Atom) and content_item(bytes(name)) is None:
-            kept.append(bytes(name) + b" " + _encode_value(value))
+    """A server ``* n FETCH (...)`` with content items replaced from ``view``; the
+    server's other items are copied as they came (octet for octet)."""
+    seq, pairs = fetch_items(message.encode())
+    kept = [name + b" " + raw for name, raw in pairs if content_item(name) is None]
     out = [*kept, *(render_item(view, item) for item in _unique(items))]
     return b"* " + seq + b" FETCH (" + b" ".join(out) + b")\r\n"
+
+
+_FETCH_START = re.compile(rb"\* ([0-9]+) FETCH \(", re.IGNORECASE)
+_STRUCTURAL = re.compile(rb'[()"{]')
+_QUOTED = re.compile(rb'"(?:[^"\\\r\n]|\\[^\r\n])*"')
+_LITERAL = re.compile(rb"~?\{([0-9]+)\+?\}\r\n")
+_NAME = re.compile(rb"(?:[^ ()\r\n\"{\[]|\[[^\]\r\n]*\]?)+")
+
+
+def fetch_items(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """``(seq, [(item name, raw value bytes)])`` of one whole FETCH response on the wire.
+
+    Only structural characters are visited (parentheses, quotes, literal headers), so
+    large ENVELOPE/BODYSTRUCTURE values cost little.  MalformedMessage if it is not one.
+    """
+    start = _FETCH_START.match(data)
+    if start is None:
+        raise MalformedMessage("not a FETCH response")
+    pos = start.end()
+    items = []
+    n = len(data)
+    while True:
+        while pos < n and data[pos] == 0x20:
+            pos += 1
+        if pos >= n:
+            raise MalformedMessage("unterminated FETCH response")
+        if data[pos] == 0x29:  # )
+            return start.group(1), items
+        name = _NAME.match(data, pos)
+        if name is None:
+            raise MalformedMessage("bad FETCH item name")
+        pos = name.end()
+        if pos < n and data[pos] == 0x20:
+            pos += 1
+        end = _skip_value(data, pos)
+        items.append((name.group(0), data[pos:end]))
+        pos = end
+
+
+def _skip_value(data: bytes, pos: int) -> int:
+    n = len(data)
+    if pos >= n:
+        raise MalformedMessage("missing FETCH value")
+    c = data[pos]
+    if c == 0x22:
+        m = _QUOTED.match(data, pos)
+        if m is None:
+            raise MalformedMessage("bad quoted string")
+        return m.end()
+    if c == 0x7B or c == 0x7E:
+        m = _LITERAL.match(data, pos)
+        if m is None:
+            raise MalformedMessage("bad literal")
+        return m.end() + int(m.group(1))
+    if c != 0x28:
+        m = _NAME.match(data, pos)
+        if m is None:
+            raise MalformedMessage("bad FETCH value")
+        return m.end()
+    depth = 0
+    while True:
+        m = _STRUCTURAL.search(data, pos)
+        if m is None:
+            raise MalformedMessage("unbalanced parenthesis")
+        pos = m.start()
+        c = data[pos]
+        if c == 0x28:
+            depth += 1
+            pos += 1
+        elif c == 0x29:
+            depth -= 1
+            pos += 1
+            if depth == 0:
+                return pos
+        else:
+            pos = _skip_value(data, pos)
 
 
 def _unique(items: list[ContentItem]) -> list[ContentItem]:
@@ -197,18 +264,6 @@ def _unique(items: list[ContentItem]) -> list[ContentItem]:
             seen.add(key)
             out.append(item)
     return out
-
-
-def _encode_value(value: Token) -> bytes:
-    if isinstance(value, list):
-        return b"(" + b" ".join(_encode_value(v) for v in value) + b")"
-    if isinstance(value, String):
-        return (
-            literal(bytes(value))
-            if (b"\r" in value or b"\n" in value or b'"' in value)
-            else (b'"' + bytes(value).replace(b"\\", b"\\\\") + b'"')
-        )
-    return bytes(value)
 
 
 def fetch_response_ids(message_head: bytes) -> tuple[int, int | None] | None:

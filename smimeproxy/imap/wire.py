@@ -252,6 +252,10 @@ Token = Atom | String | list  # lists nest
 
 
 _ATOM_END = frozenset(b' ()\r\n"{')
+#: an atom; brackets keep spaces and parentheses inside one atom (fetch-att, resp-text-code)
+_ATOM = re.compile(rb'(?:[^ ()\r\n"{\[]|\[[^\]\r\n]*\]?)+')
+_QUOTED = re.compile(rb'"((?:[^"\\\r\n]|\\[^\r\n])*)"')
+_UNESCAPE = re.compile(rb"\\(.)")
 
 
 def tokenize(message: Message, start: int = 0) -> list[Token]:
@@ -281,21 +285,14 @@ def tokenize(message: Message, start: int = 0) -> list[Token]:
             stack[-1].append(done)
             i += 1
         elif c == 0x22:  # "
-            j = i + 1
-            out = bytearray()
-            while True:
-                if j >= n or text[j] in (0x0D, 0x0A):
-                    raise MalformedMessage("unterminated quoted string")
-                if text[j] == 0x5C and j + 1 < n:  # backslash
-                    out.append(text[j + 1])
-                    j += 2
-                    continue
-                if text[j] == 0x22:
-                    break
-                out.append(text[j])
-                j += 1
-            stack[-1].append(String(bytes(out)))
-            i = j + 1
+            match = _QUOTED.match(text, i)
+            if match is None:
+                raise MalformedMessage("unterminated quoted string")
+            value = match.group(1)
+            if b"\\" in value:
+                value = _UNESCAPE.sub(rb"\1", value)
+            stack[-1].append(String(value))
+            i = match.end()
         elif c == 0x7B or (c == 0x7E and i + 1 < n and text[i + 1] == 0x7B):  # { or ~{
             j = text.find(b"}\r\n", i)
             if j < 0:
@@ -307,23 +304,11 @@ def tokenize(message: Message, start: int = 0) -> list[Token]:
             stack[-1].append(String(value))
             i = j + 3
         else:
-            j = i
-            depth = 0
-            while j < n:
-                b = text[j]
-                if b == 0x5B:  # [
-                    depth += 1
-                elif b == 0x5D and depth:  # ]
-                    depth -= 1
-                elif depth == 0 and b in _ATOM_END:
-                    break
-                elif depth and b in (0x0D, 0x0A):
-                    break
-                j += 1
-            if j == i:
+            match = _ATOM.match(text, i)
+            if match is None or match.end() == i:
                 raise MalformedMessage("unexpected character")
-            stack[-1].append(Atom(text[i:j]))
-            i = j
+            stack[-1].append(Atom(match.group(0)))
+            i = match.end()
     if len(stack) != 1:
         raise MalformedMessage("unbalanced parenthesis")
     return stack[0]

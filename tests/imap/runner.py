@@ -6,6 +6,7 @@ MessageProcessor over the configured store and prints ``READY`` once listening.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.internet import reactor
@@ -26,6 +27,16 @@ def main(path: str) -> None:
     reactor.getThreadPool().adjustPoolsize(4, 8)
     service.startService()
     reactor.callWhenRunning(lambda: print("READY", flush=True))
+    profile_to = os.environ.get("SMIMEPROXY_IMAP_PROFILE")
+    if profile_to:  # bench: where does the proxy spend its time
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        reactor.run()
+        profiler.disable()
+        profiler.dump_stats(profile_to)
+        return
     reactor.run()
 
 
