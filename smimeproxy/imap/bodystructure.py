@@ -64,9 +64,9 @@ def body_structure(part: Part, extended: bool, top: bool = True) -> list:  # typ
             ]
         return result
     if part.ignores_content_fields or (top and _is_default_text(part)):
-        lines = part.body.count(b"\n")
+        lines = part.body_lines()
         fields: list = ["text", "plain", ["charset", "us-ascii"], None, None, "7bit"]  # type: ignore[type-arg]
-        return [*fields, len(part.body), lines, *([None] * 4 if extended else [])]
+        return [*fields, part.body_size, lines, *([None] * 4 if extended else [])]
     main, sub, params = part.main, part.sub, list(part.params)
     if main.lower() == "text" and not any(k.lower() == "charset" for k, _ in params):
         params.append(("charset", "us-ascii"))
@@ -78,15 +78,15 @@ def body_structure(part: Part, extended: bool, top: bool = True) -> list:  # typ
         part.first("content-id"),
         part.first("content-description"),
         cte.strip() if cte is not None else "7bit",
-        len(part.body),
+        part.body_size,
     ]
     if main.lower() == "text":
-        result.append(part.body.count(b"\n"))
+        result.append(part.body_lines())
     elif part.message is not None:
         result += [
             envelope(part.message),
             body_structure(part.message, extended, False),
-            part.body.count(b"\n"),
+            part.body_lines(),
         ]
     if extended:
         result += [

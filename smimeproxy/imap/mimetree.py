@@ -36,11 +36,16 @@ class Part:
 
     ``header`` is the raw header block including the empty line that ends it (absent
     when the input had none); ``children`` are the parts of a multipart, ``message``
-    the encapsulated message of a ``message/rfc822`` part.
+    the encapsulated message of a ``message/rfc822`` part. Every node refers to the one
+    message buffer by offsets, so the tree costs about the size of the header fields,
+    not another copy of the message per nesting level; ``header`` and ``body`` are
+    sliced out when asked for.
     """
 
-    header: bytes
-    body: bytes
+    buf: bytes = field(repr=False)
+    start: int
+    body_start: int
+    end: int
     fields: list[tuple[str, bytes]]
     mime_type: str
     main: str
@@ -52,6 +57,22 @@ class Part:
     message: Part | None = None
     #: a message header (the top level or an encapsulated message), not a MIME part header
     is_message: bool = False
+
+    @property
+    def header(self) -> bytes:
+        return self.buf[self.start : self.body_start]
+
+    @property
+    def body(self) -> bytes:
+        return self.buf[self.body_start : self.end]
+
+    @property
+    def body_size(self) -> int:
+        return self.end - self.body_start
+
+    def body_lines(self) -> int:
+        """Line ends in the body, as IMAP counts lines (RFC 3501 section 7.4.2)."""
+        return self.buf.count(b"\n", self.body_start, self.end)
 
     @property
     def is_multipart(self) -> bool:
@@ -106,17 +127,26 @@ def _unfold(raw: bytes) -> str:
 
 
 def parse_part(
-    data: bytes, default_type: str = "text/plain", depth: int = 0, *, is_message: bool = True
+    buf: bytes,
+    start: int = 0,
+    end: int | None = None,
+    default_type: str = "text/plain",
+    depth: int = 0,
+    *,
+    is_message: bool = True,
 ) -> Part:
-    """Parse one entity and everything below it; never raises for odd structure.
+    """Parse the entity ``buf[start:end]`` and everything below it.
 
-    Raises :class:`MalformedMessage` only for the hard limits of the MIME codec
-    (header fields or parts beyond ten thousand).
+    Never raises for odd structure; raises :class:`MalformedMessage` only for the hard
+    limits of the MIME codec (header fields or parts beyond ten thousand).
     """
+    end = len(buf) if end is None else end
+    data = buf if (start, end) == (0, len(buf)) else buf[start:end]
     entity = parse_entity(data)
-    header = data[: len(data) - len(entity.body)]
+    body_start = start + len(data) - len(entity.body)
+    del data
     fields = [(h.key, h.raw) for h in entity.headers]
-    part = Part(header, entity.body, fields, "", "", "", [], is_message=is_message)
+    part = Part(buf, start, body_start, end, fields, "", "", "", [], is_message=is_message)
     ctype = part.first("content-type")
     main, sub, params = parse_content_type(ctype) if ctype is not None else (None, None, [])
     if main is None or sub is None:
@@ -134,18 +164,19 @@ def parse_part(
             child_default = (
                 "message/rfc822" if part.mime_type == "multipart/digest" else "text/plain"
             )
-            body = part.body
-            for start, end in split_spans(body, boundary):
-                child = parse_part(body[start:end], child_default, depth + 1, is_message=False)
-                if _ends_with_close(child) and body[end : end + 1] in (b"\r", b"\n"):
+            base = body_start
+            for rel_start, rel_end in split_spans(entity.body, boundary):
+                a, b = base + rel_start, base + rel_end
+                child = parse_part(buf, a, b, child_default, depth + 1, is_message=False)
+                if _ends_with_close(child) and buf[b : b + 1] in (b"\r", b"\n") and b < end:
                     # Dovecot: the line end after a nested close delimiter stays with the
                     # part; only a line end not ending a delimiter line goes to the next.
-                    end += 2 if body[end : end + 2] == b"\r\n" else 1
-                    child = parse_part(body[start:end], child_default, depth + 1, is_message=False)
+                    b += 2 if buf[b : b + 2] == b"\r\n" and b + 1 < end else 1
+                    child = parse_part(buf, a, b, child_default, depth + 1, is_message=False)
                 part.children.append(child)
-                part.spans.append((start, end))
+                part.spans.append((a - base, b - base))
     elif part.mime_type == "message/rfc822":
-        part.message = parse_part(part.body, "text/plain", depth + 1)
+        part.message = parse_part(buf, body_start, end, "text/plain", depth + 1)
     return part
 
 
@@ -154,10 +185,12 @@ def _ends_with_close(part: Part) -> bool:
     while part.message is not None:
         part = part.message
     boundary = part.boundary if part.is_multipart else None
-    if not boundary or not part.body.rstrip(b" \t").endswith(b"--"):
+    if not boundary:
         return False
-    last = part.body.rsplit(b"\n", 1)[-1].rstrip(b" \t")
-    return last == b"--" + boundary.encode("utf-8", "surrogateescape") + b"--"
+    close = b"--" + boundary.encode("utf-8", "surrogateescape") + b"--"
+    tail = part.buf[max(part.body_start, part.end - len(close) - 200) : part.end]
+    last = tail.rsplit(b"\n", 1)[-1].rstrip(b" \t")
+    return last == close
 
 
 def split_spans(body: bytes, boundary: str) -> list[tuple[int, int]]:

@@ -131,11 +131,11 @@ def _decoded_text(part: Part) -> str:
         except SMIMEProxyError:
             raw = part.body
     charset = _charset(part)
-    if charset in ("us-ascii", "ascii"):
+    if charset in ("us-ascii", "ascii") or not charset.isascii():
         charset = "utf-8"
     try:
         codecs.lookup(charset)
-    except LookupError:
+    except (LookupError, ValueError):
         charset = "utf-8"
     try:
         return raw.decode(charset, "replace")
@@ -158,5 +158,5 @@ def _decode_2047(value: str) -> str:
         return value
     try:
         return str(email.header.make_header(email.header.decode_header(value)))
-    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+    except (ValueError, LookupError, UnicodeError, email.errors.MessageError):
         return value

@@ -200,14 +200,15 @@ def binary_entity(part: Part) -> bytes | None:
     """
     if part.is_multipart:
         out = bytearray(part.header)
+        body = part.body
         pos = 0
         for (start, end), child in zip(part.spans, part.children, strict=True):
             inner = binary_entity(child)
             if inner is None:
                 return None
-            out += part.body[pos:start] + inner
+            out += body[pos:start] + inner
             pos = end
-        return bytes(out + part.body[pos:])
+        return bytes(out + body[pos:])
     if part.message is not None:
         inner = binary_entity(part.message)
         return None if inner is None else part.header + inner

@@ -170,3 +170,15 @@ def test_fuzz_search_never_raises(data, needle, key):
     assert isinstance(matches_text(view, key, needle), bool)
     header, body = searchable_text(view)
     assert isinstance(header, str) and isinstance(body, str)
+
+
+def test_hostile_charsets_and_encoded_words_do_not_crash():
+    # found by fuzzing: 8-bit bytes in a charset name and in an encoded word's charset
+    data = (
+        b"Subject: =?ut\xab\xa8f-8?q?x=C3=A4?=\r\nContent-Type: text/plain; charset=utf-8\xb2Y"
+        b"\r\n\r\nbody words\r\n"
+    )
+    view = MessageView(data)
+    assert matches_text(view, "BODY", "body words")
+    assert matches_text(view, "TEXT", "subject")
+    assert not matches_text(view, "TEXT", "absent")
