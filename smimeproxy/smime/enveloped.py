@@ -39,7 +39,13 @@ from itertools import islice
 from asn1crypto import algos, cms, core
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import (
+    AEADEncryptionContext,
+    Cipher,
+    CipherContext,
+    algorithms,
+    modes,
+)
 
 try:  # 3DES (RFC 3370 section 5.1), for old mail only; "decrepit" since cryptography 43
     from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
@@ -558,6 +564,22 @@ def encrypt_data(
     with an AES key wrap as strong as the content key. Not checked here: whether the
     certificates are valid, trusted or allowed to encrypt (that is the PKI layer's job).
     """
+    return bytes(encrypt_pieces([content], recipients, cipher=cipher, content_type=content_type))
+
+
+def encrypt_pieces(
+    pieces: Sequence[bytes | bytearray | memoryview],
+    recipients: Sequence[x509.Certificate | Recipient],
+    *,
+    cipher: str = "aes256_cbc",
+    content_type: str = "data",
+) -> bytearray:
+    """:func:`encrypt_data` of the concatenation of ``pieces``, as a ``bytearray``.
+
+    The DER is written into one buffer of its final size: the pieces are encrypted
+    straight into it, so a 10 MB content costs one 10 MB buffer, not the pieces of
+    ciphertext and then their concatenation.
+    """
     if cipher not in CIPHERS:
         raise UnsupportedAlgorithm(f"unsupported content cipher {cipher!r}; use one of {CIPHERS}")
     if not recipients:
@@ -569,25 +591,23 @@ def encrypt_data(
         recipient_info_der(r if isinstance(r, Recipient) else Recipient(r), cek, wrap)
         for r in recipients
     ]
-    view = memoryview(content).cast("B")
+    total = sum(memoryview(p).nbytes for p in pieces)
+    padding = b""
+    aead: AEADEncryptionContext | None = None
+    context: CipherContext
     if mode == "gcm":
         nonce = os.urandom(_GCM_NONCE_SIZE)
-        aead = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
-        pieces = [aead.update(view), aead.finalize()]
-        mac: bytes | None = aead.tag  # 16 bytes = _GCM_ICV_SIZE
+        context = aead = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
+        mac_len = 2 + _GCM_ICV_SIZE  # the mac OCTET STRING after the content
         # GCMParameters (RFC 5084 section 3.2): nonce, ICV length (16, not the default)
         parameters = der.sequence(der.tlv(0x04, nonce), der.integer(_GCM_ICV_SIZE))
         outer_oid, version = _AUTH_ENVELOPED, 0  # RFC 5083 section 2.1: always 0
     else:
         iv = os.urandom(16)
-        encryptor = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
-        full = len(view) - len(view) % 16
-        pad = 16 - len(view) % 16  # PKCS#7 padding, RFC 5652 section 6.3
-        pieces = [
-            encryptor.update(view[:full]),
-            encryptor.update(bytes(view[full:]) + bytes([pad]) * pad) + encryptor.finalize(),
-        ]
-        mac = None
+        context = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
+        pad = 16 - total % 16  # PKCS#7 padding, RFC 5652 section 6.3
+        padding = bytes([pad]) * pad
+        mac_len = 0
         parameters = der.tlv(0x04, iv)
         # RFC 5652 section 6.1: version 0 only if every RecipientInfo is version 0.
         all_v0 = all(v0 for _, v0 in infos)
@@ -595,18 +615,17 @@ def encrypt_data(
     algorithm = der.sequence(der.oid(_CIPHER_OIDS[cipher]), parameters)
     inner_oid = _content_type_der(content_type)
     ris = der.set_of(info for info, _ in infos)
-    ciphertext_len = sum(len(p) for p in pieces)
+    ciphertext_len = total + len(padding)
     ect_header = _header(0x80, ciphertext_len)  # [0] IMPLICIT OCTET STRING
     eci_len = len(inner_oid) + len(algorithm) + len(ect_header) + ciphertext_len
     eci_header = _header(0x30, eci_len)
     version_der = der.integer(version)
-    mac_der = _tlv(0x04, mac) if mac is not None else b""
-    env_len = len(version_der) + len(ris) + len(eci_header) + eci_len + len(mac_der)
+    env_len = len(version_der) + len(ris) + len(eci_header) + eci_len + mac_len
     env_header = _header(0x30, env_len)
     explicit_header = _header(0xA0, len(env_header) + env_len)
     outer_oid_der = der.oid(outer_oid)
     ci_len = len(outer_oid_der) + len(explicit_header) + len(env_header) + env_len
-    return b"".join(
+    prefix = b"".join(
         [
             _header(0x30, ci_len),
             outer_oid_der,
@@ -618,10 +637,30 @@ def encrypt_data(
             inner_oid,
             algorithm,
             ect_header,
-            *pieces,
-            mac_der,
         ]
     )
+    end = len(prefix) + ciphertext_len + mac_len
+    # one spare block: update_into wants room for a block more than it is given
+    out = bytearray(end + 16)
+    out[: len(prefix)] = prefix
+    view = memoryview(out)
+    n = len(prefix)
+    for piece in pieces:
+        n += context.update_into(piece, view[n:])
+    if padding:
+        n += context.update_into(padding, view[n:])
+    final = context.finalize()
+    view[n : n + len(final)] = final
+    n += len(final)
+    if aead is not None:
+        mac = _tlv(0x04, aead.tag)  # 16 bytes = _GCM_ICV_SIZE
+        view[n : n + len(mac)] = mac
+        n += len(mac)
+    view.release()
+    if n != end:  # pragma: no cover - a cipher that did not produce what it must
+        raise SMIMEProxyError("encryption produced an unexpected length")
+    del out[end:]
+    return out
 
 
 __all__ = [
@@ -633,5 +672,6 @@ __all__ = [
     "choose_cipher",
     "decrypt_data",
     "encrypt_data",
+    "encrypt_pieces",
     "recipient_identifiers",
 ]

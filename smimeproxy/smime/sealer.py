@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 
 from smimeproxy.errors import MalformedMessage
 from smimeproxy.smime import mime
-from smimeproxy.smime.enveloped import Recipient, choose_cipher, encrypt_data
+from smimeproxy.smime.enveloped import Recipient, choose_cipher, encrypt_pieces
 from smimeproxy.smime.headerprotect import protect
 from smimeproxy.smime.keys import KeyPair
-from smimeproxy.smime.signed import sign_data
+from smimeproxy.smime.signed import sign_pieces
 
 #: micalg parameter values (RFC 8551 section 3.5.3.1; RFC 8419 section 5 for EdDSA)
 MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
@@ -89,6 +89,11 @@ def canonical_content(entity: mime.Entity, depth: int = 0) -> bytes:
     Multiparts are rebuilt part by part with the same boundary, so a part that was
     already canonical stays byte for byte what it was.
     """
+    return b"".join(_canonical_pieces(entity, depth))
+
+
+def _canonical_pieces(entity: mime.Entity, depth: int = 0) -> list[bytes]:
+    """:func:`canonical_content` as pieces (header, blank line, body), not joined."""
     if depth > 32:
         raise MalformedMessage("MIME nesting too deep")
     entity.eol = mime.CRLF
@@ -112,11 +117,11 @@ def canonical_content(entity: mime.Entity, depth: int = 0) -> bytes:
         entity.body = b"".join(out)
     else:
         _canonical_leaf(entity)
-    return entity.header_bytes() + b"\r\n" + entity.body
+    return [entity.header_bytes(), b"\r\n", entity.body]
 
 
-def _pkcs7_entity(der: bytes, smime_type: str) -> mime.Entity:
-    entity = mime.Entity([], mime.base64_body(der), mime.CRLF)
+def _pkcs7_entity(der: bytes | bytearray, smime_type: str, body: bool = True) -> mime.Entity:
+    entity = mime.Entity([], mime.base64_body(der) if body else b"", mime.CRLF)
     entity.add("Content-Type", f'application/pkcs7-mime; smime-type={smime_type}; name="smime.p7m"')
     entity.add("Content-Transfer-Encoding", "base64")
     entity.add("Content-Disposition", 'attachment; filename="smime.p7m"')
@@ -157,11 +162,13 @@ def seal(
     else:
         outer_headers = top.other_headers()
         content = mime.Entity(top.content_headers(), top.body, top.eol)
-    payload = canonical_content(content)
+    pieces = _canonical_pieces(content)
+    # the pieces hold the canonical body; drop the parsed copy if canonicalising made one
+    top.body = content.body = b""
 
     if signer is not None:
-        der = sign_data(
-            payload,
+        der = sign_pieces(
+            pieces,
             signer,
             chain=chain,
             detached=options.detached,
@@ -175,36 +182,48 @@ def seal(
             sig.add("Content-Transfer-Encoding", "base64")
             sig.add("Content-Disposition", 'attachment; filename="smime.p7s"')
             sig.add("Content-Description", "S/MIME Cryptographic Signature")
-            signed = mime.build_multipart(
-                [],
-                "signed",
-                [payload, sig.to_bytes()],
-                params=(
-                    'protocol="application/pkcs7-signature"; '
-                    f"micalg={_micalg(signer, options.digest)}; "
-                ),
+            # build_multipart's bytes, left as pieces: the signed body is not copied
+            boundary = mime.new_boundary()
+            head = mime.Entity([], b"", mime.CRLF)
+            params = (
+                'protocol="application/pkcs7-signature"; '
+                f"micalg={_micalg(signer, options.digest)}; "
             )
-            payload = signed.to_bytes()
+            head.set("Content-Type", f'multipart/signed; {params}boundary="{boundary}"')
+            delim = b"--" + boundary.encode()
+            crlf = mime.CRLF
+            pieces = [
+                *(head.header_bytes(), crlf, delim, crlf),
+                *pieces,
+                *(crlf, delim, crlf, sig.to_bytes(), crlf, delim, b"--", crlf),
+            ]
         else:
-            payload = _pkcs7_entity(der, SMIME_TYPE["signed_data"]).to_bytes()
+            pieces = [_pkcs7_entity(der, SMIME_TYPE["signed_data"]).to_bytes()]
 
+    out = mime.Entity(list(outer_headers), b"", mime.CRLF)
+    out.headers = [_crlf_field(h) for h in out.headers if h.key != "mime-version"]
+    out.add("MIME-Version", "1.0")
     if encrypting:
         targets = [
             r if isinstance(r, EncryptionTarget) else EncryptionTarget(r) for r in recipients
         ]
         cipher = options.cipher or choose_cipher([t.capabilities for t in targets])
-        der = encrypt_data(
-            payload,
+        envelope = encrypt_pieces(
+            pieces,
             [Recipient(t.certificate, oaep=options.oaep) for t in targets],
             cipher=cipher,
         )
+        pieces = []  # the plaintext is no longer needed
         smime_type = "authEnveloped-data" if cipher.endswith("_gcm") else "enveloped-data"
-        payload = _pkcs7_entity(der, smime_type).to_bytes()
+        out.headers.extend(_pkcs7_entity(envelope, smime_type, body=False).headers)
+        chunks = mime.base64_chunks(envelope)
+        del envelope
+        # one join of the header and the base64 blocks: the 10 MB output is built once
+        return mime.to_eol(b"".join([out.header_bytes(), mime.CRLF, *chunks]), eol)
 
+    payload = b"".join(pieces)
+    del pieces
     result = mime.parse_entity(payload)
-    out = mime.Entity(list(outer_headers), b"", mime.CRLF)
-    out.headers = [_crlf_field(h) for h in out.headers if h.key != "mime-version"]
-    out.add("MIME-Version", "1.0")
     out.headers.extend(result.headers)
     out.body = result.body
     return mime.to_eol(out.to_bytes(), eol)

@@ -62,6 +62,7 @@ __all__ = [
     "SignerInfoResult",
     "decode_pem",
     "sign_data",
+    "sign_pieces",
     "verify_data",
 ]
 
@@ -159,7 +160,33 @@ def sign_data(
     """
     if not isinstance(content, bytes | bytearray | memoryview):
         raise TypeError("content must be bytes")
-    content = bytes(content)
+    return sign_pieces(
+        [bytes(content)],
+        signer,
+        chain=chain,
+        detached=detached,
+        digest=digest,
+        pss=pss,
+        capabilities=capabilities,
+        encryption_certificate=encryption_certificate,
+        signing_time=signing_time,
+    )
+
+
+def sign_pieces(
+    pieces: Sequence[bytes],
+    signer: KeyPair,
+    *,
+    chain: Sequence[x509.Certificate] = (),
+    detached: bool = True,
+    digest: str = "sha256",
+    pss: bool = False,
+    capabilities: Sequence[str] = DEFAULT_CAPABILITIES,
+    encryption_certificate: x509.Certificate | None = None,
+    signing_time: datetime.datetime | None = None,
+) -> bytes:
+    """:func:`sign_data` over the concatenation of ``pieces``, without joining them
+    for a detached signature (the sealer signs a 10 MB body without copying it)."""
     public = signer.key.public_key()
     if isinstance(public, ed25519.Ed25519PublicKey):
         digest = "sha512"
@@ -175,7 +202,7 @@ def sign_data(
     attributes = [
         _attribute(_OID_CONTENT_TYPE, _DATA_OID_DER),
         _attribute(_OID_SIGNING_TIME, _cms_time_der(when)),
-        _attribute(_OID_MESSAGE_DIGEST, der.tlv(0x04, hashlib.new(digest, content).digest())),
+        _attribute(_OID_MESSAGE_DIGEST, der.tlv(0x04, _digest_of(digest, pieces))),
     ]
     if capabilities:
         attributes.append(_capability_attribute_der(tuple(capabilities)))
@@ -204,7 +231,7 @@ def sign_data(
     certificates.update(_certificate_der(c) for c in [*chain, *extra])
     encap = [_DATA_OID_DER]
     if not detached:
-        octets = der.tlv(0x04, content)
+        octets = der.tlv(0x04, b"".join(pieces))
         encap.append(der.header(0xA0, len(octets)) + octets)
     signed_data = der.sequence(
         b"\x02\x01\x01",  # version 1 (RFC 5652 section 5.1)
@@ -214,6 +241,13 @@ def sign_data(
         der.set_of([signer_info]),
     )
     return der.sequence(_SIGNED_DATA_OID_DER, der.header(0xA0, len(signed_data)), signed_data)
+
+
+def _digest_of(name: str, pieces: Sequence[bytes]) -> bytes:
+    h = hashlib.new(name)
+    for piece in pieces:
+        h.update(piece)
+    return h.digest()
 
 
 def _certificate_der(cert: x509.Certificate) -> bytes:
