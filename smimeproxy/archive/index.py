@@ -82,7 +82,10 @@ class Hit:
 
 
 class IndexWriter(Protocol):
-    def add(self, message: IndexedMessage) -> None: ...
+    def add(self, message: IndexedMessage) -> None:
+        """Add a message whose ``docid`` is not in the index (see ``known``)."""
+        ...
+
     def delete_mailbox(self, mailbox: str) -> int: ...
 
 
@@ -98,6 +101,10 @@ class ArchiveIndex(Protocol):
     def search(self, query: str, limit: int | None = None) -> list[Hit]: ...
 
     def count(self) -> int: ...
+
+    def known(self, docids: Iterable[str]) -> dict[str, str]:
+        """Which of ``docids`` are in the index, with the SHA-256 of their original."""
+        ...
 
 
 def schema() -> fields.Schema:
@@ -199,7 +206,10 @@ class _WhooshWriter:
         self._w = writer
 
     def add(self, message: IndexedMessage) -> None:
-        self._w.update_document(**_document(message))
+        # add, not update: whoosh's update opens a reader per call and slows down as
+        # the index grows (measured: 10x at 10,000 documents); the indexing pass asks
+        # ``known`` first instead
+        self._w.add_document(**_document(message))
 
     def delete_mailbox(self, mailbox: str) -> int:
         return int(self._w.delete_by_term("mailbox", mailbox))
@@ -249,10 +259,14 @@ class WhooshIndex:
         with self._ix.searcher() as s:
             return int(s.doc_count())
 
-    def docids(self, ids: Iterable[str]) -> set[str]:
-        """Which of ``ids`` are in the index."""
+    def known(self, docids: Iterable[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
         with self._ix.searcher() as s:
-            return {i for i in ids if s.document_number(docid=i) is not None}
+            for docid in docids:
+                number = s.document_number(docid=docid)
+                if number is not None:
+                    out[docid] = str(s.stored_fields(number).get("sha256", ""))
+        return out
 
     def close(self) -> None:
         self._ix.close()

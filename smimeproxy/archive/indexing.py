@@ -41,8 +41,9 @@ from smimeproxy.smime.keys import KeyPair
 from smimeproxy.smime.opener import OpenOptions, open_message
 from smimeproxy.smime.status import CertificateValidator
 
-#: messages indexed per commit: the most a crash re-does
-BATCH = 500
+#: messages indexed per commit: the most a crash re-does (whoosh merges segments on
+#: each commit; fewer, larger commits are faster)
+BATCH = 1000
 #: whether a message may hold S/MIME at all (else it is only parsed, never opened)
 _SMIME_HINT = re.compile(rb"pkcs7|\.p7[msz]\b", re.IGNORECASE)
 
@@ -199,6 +200,14 @@ class Indexer:
         pending = box.pending(self.state.seen(box.key))
         if not pending:
             return
+        # committed to the index but not to the state (a crash between the two):
+        # record them instead of indexing them twice
+        ids = {_docid(box, uid): uid for uid in pending}
+        known = self.index.known(ids)
+        if known:
+            self.state.mark((box.key, ids[d], sha) for d, sha in known.items())
+            done = {ids[d] for d in known}
+            pending = [uid for uid in pending if uid not in done]
         stream: Iterable[tuple[str, bytes | None]] = box.fetch(pending)
         if progress is not None:
             stream = progress(iter(stream), len(pending), f"{box.owner} {box.folder}")
@@ -239,7 +248,7 @@ class Indexer:
                 digest = self.originals.put(data, sha256_hex(data))
                 w.add(
                     IndexedMessage(
-                        docid=f"{box.key}\x1f{box.uidvalidity}\x1f{uid}",
+                        docid=_docid(box, uid),
                         mailbox=box.key,
                         owner=box.owner,
                         folder=box.folder,
@@ -264,6 +273,11 @@ class Indexer:
                 self.processor.store.audit(self.actor, "archive.index", owner, counts.as_dict())
             except SMIMEProxyError as e:
                 report.errors.append(f"cannot write the audit entry for {owner}: {e}")
+
+
+def _docid(box: Mailbox, uid: str) -> str:
+    """Unique and stable: the mailbox, its UIDVALIDITY and the UID."""
+    return f"{box.key}\x1f{box.uidvalidity}\x1f{uid}"
 
 
 def _count(counts: OwnerCounts, fields: ExtractedMessage) -> None:

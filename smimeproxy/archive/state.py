@@ -6,8 +6,9 @@ for a Maildir the folder's path and the message's unique file name (flags and th
 message with an occurrence number (positions shift when other messages are deleted).
 
 Resume without duplicates: the indexing pass commits the index first and this state
-second, batch by batch. A crash between the two re-indexes at most one batch, and the
-index replaces documents by their unique id, so nothing is counted twice.
+second, batch by batch. After a crash between the two, the next pass finds the
+batch's documents in the index by their unique id (``ArchiveIndex.known``) and records
+them here instead of indexing them again, so nothing is counted twice.
 
 A changed UIDVALIDITY (RFC 9051 section 2.3.1.1: the UIDs of the mailbox no longer
 name the same messages) forgets the mailbox here; the pass drops its documents from
