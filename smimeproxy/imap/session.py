@@ -148,6 +148,7 @@ class ProxySession(Protocol):
 
     def upstream_connected(self, upstream: UpstreamProtocol) -> None:
         self.upstream = upstream
+        _no_delay(upstream.transport)
         if self._closed:
             upstream.transport.loseConnection()
 
@@ -439,7 +440,10 @@ class ProxySession(Protocol):
         if not line.startswith(b"* "):
             self._tagged(line)
             return
-        caps = capabilities_in(line) if event.literal is None else None
+        head = line[:64].upper()
+        caps = None
+        if b"CAPABILITY" in head and event.literal is None:
+            caps = capabilities_in(line)
         if caps is not None:
             self.upstream_caps = set(caps)
         if not self._greeted:
@@ -449,11 +453,15 @@ class ProxySession(Protocol):
             self._resp_mode = "capture" if self._injected else "rewrite"
             self._server_event(event)
             return
-        self._observe(line)
-        if self.rewrite is not None:
-            self.rewrite.observe(line)
+        if b" FETCH " not in head:
+            self._observe(line)
+            if self.rewrite is not None:
+                self.rewrite.observe(line)
         if caps is not None:
             event = Fragment(self._caps(line), True, None)
+        if event.literal is None:  # the whole response in one line: no mode to carry
+            self.send(event.data)
+            return
         self._resp_mode = "forward"
         self._server_event(event)
 
@@ -540,6 +548,16 @@ class ProxySession(Protocol):
                 self.login = None
                 self._drain()
         self._maybe_start_intercept()
+
+
+def _no_delay(transport: Any) -> None:
+    """Small command/response exchanges must not wait for Nagle's algorithm."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
 
 
 def _header_of(line: bytes) -> LiteralHeader | None:
