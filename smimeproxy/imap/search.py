@@ -16,9 +16,10 @@ searched.
 
 Not guaranteed: Unicode normalisation (NFC versus NFD) is not applied, and case folding
 is Python's ``str.casefold`` (i18n-comparator rules of RFC 5051 are approximated). A part
-whose transfer encoding cannot be decoded is searched as it is stored. The extracted text
-of a view is memoised for the view's lifetime (views are immutable), so repeated SEARCHes
-over cached views cost one scan each.
+whose transfer encoding cannot be decoded is searched as it is stored. The searchable text
+is extracted on every call and not kept: keeping it would hold up to four times the text
+of every cached message outside the cache's byte bound (about 50 microseconds per 20 KB of
+text; a SEARCH with several content keys pays it once per key).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from __future__ import annotations
 import codecs
 import email.errors
 import email.header
-import threading
-import weakref
 
 from smimeproxy.errors import MalformedMessage, SMIMEProxyError
 from smimeproxy.imap.views import KNOWN_ENCODINGS, MessageView, Part, decode_body
@@ -54,9 +53,6 @@ TEXTUAL_APPLICATION = frozenset(
     }
 )
 
-_memo: weakref.WeakKeyDictionary[MessageView, tuple[str, str]] = weakref.WeakKeyDictionary()
-_memo_lock = threading.Lock()
-
 
 def matches_text(view: MessageView, key: str, needle: str) -> bool:
     """Does ``view`` match ``SEARCH <key> <needle>``, with ``key`` ``BODY`` or ``TEXT``?
@@ -76,18 +72,11 @@ def matches_text(view: MessageView, key: str, needle: str) -> bool:
 
 
 def searchable_text(view: MessageView) -> tuple[str, str]:
-    """(header text, body text) of ``view``, decoded and case-folded; memoised."""
-    with _memo_lock:
-        cached = _memo.get(view)
-    if cached is not None:
-        return cached
+    """(header text, body text) of ``view``, decoded and case-folded."""
     headers: list[str] = [_header_text(view.root)]
     bodies: list[str] = []
     _collect(view.root, headers, bodies)
-    result = ("\n".join(headers).casefold(), "\n".join(bodies).casefold())
-    with _memo_lock:
-        _memo[view] = result
-    return result
+    return "\n".join(headers).casefold(), "\n".join(bodies).casefold()
 
 
 def _collect(part: Part, headers: list[str], bodies: list[str]) -> None:

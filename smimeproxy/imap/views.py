@@ -265,33 +265,17 @@ def decode_base64(body: bytes) -> bytes:
         raise MalformedMessage("base64 body could not be decoded") from None
 
 
-_QP_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})|=")
-
-
-def _qp_byte(m: re.Match[bytes]) -> bytes:
-    if m.group(1) is None:
-        raise MalformedMessage("invalid quoted-printable escape")
-    return bytes([int(m.group(1), 16)])
+_QP_TRAILING_SPACE = re.compile(rb"[ \t]+(?=\r\n|\n|\Z)")
+_QP_BAD_ESCAPE = re.compile(rb"=(?![0-9A-Fa-f]{2}|\r\n|\n)")
 
 
 def decode_quoted_printable(body: bytes) -> bytes:
     """RFC 2045 section 6.7: trailing whitespace dropped, soft line breaks joined.
 
-    An ``=`` not followed by two hex digits or a line end raises
-    :class:`MalformedMessage`, as Dovecot answers ``NO [PARSE]`` for it.
+    An ``=`` not followed by two hex digits or a line end (a soft break at the very end
+    included) raises :class:`MalformedMessage`, as Dovecot answers ``NO [PARSE]``.
     """
-    out = bytearray()
-    pieces = re.split(rb"(\r\n|\n)", body)
-    for i in range(0, len(pieces), 2):
-        line = pieces[i].rstrip(b" \t")
-        eol = pieces[i + 1] if i + 1 < len(pieces) else b""
-        soft = line.endswith(b"=")
-        if soft and not eol:
-            # Dovecot refuses a soft break with nothing after it ("invalid trailer")
-            raise MalformedMessage("quoted-printable ends in a soft line break")
-        if soft:
-            line = line[:-1]
-        out += _QP_ESCAPE.sub(_qp_byte, line)
-        if not soft:
-            out += eol
-    return bytes(out)
+    body = _QP_TRAILING_SPACE.sub(b"", body)
+    if _QP_BAD_ESCAPE.search(body):
+        raise MalformedMessage("invalid quoted-printable escape")
+    return binascii.a2b_qp(body)
