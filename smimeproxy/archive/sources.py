@@ -26,7 +26,7 @@ import os
 import re
 import ssl
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -126,6 +126,8 @@ class MboxFile:
     owner: str
     folder: str
     uidvalidity: str = FILE_UIDVALIDITY
+    #: uid -> the mailbox module's key, from the last ``pending`` (the file as it was)
+    _keys: dict[str, str] | None = field(default=None, repr=False)
 
     def _index(self) -> dict[str, str]:
         """uid (hash + occurrence) -> the mailbox module's key, for the file as it is now."""
@@ -150,14 +152,18 @@ class MboxFile:
         return [uid for uid in self._keys if uid not in seen]
 
     def fetch(self, uids: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
-        keys = getattr(self, "_keys", None) or self._index()
+        keys = self._keys if self._keys is not None else self._index()
         box = stdmailbox.mbox(self.path, factory=None, create=False)
         try:
             for uid in uids:
                 try:
-                    yield uid, box.get_bytes(keys[uid])
+                    data = box.get_bytes(keys[uid])
                 except (KeyError, OSError):
                     yield uid, None
+                    continue
+                # the file changed since ``pending``: never file a message under another's id
+                same = hashlib.sha256(data).hexdigest()[:32] == uid.split("-", 1)[0]
+                yield uid, data if same else None
         finally:
             box.close()
 
