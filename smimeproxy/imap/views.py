@@ -55,6 +55,16 @@ _SECTION = re.compile(
 )
 
 
+_HEADER_NAME = re.compile(r'"(?:\\.|[^"\\])*"|[^\s"]+')
+
+
+def _astring(token: str) -> str:
+    """A header name as an IMAP atom or quoted string (RFC 3501 ``header-fld-name``)."""
+    if len(token) >= 2 and token[0] == token[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", token[1:-1])
+    return token
+
+
 def partial(data: bytes, origin: int, length: int | None) -> bytes:
     """The ``<origin.length>`` slice of a fetched item (RFC 3501 section 6.4.5).
 
@@ -102,7 +112,7 @@ class MessageView:
         names_text = m.group("names")
         if text.startswith("HEADER.FIELDS") != (names_text is not None):
             raise MalformedMessage(f"invalid section specifier {spec[:100]!r}")
-        names = names_text.split() if names_text else []
+        names = [_astring(n) for n in _HEADER_NAME.findall(names_text or "")]
         if text == "MIME" and not numbers:
             raise MalformedMessage("MIME needs a part number")
         if text.startswith("HEADER.FIELDS") and not names:

@@ -144,6 +144,7 @@ def _part_paths(part: Part, prefix: str = "", depth: int = 0) -> list[str]:
 
 def _sections(view: MessageView) -> list[str]:
     out = ["", "HEADER", "TEXT", "HEADER.FIELDS (SUBJECT FROM X-NONE)", "HEADER.FIELDS.NOT (FROM)"]
+    out.append('HEADER.FIELDS ("Subject" content-TYPE)')
     for p in _part_paths(view.root):
         out += [p, f"{p}.MIME", f"{p}.HEADER", f"{p}.TEXT", f"{p}.HEADER.FIELDS (SUBJECT)"]
     return list(dict.fromkeys(out))
@@ -276,6 +277,11 @@ def test_header_fields_keep_order_and_add_the_blank_line():
     assert view.section("HEADER.FIELDS (Subject To)") == view.header_fields(["to", "subject"])
     not_from = view.header_fields(["from", "to", "date", "message-id"], negate=True)
     assert not_from == b"Subject: hi\r\n\r\n"
+
+
+def test_header_field_names_may_be_quoted_strings():
+    view = MessageView(M["plain"])
+    assert view.section('HEADER.FIELDS ("Subject" TO)') == view.header_fields(["subject", "to"])
 
 
 def test_nested_message_sections():
