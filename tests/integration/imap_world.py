@@ -78,7 +78,14 @@ class World:
         self.dovecot.stop()
 
 
-def start_world(base: Path, *, cache_bytes: int = 64 << 20, extra: str = "") -> World:
+def start_world(
+    base: Path,
+    *,
+    cache_bytes: int = 64 << 20,
+    extra: str = "",
+    plaintext_login: bool = True,
+    listen: str | None = None,
+) -> World:
     base.mkdir(parents=True, exist_ok=True)
     factory = CertificateFactory()
     alice = factory.user("alice@acme.test")
@@ -100,6 +107,7 @@ def start_world(base: Path, *, cache_bytes: int = 64 << 20, extra: str = "") -> 
     dovecot = start_dovecot(base, dict(PASSWORDS))
     port = free_port()
     config = base / "smimeproxy.toml"
+    listen_at = (listen or "tcp:{port}:interface=127.0.0.1").format(port=port)
     config.write_text(
         f"""
 [keystore]
@@ -107,9 +115,9 @@ url = "sqlite:store.db"
 master_key_file = "master.key"
 
 [imap]
-listen = ["tcp:{port}:interface=127.0.0.1"]
+listen = ["{listen_at}"]
 upstream = "tcp:127.0.0.1:{dovecot.port}"
-plaintext_login = true
+plaintext_login = {"true" if plaintext_login else "false"}
 upstream_tls = "none"
 cache_bytes = {cache_bytes}
 {extra}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import imaplib
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -355,4 +354,95 @@ def test_fifty_concurrent_sessions(world: World) -> None:
         t.join(90)
     assert not errors, errors[:3]
     assert time.monotonic() - started < 90
-    assert shutil.which("dovecot")
+    rss_kb = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{world.proxy.pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
+    assert rss_kb < 400 * 1024  # the cache (64 MiB) plus a little per connection
+
+
+def tls_files(directory: Path) -> tuple[Path, Path, bytes]:
+    """A throwaway self-signed server certificate for 127.0.0.1 (cert, key, PEM)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imap proxy test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (directory / "tls.crt").write_bytes(pem)
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return directory / "tls.crt", directory / "tls.key", pem
+
+
+def test_starttls_and_implicit_tls_listeners(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """LOGINDISABLED until STARTTLS on a non-loopback-trusted listener; implicit TLS too."""
+    import ssl
+
+    base = tmp_path_factory.mktemp("imaptls")
+    cert, key, pem = tls_files(base)
+    context = ssl.create_default_context(cadata=pem.decode())
+    w = start_world(
+        base,
+        plaintext_login=False,
+        extra=f'tls_certificate = "{cert}"\ntls_key = "{key}"\n',
+    )
+    try:
+        c = imaplib.IMAP4("127.0.0.1", w.proxy_port)
+        assert "LOGINDISABLED" in c.capabilities and "STARTTLS" in c.capabilities
+        with pytest.raises(imaplib.IMAP4.error):
+            c.login("alice", "alice-pw")
+        c.starttls(ssl_context=context)
+        assert "LOGINDISABLED" not in c.capabilities and "STARTTLS" not in c.capabilities
+        c.login("alice", "alice-pw")
+        c.create("TLS")
+        c.append("TLS", None, None, w.encrypted("tls", "over tls"))
+        c.select("TLS")
+        assert b"over tls" in body_of(fetch(c, "1", "(BODY.PEEK[])"))
+        c.logout()
+    finally:
+        w.stop()
+    base2 = tmp_path_factory.mktemp("imaps")
+    cert, key, pem = tls_files(base2)
+    w = start_world(
+        base2,
+        plaintext_login=False,
+        listen=f"ssl:{{port}}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+    )
+    try:
+        c = imaplib.IMAP4_SSL(
+            "127.0.0.1", w.proxy_port, ssl_context=ssl.create_default_context(cadata=pem.decode())
+        )
+        assert "LOGINDISABLED" not in c.capabilities
+        c.login("alice", "alice-pw")
+        assert c.noop()[0] == "OK"
+        c.logout()
+    finally:
+        w.stop()
