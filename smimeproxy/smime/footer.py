@@ -31,6 +31,7 @@ from smimeproxy.smime.mime import (
     HeaderField,
     build_multipart,
     delimiter_lines,
+    new_boundary,
     parse_entity,
 )
 from smimeproxy.smime.status import Check, MessageStatus, Outcome, SignerStatus
@@ -222,22 +223,35 @@ def wrap_with_footer(entity: Entity, status: MessageStatus) -> Entity:
     1.0`` is set; part 1 is the original Content-* fields (their raw bytes) and the
     original body, unchanged. ``entity`` itself is not modified.
     """
+    wrapper, pieces = wrap_pieces(entity, status)
+    wrapper.body = b"".join(pieces)
+    return wrapper
+
+
+def wrap_pieces(entity: Entity, status: MessageStatus) -> tuple[Entity, list[bytes]]:
+    """:func:`wrap_with_footer` as the wrapper's header fields (its body empty) and the
+    pieces of its body, not joined: the caller joins them once into the whole message,
+    so a 10 MB body is copied once, not three times."""
     eol = entity.eol
     content = entity.content_headers()
-    original = b"".join(h.raw for h in content) + eol + entity.body
     outside = [HeaderField(h.name, h.raw) for h in entity.other_headers()]
-    wrapper = build_multipart(
-        outside,
-        "mixed",
-        [original, footer_part(status, eol).to_bytes()],
-        eol=eol,
-    )
+    footer = footer_part(status, eol).to_bytes()
+    boundary = new_boundary()
+    wrapper = build_multipart(outside, "mixed", [], eol=eol, boundary=boundary)
+    wrapper.body = b""
+    delim = b"--" + boundary.encode()
+    # build_multipart's layout: each part between delimiter lines, then the closing one
+    pieces = [
+        *(delim, eol, b"".join(h.raw for h in content), eol, entity.body, eol),
+        *(delim, eol, footer, eol),
+        *(delim, b"--", eol),
+    ]
     wrapper.add("MIME-Version", "1.0")
     # a multipart may only be as "wide" as its widest part (RFC 2045 section 6.4)
     cte = entity.transfer_encoding()
     if cte in ("8bit", "binary") or not entity.body.isascii():
         wrapper.add("Content-Transfer-Encoding", "binary" if cte == "binary" else "8bit")
-    return wrapper
+    return wrapper, pieces
 
 
 # -- removing footers ---------------------------------------------------------------------

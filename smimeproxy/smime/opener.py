@@ -37,7 +37,7 @@ from smimeproxy.smime.authresults import (
     strip_lookalikes,
 )
 from smimeproxy.smime.enveloped import decrypt_data
-from smimeproxy.smime.footer import strip_footers, wrap_with_footer
+from smimeproxy.smime.footer import strip_footers, wrap_pieces
 from smimeproxy.smime.headerprotect import unprotect
 from smimeproxy.smime.keys import KeyPair
 from smimeproxy.smime.signed import SignedDataResult, verify_data
@@ -224,10 +224,16 @@ def _peel(
     sender: str | None,
     options: OpenOptions,
     state: _State,
+    body: bytes | None = None,
 ) -> tuple[mime.Entity, mime.Entity | None, bool]:
     """Peel S/MIME layers off the root. Returns (content to show, the innermost content
-    root that may carry protected headers, whether anything was changed)."""
-    current = mime.Entity(top.content_headers(), top.body, top.eol)
+    root that may carry protected headers, whether anything was changed).
+
+    ``body`` is the root's body when the caller took it out of ``top`` (so that a big
+    encrypted body can be freed as soon as it is decoded); default ``top.body``.
+    """
+    current = mime.Entity(top.content_headers(), top.body if body is None else body, top.eol)
+    del body
     changed = False
     hp_root: mime.Entity | None = None
     for _ in range(options.max_depth + 1):
@@ -240,11 +246,15 @@ def _peel(
             if kind in ("enveloped_data", "authenticated_enveloped_data"):
                 layer = "enveloped" if kind == "enveloped_data" else "auth-enveloped"
                 state.layers.append(layer)
+                # an undecryptable message is shown from the original, never from here:
+                # the base64 text can go before the content is decrypted beside it
+                current.body = b""
                 try:
                     opened = decrypt_data(der, keys)
                 except DecryptionFailed as e:
                     state.decryption = DecryptionStatus(False, kind, error=str(e))
                     break
+                del der
                 if state.decryption is None or not state.decryption.decrypted:
                     state.decryption = DecryptionStatus(
                         True,
@@ -255,6 +265,7 @@ def _peel(
                         integrity_protected=opened.integrity_protected,
                     )
                 current = mime.parse_entity(opened.content)
+                del opened  # parse_entity copied the body; the decrypted bytes can go
                 changed = True
                 continue
             if kind == "signed_data":
@@ -319,6 +330,7 @@ def _finish(
     flag: str | None = None,
 ) -> bytes:
     out = mime.Entity(list(outer_headers), b"", top.eol)
+    body_pieces: list[bytes] = []
     if content is not None:
         body_entity = mime.Entity(
             [mime.HeaderField(h.name, h.raw) for h in content.content_headers()],
@@ -326,11 +338,10 @@ def _finish(
             content.eol,
         )
         if options.footer and (status.signed or status.encrypted or status.errors):
-            wrapped = wrap_with_footer(body_entity, status)
+            wrapped, body_pieces = wrap_pieces(body_entity, status)
             out.headers = [h for h in out.headers if h.key != "mime-version"]
             out.add("MIME-Version", "1.0")
             out.headers.extend(wrapped.content_headers())
-            out.body = wrapped.body
         else:
             out.headers.extend(body_entity.headers)
             out.body = body_entity.body
@@ -344,7 +355,8 @@ def _finish(
         out.add(DECRYPTION_HEADER, dec, first=True)
     if flag:
         out.add(STATUS_HEADER, flag, first=True)
-    data = out.to_bytes()
+    # one join of header and body pieces: the whole message is built once
+    data = b"".join([out.header_bytes(), out.eol, out.body, *body_pieces])
     return mime.to_eol(data, top.eol) if content is not None else data
 
 
@@ -374,13 +386,19 @@ def open_message(
     if removed:
         names = ", ".join(sorted(set(removed)))
         state.warnings.append(f"removed look-alike status headers: {names}")
+    # _peel gets the body itself, so a big encrypted body is freed once decoded; where the
+    # message is shown unchanged, the body is cut from ``message`` again (it is its tail)
+    body_length = len(top.body)
+    body, top.body = top.body, b""
     try:
-        content, hp_root, changed = _peel(top, keys, validator, sender, options, state)
+        content, hp_root, changed = _peel(top, keys, validator, sender, options, state, body)
     except SMIMEProxyError as e:
         state.errors.append(str(e))
         status = _status(state, sender, malformed=True)
+        _restore_body(top, message, body_length)
         data = _finish(top, top.other_headers(), None, status, options, "malformed; unchanged")
         return OpenedMessage(data, status, changed=False)
+    del body
 
     outer_headers = top.other_headers()
     if hp_root is not None and hp_root.get("Content-Type"):
@@ -402,7 +420,14 @@ def open_message(
     status = _status(state, sender)
     failed_decrypt = status.decryption is not None and not status.decryption.decrypted
     if failed_decrypt:
+        _restore_body(top, message, body_length)
         data = _finish(top, top.other_headers(), None, status, options, "undecryptable; unchanged")
         return OpenedMessage(data, status, changed=False)
+    hp_root = None  # may hold a copy of the signed part: not needed any more
     data = _finish(top, outer_headers, content, status, options)
     return OpenedMessage(data, status)
+
+
+def _restore_body(top: mime.Entity, message: bytes, body_length: int) -> None:
+    """Put the root's body back into ``top``: parse_entity made it the tail of ``message``."""
+    top.body = message[len(message) - body_length :] if body_length else b""
