@@ -23,8 +23,8 @@ RFC 2231 continuations merged, line counts for ``text/*`` and ``message/rfc822``
 The MIME tree is built by :mod:`smimeproxy.imap.mimetree`, the structure by
 :mod:`smimeproxy.imap.bodystructure` (which explains why Twisted's builder is not used).
 
-Not guaranteed: line endings are served as they are in ``data`` (the proxy hands in
-CRLF text, as servers store it; Dovecot turns bare LF into CRLF, this class does not);
+Line ends: a bare LF in ``data`` becomes CRLF (as Dovecot serves it), so ``size`` is
+the length of the converted message. Not guaranteed: a lone CR is left alone;
 BINARY of base64 without padding is decoded (Dovecot 2.3 fails the whole FETCH); see
 the two modules above for what they do not guarantee.
 """
@@ -55,6 +55,7 @@ _SECTION = re.compile(
 )
 
 
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 _HEADER_NAME = re.compile(r'"(?:\\.|[^"\\])*"|[^\s"]+')
 
 
@@ -89,6 +90,10 @@ class MessageView:
     def __init__(self, data: bytes):
         if not isinstance(data, bytes):
             raise TypeError("MessageView takes bytes")
+        if b"\n" in data:
+            # IMAP servers send CRLF line ends whatever they store (Dovecot converts bare
+            # LF on output); ``size`` and every section are of the converted message.
+            data = _BARE_LF.sub(b"\r\n", data)
         self.data = data
         self.size = len(data)
         try:
