@@ -57,8 +57,6 @@ def make_context(
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    if threadpool is None:
-        threadpool = reactor.getThreadPool()
     if cache is None and processor is not None:
         cache = _new_cache(imap.cache_bytes)
     upstream_ssl = imap.upstream.split(":", 1)[0] in ("ssl", "tls")
@@ -74,7 +72,8 @@ def make_context(
         starttls = upstream_starttls(options, required=imap.upstream_tls == "starttls")
 
     def run_blocking(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-        return deferToThreadPool(reactor, threadpool, f, *args, **kwargs)
+        pool = threadpool if threadpool is not None else reactor.getThreadPool()
+        return deferToThreadPool(reactor, pool, f, *args, **kwargs)
 
     return SessionContext(
         connect_upstream=connect_upstream,

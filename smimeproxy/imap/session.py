@@ -226,6 +226,8 @@ class ProxySession(Protocol):
             return
         self._mode = "collect"
         self._collect_tag = tag
+        limit = self.ctx.max_append if word == b"APPEND" else self.ctx.max_command
+        self._collector = Assembler(limit)
         self._continue_line(event)
 
     def _continue_line(self, event: Event) -> None:
@@ -237,6 +239,14 @@ class ProxySession(Protocol):
             if isinstance(event, (Fragment, LiteralData)):
                 self.send_upstream(event.data)
         elif mode == "collect":
+            header = event.literal if isinstance(event, Fragment) else None
+            if header and not header.nonsync and header.size > self._collector.max_size:
+                # refuse before the client sends it (RFC 7889 TOOBIG); no literal follows
+                self.send(self._collect_tag + b" NO [TOOBIG] too large for this proxy\r\n")
+                self._client.cancel_literal()
+                self._collector = Assembler(self.ctx.max_command)
+                self._mode = None
+                return
             try:
                 message = self._collector.add(event)
             except MalformedMessage:

@@ -97,6 +97,11 @@ class Splitter:
         """True between logical lines (nothing partial buffered, no literal pending)."""
         return self._first and not self._buffer and not self._literal_left and not self._skipping
 
+    def cancel_literal(self) -> None:
+        """The literal just announced will not come (its command was refused)."""
+        self._literal_left = 0
+        self._first = True
+
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
         view = memoryview(data)

@@ -240,3 +240,32 @@ def test_fuzz_never_raises(client_chunks: list[bytes], server_chunks: list[bytes
         h.send(c)
         h.server(s)
     h.session.connectionLost(None)
+
+
+def test_oversized_sync_literal_refused_before_it_is_sent() -> None:
+    h = Harness(max_command=100)
+    h.to_client()
+    h.send(b"s SEARCH TEXT {5000}\r\n")
+    assert h.to_client() == b"s NO [TOOBIG] too large for this proxy\r\n"
+    h.send(b"n NOOP\r\n")  # the next line is a command again, not literal data
+    assert h.to_server() == b"n NOOP\r\n"
+
+
+def test_make_service_one_listener_per_endpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.internet.testing import MemoryReactor
+
+    from smimeproxy.config import load_config
+    from smimeproxy.imap import make_service
+
+    (tmp_path / "master.key").write_bytes(b"x" * 32)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[keystore]\nurl = "sqlite:s.db"\nmaster_key_file = "master.key"\n'
+        '[imap]\nlisten = ["tcp:1143:interface=127.0.0.1", "tcp:1144:interface=127.0.0.1"]\n'
+        'upstream = "tcp:127.0.0.1:143"\nupstream_tls = "none"\n'
+    )
+    service = make_service(load_config(config), reactor=MemoryReactor())
+    children = list(service)
+    assert len(children) == 2
+    assert all(isinstance(c, StreamServerEndpointService) for c in children)
