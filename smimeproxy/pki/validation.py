@@ -191,10 +191,14 @@ def address_matches(cert_address: str, mail_address: str) -> bool:
 # --- small, never-raising accessors --------------------------------------------------
 
 
+# Certificates hash and compare by their DER, so these per-certificate values are cached
+# safely; anchors and correspondents' chains come back with every message.
+@functools.lru_cache(maxsize=1024)
 def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
+@functools.lru_cache(maxsize=1024)
 def _identity(cert: x509.Certificate) -> tuple[bytes, bytes]:
     """(subject, key) pair used for loop detection (RFC 4158 section 2.4.2)."""
     try:

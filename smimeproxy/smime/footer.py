@@ -23,6 +23,7 @@ import quopri
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 
 from smimeproxy.errors import MalformedMessage
 from smimeproxy.smime.mime import (
@@ -50,6 +51,21 @@ _WRAPPER = "multipart/mixed"
 # -- words ---------------------------------------------------------------------------------
 def clean(text: str, limit: int = MAX_FIELD) -> str:
     """``text`` without control, format (bidi override) or line-separator characters."""
+    if len(text) <= _CACHED_TEXT_LIMIT:
+        return _clean_cached(text, limit)
+    return _clean(text, limit)
+
+
+#: clean() looks at every character; the same names and texts recur in every footer
+_CACHED_TEXT_LIMIT = 1000
+
+
+@lru_cache(maxsize=1024)
+def _clean_cached(text: str, limit: int) -> str:
+    return _clean(text, limit)
+
+
+def _clean(text: str, limit: int) -> str:
     out = []
     for ch in text:
         cat = unicodedata.category(ch)
@@ -166,12 +182,20 @@ def footer_lines(status: MessageStatus) -> list[str]:
 
 def footer_text(status: MessageStatus) -> str:
     """The footer as plain text, starting with the ``-- `` separator line."""
-    return "\n".join([SEPARATOR, "smimeproxy:", *footer_lines(status)]) + "\n"
+    return _text(footer_lines(status))
+
+
+def _text(lines: list[str]) -> str:
+    return "\n".join([SEPARATOR, "smimeproxy:", *lines]) + "\n"
 
 
 def footer_html(status: MessageStatus) -> str:
     """The same words as HTML, every piece escaped; no scripts, images or remote links."""
-    items = "".join(f"<li>{html.escape(line, quote=True)}</li>\n" for line in footer_lines(status))
+    return _html(footer_lines(status))
+
+
+def _html(lines: list[str]) -> str:
+    items = "".join(f"<li>{html.escape(line, quote=True)}</li>\n" for line in lines)
     return (
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>smimeproxy</title></head>\n'
         '<body><div class="smimeproxy-footer" style="border-top:1px solid #888;'
@@ -203,12 +227,13 @@ def footer_part(status: MessageStatus, eol: bytes = CRLF) -> Entity:
         HeaderField.make("Content-Disposition", "inline", eol),
         HeaderField.make(FOOTER_MARKER_HEADER, FOOTER_MARKER_VALUE, eol),
     ]
+    lines = footer_lines(status)  # once for both alternatives
     part = build_multipart(
         [],
         "alternative",
         [
-            _leaf("text/plain", footer_text(status), eol),
-            _leaf("text/html", footer_html(status), eol),
+            _leaf("text/plain", _text(lines), eol),
+            _leaf("text/html", _html(lines), eol),
         ],
         eol=eol,
     )
