@@ -10,7 +10,7 @@ Sent (``\\Sent``), Drafts (``\\Drafts``), Trash (``\\Trash``) and Junk (``\\Junk
 are created and subscribed on first login.  ``master_user=("admin", "pw")`` adds a
 master passdb: log in as ``"alice*admin"`` with the master password.
 
-Not guaranteed: TLS (``ssl = no``; the proxy's TLS is tested separately), quotas,
+TLS only when asked for (``tls=``).  Not guaranteed: quotas,
 sieve, or that two servers started in the same second get distinct ports if some other
 process grabs the chosen port in between (the fixture retries once).
 """
@@ -34,8 +34,8 @@ state_dir = {base}/state
 instance_name = dovecot-test-{port}
 protocols = imap
 listen = 127.0.0.1
-ssl = no
-disable_plaintext_auth = no
+ssl = {ssl}
+{ssl_files}disable_plaintext_auth = no
 auth_mechanisms = plain login
 log_path = {base}/dovecot.log
 info_log_path = {base}/dovecot.log
@@ -64,7 +64,9 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {imaps_port}
+    ssl = yes
   }}
   process_min_avail = 1
   service_count = 0
@@ -138,6 +140,7 @@ class Dovecot:
     master_user: tuple[str, str] | None
     process: subprocess.Popen[bytes] = field(repr=False)
     mail_ids: tuple[int, int] = (0, 0)
+    imaps_port: int | None = None
 
     def maildir(self, user: str) -> Path:
         """The user's INBOX Maildir (``cur``/``new``/``tmp``); folders are subdirectories."""
@@ -185,8 +188,13 @@ def start_dovecot(
     tmp_path: Path,
     users: dict[str, str],
     master_user: tuple[str, str] | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> Dovecot:
-    """Start Dovecot for ``users`` (login -> password); skip/fail like ``require_tool``."""
+    """Start Dovecot for ``users`` (login -> password); skip/fail like ``require_tool``.
+
+    ``tls=(cert_pem_path, key_pem_path)`` turns on STARTTLS on ``port`` and implicit TLS
+    on ``imaps_port``.
+    """
     binary = require_tool("dovecot")
     # Dovecot's unprivileged helpers (auth, login, mail as "nobody") must reach their
     # files, and pytest keeps its own base temp directory owner-only (re-tightened by
@@ -231,6 +239,7 @@ def start_dovecot(
     last_error = ""
     for _attempt in range(2):
         port = _free_port()
+        imaps_port = _free_port()
         shutil.rmtree(base / "run", ignore_errors=True)
         conf = base / "dovecot.conf"
         conf.write_text(
@@ -244,6 +253,9 @@ def start_dovecot(
                 internal_group=internal_group,
                 auth_user=auth_user,
                 master=master,
+                ssl="yes" if tls else "no",
+                ssl_files=f"ssl_cert = <{tls[0]}\nssl_key = <{tls[1]}\n" if tls else "",
+                imaps_port=imaps_port if tls else 0,
             )
         )
         process = subprocess.Popen(

@@ -85,6 +85,8 @@ def start_world(
     extra: str = "",
     plaintext_login: bool = True,
     listen: str | None = None,
+    upstream_tls: str = "none",
+    dovecot_tls: tuple[Path, Path] | None = None,
 ) -> World:
     base.mkdir(parents=True, exist_ok=True)
     factory = CertificateFactory()
@@ -104,7 +106,7 @@ def start_world(
             login,
         )
     store.close()
-    dovecot = start_dovecot(base, dict(PASSWORDS))
+    dovecot = start_dovecot(base, dict(PASSWORDS), tls=dovecot_tls)
     port = free_port()
     config = base / "smimeproxy.toml"
     listen_at = (listen or "tcp:{port}:interface=127.0.0.1").format(port=port)
@@ -118,7 +120,7 @@ master_key_file = "master.key"
 listen = ["{listen_at}"]
 upstream = "tcp:127.0.0.1:{dovecot.port}"
 plaintext_login = {"true" if plaintext_login else "false"}
-upstream_tls = "none"
+upstream_tls = "{upstream_tls}"
 cache_bytes = {cache_bytes}
 {extra}
 """

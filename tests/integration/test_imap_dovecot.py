@@ -446,3 +446,43 @@ def test_starttls_and_implicit_tls_listeners(tmp_path_factory: pytest.TempPathFa
         c.logout()
     finally:
         w.stop()
+
+
+def test_upstream_starttls_verifies_the_server(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """upstream_tls = "starttls": the proxy upgrades its link to Dovecot and checks the
+    certificate against upstream_ca_file; a certificate it does not trust fails closed."""
+    base = tmp_path_factory.mktemp("upstls")
+    cert, key, _pem = tls_files(base)
+    w = start_world(
+        base,
+        upstream_tls="starttls",
+        dovecot_tls=(cert, key),
+        extra=f'upstream_ca_file = "{cert}"\nupstream_tls_hostname = "127.0.0.1"\n',
+    )
+    try:
+        c = w.client()
+        c.create("UpTLS")
+        c.append("UpTLS", None, None, w.encrypted("up", "through upstream tls"))
+        c.select("UpTLS")
+        assert b"through upstream tls" in body_of(fetch(c, "1", "(BODY.PEEK[])"))
+        c.logout()
+        log = w.dovecot.log()
+        assert "TLS" in log  # Dovecot logged the sessions as TLS ones
+    finally:
+        w.stop()
+    base2 = tmp_path_factory.mktemp("upstls-bad")
+    cert, key, _pem = tls_files(base2)
+    other, _k, _p = tls_files(tmp_path_factory.mktemp("other-ca"))
+    w = start_world(
+        base2,
+        upstream_tls="starttls",
+        dovecot_tls=(cert, key),
+        extra=f'upstream_ca_file = "{other}"\nupstream_tls_hostname = "127.0.0.1"\n',
+    )
+    try:
+        with pytest.raises((imaplib.IMAP4.error, OSError, EOFError)) as failed:
+            c = imaplib.IMAP4("127.0.0.1", w.proxy_port)
+            c.login("alice", "alice-pw")
+        assert "upstream" in str(failed.value)
+    finally:
+        w.stop()
