@@ -226,6 +226,11 @@ async def views_for(session: ProxySession, uids: list[int]) -> dict[int, Any]:
             except SMIMEProxyError as exc:
                 _log.info("imap.fetch.not_opened {error}", error=type(exc).__name__)
                 view = None
+            except Exception as exc:
+                # not SMIMEProxyError: a bug in opening or viewing this one message; it
+                # passes through as stored, as a malformed message would
+                _log.warn("imap.fetch.open_failed {error}", error=type(exc).__name__)
+                view = None
             if view is None:
                 session.undecryptable.add(key)
                 continue

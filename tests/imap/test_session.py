@@ -269,3 +269,25 @@ def test_make_service_one_listener_per_endpoint(tmp_path) -> None:  # type: igno
     children = list(service)
     assert len(children) == 2
     assert all(isinstance(c, StreamServerEndpointService) for c in children)
+
+
+def test_delegation_adds_owners_for_decryption() -> None:
+    h = Harness(
+        processor=Processor({"alice": "alice@acme.test"}),
+        delegation={"alice@acme.test": ("sales@acme.test",)},
+    )
+    h.to_client()
+    h.send(b"a LOGIN alice pw\r\n")
+    h.server(b"a OK in\r\n")
+    h.server(b"smp1 OK listed\r\n")
+    assert h.session.owners == ["alice@acme.test", "sales@acme.test"]
+
+
+def test_login_failure_releases_held_commands() -> None:
+    h = Harness(processor=Processor({"alice": "alice@acme.test"}))
+    h.to_client()
+    h.send(b"a LOGIN alice wrong\r\nb NOOP\r\n")
+    assert h.to_server() == b"a LOGIN alice wrong\r\n"
+    h.server(b"a NO [AUTHENTICATIONFAILED] no\r\n")
+    assert h.to_server() == b"b NOOP\r\n"
+    assert h.session.user is None and h.session.login is None
