@@ -196,7 +196,7 @@ def fetch_items(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     if start is None:
         raise MalformedMessage("not a FETCH response")
     pos = start.end()
-    items = []
+    items: list[tuple[bytes, bytes]] = []
     n = len(data)
     while True:
         while pos < n and data[pos] == 0x20:

@@ -28,7 +28,7 @@ round trip per 25 messages.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -130,7 +130,7 @@ class FetchRewrite:
 
 def plan(
     session: ProxySession, tag: bytes, word: bytes, message: Message
-) -> Callable[[], Deferred[Any]] | None:
+) -> Callable[[], Awaitable[Any]] | None:
     """The intercept for this command, or None to forward it."""
     if word in (b"FETCH", b"UID FETCH") and session.mailbox is not None:
         try:
@@ -215,9 +215,10 @@ async def views_for(session: ProxySession, uids: list[int]) -> dict[int, Any]:
             b"UID FETCH " + b",".join(b"%d" % u for u in chunk) + b" (UID BODY.PEEK[])"
         )
         for message in result.untagged:
-            uid, data = _uid_and_body(message)
-            if uid is None or data is None or uid not in chunk:
+            found_uid, data = _uid_and_body(message)
+            if found_uid is None or data is None or found_uid not in chunk:
                 continue
+            uid = found_uid
             key = cache_key(session, uid)
             try:
                 view = await session.ctx.run_blocking(

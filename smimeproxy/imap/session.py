@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,7 +122,7 @@ class ProxySession(Protocol):
         self._outstanding: dict[bytes, tuple[bytes, Any]] = {}
         self._raw_tag: bytes | None = None
         self._barrier = False
-        self._pending_intercept: Callable[[], Deferred[Any]] | None = None
+        self._pending_intercept: Callable[[], Awaitable[Any]] | None = None
         self._serial = 0
         self._injected: dict[bytes, Deferred[Result]] = {}
         self._captured: list[Message] = []
@@ -358,7 +358,7 @@ class ProxySession(Protocol):
         self._drain()
         return None if isinstance(result, Failure) else result
 
-    def _intercept(self, action: Callable[[], Deferred[Any]]) -> None:
+    def _intercept(self, action: Callable[[], Awaitable[Any]]) -> None:
         self._busy = True
         self._pending_intercept = action
         self._maybe_start_intercept()
