@@ -32,8 +32,8 @@ from smimeproxy.archive import ArchiveError
 from smimeproxy.archive.extract import ExtractedMessage
 from smimeproxy.archive.query import parse
 
-#: the index schema version written into the directory; a different one means re-index
-SCHEMA_VERSION = 1
+#: segments above which a pass ends by merging them (each commit adds one)
+MAX_SEGMENTS = 4
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,10 @@ class ArchiveIndex(Protocol):
 
     def known(self, docids: Iterable[str]) -> dict[str, str]:
         """Which of ``docids`` are in the index, with the SHA-256 of their original."""
+        ...
+
+    def maintain(self) -> None:
+        """Called after a pass that changed the index (merge segments, refresh)."""
         ...
 
 
@@ -223,6 +227,7 @@ class WhooshIndex:
         if not self.directory.exists() and not create:
             raise ArchiveError(f"no archive index at {self.directory}: run `archive index`")
         private_directory(self.directory)
+        self._searcher: Any = None
         try:
             if index.exists_in(str(self.directory)):
                 self._ix = index.open_dir(str(self.directory))
@@ -250,25 +255,53 @@ class WhooshIndex:
             raise ArchiveError(f"cannot write the archive index: {e}") from None
 
     def search(self, query: str, limit: int | None = None) -> list[Hit]:
+        """Matches of ``query``, oldest first (the same date: no particular order);
+        messages without a date come first."""
         q = parse(query, self._ix.schema)
-        with self._ix.searcher() as s:
-            results = s.search(q, limit=limit, sortedby="date")
-            return [_hit(dict(r)) for r in results]
+        results = self._current().search(q, limit=limit, sortedby="date")
+        return [_hit(dict(r)) for r in results]
 
     def count(self) -> int:
-        with self._ix.searcher() as s:
-            return int(s.doc_count())
+        return int(self._current().doc_count())
 
     def known(self, docids: Iterable[str]) -> dict[str, str]:
         out: dict[str, str] = {}
-        with self._ix.searcher() as s:
-            for docid in docids:
-                number = s.document_number(docid=docid)
-                if number is not None:
-                    out[docid] = str(s.stored_fields(number).get("sha256", ""))
+        s = self._current()
+        for docid in docids:
+            number = s.document_number(docid=docid)
+            if number is not None:
+                out[docid] = str(s.stored_fields(number).get("sha256", ""))
         return out
 
+    def _current(self) -> Any:
+        """A searcher kept open between searches (opening one costs milliseconds per
+        segment), refreshed when a commit made it stale."""
+        if self._searcher is None:
+            self._searcher = self._ix.searcher()
+        else:
+            self._searcher = self._searcher.refresh()
+        return self._searcher
+
+    def segments(self) -> int:
+        return len(self._ix._segments())
+
+    def maintain(self) -> None:
+        if self.segments() > MAX_SEGMENTS:
+            self.optimize()
+
+    def optimize(self) -> None:
+        """Merge every segment into one (searches over one segment are 2-4 times
+        faster; the cost is rewriting the index, so the pass does it only when there
+        are more than :data:`MAX_SEGMENTS`)."""
+        try:
+            self._ix.optimize()
+        except LockError:
+            raise ArchiveError(f"the archive index {self.directory} is busy") from None
+
     def close(self) -> None:
+        if self._searcher is not None:
+            self._searcher.close()
+            self._searcher = None
         self._ix.close()
 
 

@@ -188,6 +188,8 @@ class Indexer:
                     break
         finally:
             self._audit(report)
+        if report.indexed:
+            self.index.maintain()
         return report
 
     def _mailbox(self, box: Mailbox, report: IndexReport, progress: Progress | None) -> None:

@@ -23,8 +23,9 @@ def run(world: World, *args: str) -> tuple[int, str, str]:
 
 def test_index_search_export_status(world: World, openssl: str) -> None:
     md = mailbox.Maildir(world.root / "mail", create=True)
-    md.add(plain("invoice 7", "amount due"))
-    md.add(encrypt(world, openssl, plain("invoice 8", "secret amount"), world.pki.alice_old))
+    md.add(plain("invoice 7", "amount due", date="Mon, 02 Feb 2026 10:00:00 +0000"))
+    late = plain("invoice 8", "secret amount", date="Tue, 03 Feb 2026 10:00:00 +0000")
+    md.add(encrypt(world, openssl, late, world.pki.alice_old))
     box = mailbox.mbox(world.root / "old.mbox", create=True)
     box.add(plain("invoice 1999", "ancient", date="Fri, 01 Jan 1999 00:00:00 +0000"))
     box.flush()
