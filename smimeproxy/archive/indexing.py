@@ -80,8 +80,9 @@ class IndexReport:
 
     owners: dict[str, OwnerCounts] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
-    decrypt_seconds: float = 0.0
-    index_seconds: float = 0.0
+    decrypt_seconds: float = 0.0  # opening: decrypting and verifying
+    index_seconds: float = 0.0  # reading, extracting, indexing, storing, committing
+    maintain_seconds: float = 0.0  # merging index segments at the end
 
     @property
     def indexed(self) -> int:
@@ -189,7 +190,9 @@ class Indexer:
         finally:
             self._audit(report)
         if report.indexed:
+            started = self._clock()
             self.index.maintain()
+            report.maintain_seconds = self._clock() - started
         return report
 
     def _mailbox(self, box: Mailbox, report: IndexReport, progress: Progress | None) -> None:
