@@ -532,22 +532,21 @@ class _CertificateIndex:
 
     def __init__(self, certificates: Sequence[asn1_x509.Certificate]):
         self._certificates = certificates
-        self._by_raw: dict[tuple[bytes, int], asn1_x509.Certificate] = {}
+        #: by the DER of (issuer, serial) exactly as the certificate has them
+        self._by_raw: dict[bytes, asn1_x509.Certificate] = {}
         self._by_issuer_serial: dict[tuple[str, int], asn1_x509.Certificate] | None = None
         self._by_ski: dict[bytes, asn1_x509.Certificate] | None = None
         for cert in certificates:
             try:
-                tbs = cert["tbs_certificate"]
-                key = (bytes(tbs["issuer"].dump()), tbs["serial_number"].native)
-                self._by_raw.setdefault(key, cert)
-            except _PARSE_ERRORS:
+                self._by_raw.setdefault(der.issuer_and_serial(bytes(cert.dump())), cert)
+            except (MalformedMessage, *_PARSE_ERRORS):
                 continue
 
     def by_issuer_serial(self, ias: cms.IssuerAndSerialNumber) -> asn1_x509.Certificate | None:
-        serial = ias["serial_number"].native
-        found = self._by_raw.get((bytes(ias["issuer"].dump()), serial))
+        found = self._by_raw.get(bytes(ias.dump()))
         if found is not None:
             return found
+        serial = ias["serial_number"].native
         if self._by_issuer_serial is None:
             self._by_issuer_serial = {}
             for cert in self._certificates:
@@ -604,11 +603,17 @@ def _verify_signer(
     key_preference = None
     signed_attrs = signer_info["signed_attrs"]
     if not isinstance(signed_attrs, core.Void):
-        if len(signed_attrs) > MAX_SIGNED_ATTRIBUTES or (
-            len(signed_attrs.contents) > MAX_SIGNED_ATTRIBUTES_BYTES
-        ):
+        attrs: _Attrs | None = None
+        if len(signed_attrs.contents) <= MAX_SIGNED_ATTRIBUTES_BYTES:
+            attrs = _RawAttributes.read(signed_attrs.contents)
+        if attrs is None:  # not plain DER: asn1crypto reads it (and reports what is wrong)
+            if len(signed_attrs) > MAX_SIGNED_ATTRIBUTES or (
+                len(signed_attrs.contents) > MAX_SIGNED_ATTRIBUTES_BYTES
+            ):
+                raise MalformedMessage("signed attributes too large")
+            attrs = _attributes_by_type(signed_attrs)
+        elif attrs.count > MAX_SIGNED_ATTRIBUTES:
             raise MalformedMessage("signed attributes too large")
-        attrs = _attributes_by_type(signed_attrs)
         checks.append(_message_digest_check(attrs, digest_name, content, have_content))
         checks.append(_content_type_check(attrs, content_type_oid))
         signing_time = _signing_time(attrs, errors)
@@ -685,9 +690,92 @@ _OID_SMIME_CAPABILITIES = "1.2.840.113549.1.9.15"
 _OID_ENCRYPT_KEY_PREF = "1.2.840.113549.1.9.16.2.11"
 
 
-def _single_value(attrs: dict[str, list[cms.CMSAttribute]], oid: str) -> core.Asn1Value | None:
+class _RawAttributes:
+    """Signed attributes read straight from their DER: for each attribute type, the
+    value TLVs of each instance. A value is parsed (with the class asn1crypto's
+    CMSAttribute would use) only when a check asks for it; building the whole
+    asn1crypto structure cost more than the signature verification."""
+
+    def __init__(self, by_oid: dict[str, list[list[bytes]]], count: int):
+        self.by_oid = by_oid
+        self.count = count
+
+    @classmethod
+    def read(cls, contents: bytes) -> _RawAttributes | None:
+        """None when ``contents`` is not a plain definite-length DER SET OF Attribute."""
+        by_oid: dict[str, list[list[bytes]]] = {}
+        count = 0
+        pos, end = 0, len(contents)
+        while pos < end:
+            attribute = _tlv_at(contents, pos, end)
+            if attribute is None or attribute[0] != 0x30:
+                return None
+            _, body, pos = attribute
+            oid = _tlv_at(contents, body, pos)
+            if oid is None or oid[0] != 0x06:
+                return None
+            value_set = _tlv_at(contents, oid[2], pos)
+            if value_set is None or value_set[0] != 0x31 or value_set[2] != pos:
+                return None
+            values = []
+            at = value_set[1]
+            while at < pos:
+                value = _tlv_at(contents, at, pos)
+                if value is None:
+                    return None
+                values.append(contents[at : value[2]])
+                at = value[2]
+            dotted = _oid_dotted(contents[body : oid[2]])
+            if dotted is None:
+                return None
+            by_oid.setdefault(dotted, []).append(values)
+            count += 1
+        return cls(by_oid, count)
+
+
+def _tlv_at(data: bytes, pos: int, limit: int) -> tuple[int, int, int] | None:
+    """(tag, body start, end) of a definite-length, low-tag-number DER element."""
+    if pos + 2 > limit:
+        return None
+    tag, length = data[pos], data[pos + 1]
+    if tag & 0x1F == 0x1F or length == 0x80:
+        return None
+    p = pos + 2
+    if length & 0x80:
+        n = length & 0x7F
+        if n > 4 or p + n > limit:
+            return None
+        length = int.from_bytes(data[p : p + n], "big")
+        p += n
+    if p + length > limit:
+        return None
+    return tag, p, p + length
+
+
+@functools.lru_cache(maxsize=256)
+def _oid_dotted(encoded: bytes) -> str | None:
+    try:
+        return str(core.ObjectIdentifier.load(encoded).dotted)
+    except _PARSE_ERRORS:
+        return None
+
+
+_Attrs = dict[str, list[cms.CMSAttribute]] | _RawAttributes
+
+
+def _single_value(attrs: _Attrs, oid: str, spec: type | None = None) -> core.Asn1Value | None:
     """The one value of a single-valued attribute (RFC 5652 section 11: exactly one
-    attribute instance with exactly one value); None if absent, error if repeated."""
+    attribute instance with exactly one value); None if absent, error if repeated.
+
+    From raw attributes the value is parsed as ``spec`` (raw DER without one)."""
+    if isinstance(attrs, _RawAttributes):
+        instances = attrs.by_oid.get(oid)
+        if not instances:
+            return None
+        if len(instances) != 1 or len(instances[0]) != 1:
+            raise _SingleValueRule(f"attribute {oid} must occur once with one value")
+        raw = instances[0][0]
+        return spec.load(raw) if spec is not None else raw
     found = attrs.get(oid)
     if not found:
         return None
@@ -701,11 +789,11 @@ class _SingleValueRule(Exception):
 
 
 def _message_digest_check(
-    attrs: dict[str, list[cms.CMSAttribute]], digest_name: str, content: bytes, have_content: bool
+    attrs: _Attrs, digest_name: str, content: bytes, have_content: bool
 ) -> Check:
     name = "message-digest"
     try:
-        value = _single_value(attrs, _OID_MESSAGE_DIGEST)
+        value = _single_value(attrs, _OID_MESSAGE_DIGEST, core.OctetString)
     except _SingleValueRule as e:
         return Check(name, Outcome.FAIL, str(e))
     if value is None:
@@ -723,10 +811,10 @@ def _message_digest_check(
     return Check(name, Outcome.FAIL, "content does not match the signed digest")
 
 
-def _content_type_check(attrs: dict[str, list[cms.CMSAttribute]], econtent_type: str) -> Check:
+def _content_type_check(attrs: _Attrs, econtent_type: str) -> Check:
     name = "content-type"
     try:
-        value = _single_value(attrs, _OID_CONTENT_TYPE)
+        value = _single_value(attrs, _OID_CONTENT_TYPE, cms.ContentType)
     except _SingleValueRule as e:
         return Check(name, Outcome.FAIL, str(e))
     if value is None:
@@ -739,11 +827,9 @@ def _content_type_check(attrs: dict[str, list[cms.CMSAttribute]], econtent_type:
     return Check(name, Outcome.PASS, econtent_type)
 
 
-def _signing_time(
-    attrs: dict[str, list[cms.CMSAttribute]], errors: list[str]
-) -> datetime.datetime | None:
+def _signing_time(attrs: _Attrs, errors: list[str]) -> datetime.datetime | None:
     try:
-        value = _single_value(attrs, _OID_SIGNING_TIME)
+        value = _single_value(attrs, _OID_SIGNING_TIME, cms.Time)
         if value is None:
             return None
         native = value.native
@@ -753,7 +839,7 @@ def _signing_time(
     return native if isinstance(native, datetime.datetime) else None
 
 
-def _capabilities(attrs: dict[str, list[cms.CMSAttribute]], errors: list[str]) -> tuple[str, ...]:
+def _capabilities(attrs: _Attrs, errors: list[str]) -> tuple[str, ...]:
     try:
         value = _single_value(attrs, _OID_SMIME_CAPABILITIES)
         if value is None:
@@ -777,13 +863,15 @@ def _parse_capabilities_cached(encoded: bytes) -> tuple[str, ...]:
 
 
 def _key_preference(
-    attrs: dict[str, list[cms.CMSAttribute]], index: _CertificateIndex, errors: list[str]
+    attrs: _Attrs, index: _CertificateIndex, errors: list[str]
 ) -> x509.Certificate | None:
     try:
         value = _single_value(attrs, _OID_ENCRYPT_KEY_PREF)
         if value is None:
             return None
-        pref = cms.SMIMEEncryptionKeyPreference.load(value.dump())
+        pref = cms.SMIMEEncryptionKeyPreference.load(
+            value if isinstance(value, bytes) else value.dump()
+        )
         if pref.name == "issuer_and_serial_number":
             found = index.by_issuer_serial(pref.chosen)
         elif pref.name == "recipientKeyId":
