@@ -113,7 +113,11 @@ zone "acme.test" {{
                 argv += ["-u", "bind"]
         self.log = open(d / "named.log", "wb")
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
-        self.wait_signed()
+        try:
+            self.wait_signed()
+        except BaseException:
+            self.stop()
+            raise
 
     def wait_signed(self, timeout: float = 30.0) -> None:
         """Until the zone answers its SOA with an RRSIG (inline signing done)."""
@@ -205,6 +209,7 @@ remote-control:
             if "status: NOERROR" in dig("@127.0.0.1", "-p", str(self.port), "acme.test", "SOA"):
                 return
             time.sleep(0.2)
+        self.stop()
         raise RuntimeError("unbound did not answer in time")
 
     def stop(self) -> None:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from cryptography.hazmat.primitives import serialization
+from twisted.internet.task import deferLater
 
 from smimeproxy.directory.lookup import SMIMEALookup
 from smimeproxy.directory.publication import Publication
@@ -198,3 +201,57 @@ def test_lookup_caches_for_the_record_ttl(
     assert lookup("alice@acme.test") == [before]
     now[0] += 2
     assert lookup("alice@acme.test") == [replacement.certificate]  # type: ignore[attr-defined]
+
+
+@pytest_twisted.inlineCallbacks
+def test_push_service_from_config(bind: BindServer, tmp_path: Path):
+    """``[directory.push]`` in the config: the service pushes on start and after a
+    revocation, within its interval."""
+    from twisted.internet import reactor
+    from twisted.python.threadpool import ThreadPool
+
+    from smimeproxy.config import load_config
+    from smimeproxy.directory.push import PushService
+    from smimeproxy.directory.service import make_service
+
+    path = tmp_path / "smimeproxy.toml"
+    path.write_text(
+        f"""
+[keystore]
+url = "sqlite:store.db"
+master_key_file = "master.key"
+
+[directory]
+domains = ["acme.test"]
+ttl = 60
+
+[directory.push]
+server = "127.0.0.1"
+port = {bind.port}
+tsig_key_file = "{bind.key_file}"
+"""
+    )
+    store = new_store(tmp_path / "store.db")
+    dave = CertificateFactory().user("dave@acme.test", key_kind="p256")
+    store.import_key(dave.private_key, dave.certificate)
+    pool = ThreadPool(1, 1)
+    pool.start()
+    service = make_service(load_config(path), store, reactor, pool)
+    (pusher,) = [s for s in service if isinstance(s, PushService)]  # type: ignore[attr-defined]
+    pusher.interval = 0.2
+    service.startService()
+    try:
+        name = owner_of("dave@acme.test")
+        deadline = time.monotonic() + 10
+        while "ANSWER: 1" not in at_bind(bind, name, "SMIMEA"):
+            assert time.monotonic() < deadline, "the push service did not publish dave"
+            yield deferLater(reactor, 0.2, lambda: None)
+        (key,) = store.keys("dave@acme.test")
+        store.revoke_key(key.id, "left")
+        while "NXDOMAIN" not in at_bind(bind, name, "SMIMEA"):
+            assert time.monotonic() < deadline, "the push service did not withdraw dave"
+            yield deferLater(reactor, 0.2, lambda: None)
+    finally:
+        yield service.stopService()
+        pool.stop()
+        store.close()
