@@ -194,7 +194,7 @@ class _Encoded:
 
 def encode_answer(request: Request, answer: Answer) -> _Encoded:
     """``answer`` encoded by twisted.names behind ``request``'s question."""
-    m = dns.Message(0, answer=1, auth=int(answer.aa), rCode=answer.rcode & 0xF, maxSize=0)
+    m = dns.Message(0, answer=1, auth=answer.aa, rCode=answer.rcode & 0xF, maxSize=0)
     m.queries = [dns.Query(request.name, request.qtype, request.qclass)]
     m.answers = list(answer.answers)
     m.authority = list(answer.authority)
@@ -316,7 +316,8 @@ class DNSStreamServer(Int16StringReceiver, TimeoutMixin):
         self.setTimeout(None)
 
     def timeoutConnection(self) -> None:
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def stringReceived(self, string: bytes) -> None:
         self.resetTimeout()
@@ -324,8 +325,8 @@ class DNSStreamServer(Int16StringReceiver, TimeoutMixin):
         def send(reply: bytes | None) -> None:
             if reply is not None and self.transport is not None and self.connected:
                 self.sendString(reply)
-            elif reply is None:
-                self.transport.loseConnection()
+            elif reply is None and self.transport is not None:
+                self.transport.loseConnection()  # a response sent to a server: a confused peer
 
         self.responder.respond(string, udp=False).addCallback(send).addErrback(
             lambda f: self._log.failure("DNS reply not sent", f)

@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
-from twisted.web.iweb import IRequest
 
 from smimeproxy.directory.publication import LivePublication, Published
 
@@ -50,10 +49,10 @@ class CertificateResource(resource.Resource):
         self.address = address
         self.form = form
 
-    def render_HEAD(self, request: IRequest) -> object:
+    def render_HEAD(self, request: server.Request) -> object:
         return self.render_GET(request)
 
-    def render_GET(self, request: IRequest) -> object:
+    def render_GET(self, request: server.Request) -> object:
         finished = [False]
         request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
 
@@ -93,7 +92,7 @@ class CertificateResource(resource.Resource):
 class _NotFound(resource.Resource):
     isLeaf = True
 
-    def render(self, request: IRequest) -> bytes:
+    def render(self, request: server.Request) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"no certificate published for this address\n"
@@ -106,7 +105,7 @@ class CertificatesRoot(resource.Resource):
         super().__init__()
         self.live = live
 
-    def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         try:
             name = path.decode("utf-8")
         except UnicodeDecodeError:
@@ -124,14 +123,14 @@ class CertificatesRoot(resource.Resource):
 class _Root(_NotFound):
     isLeaf = False
 
-    def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         return _NotFound()
 
 
 def make_site(live: LivePublication) -> server.Site:
     """A site serving ``/certs/``; anything else is 404."""
     root = _Root()
-    root.putChild(b"certs", CertificatesRoot(live))
+    root.putChild(b"certs", CertificatesRoot(live))  # type: ignore[arg-type]
     site = server.Site(root)
     site.displayTracebacks = False
     return site

@@ -35,6 +35,7 @@ import dns.message
 import dns.name
 import dns.query
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.tsig
 import dns.update
@@ -55,6 +56,7 @@ __all__ = ["DNSPusher", "PushService", "TSIGKey", "load_tsig_key", "pusher_from_
 
 #: owner names per UPDATE message: 20 RSA-4096 records stay well inside 64 KiB (TCP)
 _OWNERS_PER_UPDATE = 20
+IN = dns.rdataclass.IN
 _KEY_RE = re.compile(
     r'key\s+"?(?P<name>[^"\s{]+)"?\s*\{(?P<body>[^}]*)\}\s*;', re.IGNORECASE | re.DOTALL
 )
@@ -174,7 +176,7 @@ class DNSPusher:
             transfer = dns.query.xfr(
                 self.server,
                 apex,
-                keyring=self.key.dnspython(),
+                keyring={dns.name.from_text(self.key.name): self.key.dnspython()},
                 port=self.port,
                 timeout=self.timeout,
                 lifetime=self.timeout,
@@ -185,9 +187,10 @@ class DNSPusher:
             return set()
         suffix = f"._smimecert.{domain}"
         owners = set()
+        origin = zone.origin or dns.name.root
         for name, node in zone.nodes.items():
-            absolute = name.derelativize(zone.origin).to_text(omit_final_dot=True).lower()
-            if absolute.endswith(suffix) and node.get_rdataset(1, dns.rdatatype.SMIMEA):
+            absolute = name.derelativize(origin).to_text(omit_final_dot=True).lower()
+            if absolute.endswith(suffix) and node.get_rdataset(IN, dns.rdatatype.SMIMEA):
                 owners.add(absolute)
         return owners
 

@@ -108,4 +108,4 @@ def make_service(
         PushService(
             pusher_from_config(settings, publication), reactor, threadpool
         ).setServiceParent(top)
-    return top
+    return top  # type: ignore[return-value]  # MultiService implements IService
