@@ -74,3 +74,8 @@ class SealError(KeystoreError):
 
 class UpstreamError(SMIMEProxyError):
     """A peer server (IMAP upstream, SMTP next hop, DNS) failed or refused."""
+
+
+class ArchiveError(SMIMEProxyError):
+    """The archive could not do what was asked: an unreadable index, a bad query, a
+    source that cannot be reached, an export that could not be written completely."""

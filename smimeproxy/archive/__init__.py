@@ -18,12 +18,7 @@ number of key rotations (issue 6). The pieces, one idea per module:
 
 from __future__ import annotations
 
-from smimeproxy.errors import SMIMEProxyError
-
-
-class ArchiveError(SMIMEProxyError):
-    """The archive could not do what was asked: an unreadable index, a bad query, a
-    source that cannot be reached, an export that could not be written completely."""
-
+# ArchiveError lives in the one exception tree; re-exported for the archive modules
+from smimeproxy.errors import ArchiveError
 
 __all__ = ["ArchiveError"]
