@@ -24,3 +24,4 @@ demo:
 bench:
 	$(PYTHON) bench/engine.py
 	$(PYTHON) bench/keystore.py
+	$(PYTHON) bench/archive.py
