@@ -1,4 +1,4 @@
-"""The directory face as one Twisted service: DNS (UDP and TCP), HTTP, and push.
+"""The directory face as one Twisted service: DNS (UDP and TCP), HTTP, LDAP and push.
 
 ``make_service(config, store)`` wires the listeners of ``[directory]`` to one
 :class:`~smimeproxy.directory.publication.LivePublication`; the thread pool that runs
@@ -101,6 +101,14 @@ def make_service(
         for description in settings.http_listen:
             internet.StreamServerEndpointService(
                 serverFromString(reactor, description), site
+            ).setServiceParent(top)
+    if settings.ldap_listen:
+        from smimeproxy.directory.ldap import CertificateLDAPFactory
+
+        ldap = CertificateLDAPFactory(live)
+        for description in settings.ldap_listen:
+            internet.StreamServerEndpointService(
+                serverFromString(reactor, description), ldap
             ).setServiceParent(top)
     if settings.push is not None:
         from smimeproxy.directory.push import PushService, pusher_from_config

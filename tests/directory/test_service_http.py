@@ -119,3 +119,107 @@ def test_publication_follows_aliases_and_expiry(store: SyncStore, people: People
     }  # fmt: skip
     now[0] = people.alice.certificate.not_valid_after_utc
     assert publication.by_address("alice@acme.test") is None  # expired: no longer published
+
+
+@pytest.fixture
+def ldap_running(tmp_path: Path, store: SyncStore) -> Iterator[int]:
+    port = free_port()
+    path = tmp_path / "ldap.toml"
+    path.write_text(
+        f"""
+[directory]
+ldap_listen = ["tcp:{port}:interface=127.0.0.1"]
+domains = ["acme.test"]
+"""
+    )
+    service = make_service(load_config(path), store, reactor)
+    service.startService()
+    yield port
+    pytest_twisted.blockon(service.stopService())
+
+
+def ldapsearch(port: int, *args: str):  # type: ignore[no-untyped-def]
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    from tests.conftest import require_tool
+
+    argv = ["-x", "-LLL", "-o", "ldif-wrap=no", "-H", f"ldap://127.0.0.1:{port}", *args]
+    return getProcessOutputAndValue(require_tool("ldapsearch"), argv)
+
+
+def ldif_values(ldif: bytes, attribute: str) -> list[bytes]:
+    import base64
+
+    prefix = attribute.encode() + b":: "
+    return [base64.b64decode(line[len(prefix) :]) for line in ldif.splitlines()
+            if line.startswith(prefix)]  # fmt: skip
+
+
+@pytest_twisted.inlineCallbacks
+def test_ldapsearch_finds_certificates(ldap_running: int, people: People, store: SyncStore):
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    out, err, code = yield ldapsearch(
+        ldap_running, "-b", "dc=acme,dc=test", "(mail=alice@acme.test)",
+        "userCertificate;binary", "userSMIMECertificate",
+    )  # fmt: skip
+    assert code == 0, err
+    assert b"dn: mail=alice@acme.test,dc=acme,dc=test" in out
+    (der,) = ldif_values(out, "userCertificate;binary")
+    assert x509.load_der_x509_certificate(der) == people.alice.certificate
+    (p7,) = ldif_values(out, "userSMIMECertificate")
+    assert pkcs7.load_der_pkcs7_certificates(p7) == [people.alice.certificate]
+    assert b"objectClass" not in out  # only what was asked for
+    # an OR of two addresses, one unknown; rotation shows at once
+    store.rotate("alice@acme.test", people.alice_new.private_key, people.alice_new.certificate)
+    out, _, code = yield ldapsearch(
+        ldap_running, "-b", "dc=acme,dc=test",
+        "(|(mail=ALICE@acme.test)(mail=nobody@acme.test)(email=bob@acme.test))",
+    )  # fmt: skip
+    assert code == 0
+    certs = [x509.load_der_x509_certificate(d) for d in ldif_values(out, "userCertificate;binary")]
+    assert certs == [people.alice_new.certificate, people.bob.certificate]
+
+
+@pytest_twisted.inlineCallbacks
+def test_ldap_no_enumeration_no_writes_no_binds(ldap_running: int, tmp_path: Path):
+    out, _, code = yield ldapsearch(ldap_running, "-b", "dc=acme,dc=test", "(mail=*)")
+    assert code == 0 and out.strip() == b""
+    out, _, code = yield ldapsearch(ldap_running, "-b", "dc=acme,dc=test", "(cn=alice*)")
+    assert code == 0 and out.strip() == b""
+    _, err, code = yield ldapsearch(ldap_running, "-D", "cn=admin,dc=acme,dc=test", "-w", "x",
+                                    "-b", "dc=acme,dc=test", "(mail=alice@acme.test)")  # fmt: skip
+    assert code == 49, err  # invalidCredentials
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    from tests.conftest import require_tool
+
+    ldif = tmp_path / "add.ldif"
+    ldif.write_text("dn: mail=x@acme.test,dc=acme,dc=test\nobjectClass: top\nmail: x@acme.test\n")
+    _, err, code = yield getProcessOutputAndValue(
+        require_tool("ldapmodify"),
+        ["-x", "-a", "-H", f"ldap://127.0.0.1:{ldap_running}", "-f", str(ldif)],
+    )
+    assert code == 53, err  # unwillingToPerform
+
+
+@pytest_twisted.inlineCallbacks
+def test_ldap_garbage_closes_connection_quietly(ldap_running: int):
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+
+    class Peer(Protocol):
+        def __init__(self) -> None:
+            from twisted.internet.defer import Deferred
+
+            self.closed: Deferred[None] = Deferred()
+
+        def connectionLost(self, reason: object = None) -> None:
+            self.closed.callback(None)
+
+    peer = Peer()
+    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", ldap_running), peer)
+    peer.transport.write(b"\x30\x03\x02\x01\xff\xff\xff\x04")  # BER that is no LDAPMessage
+    yield peer.closed
+    out, _, code = yield ldapsearch(ldap_running, "-b", "", "-s", "base", "(objectClass=*)")
+    assert code == 0 and b"supportedLDAPVersion: 3" in out  # the server still answers
