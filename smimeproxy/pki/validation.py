@@ -67,7 +67,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, x448, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from smimeproxy.errors import CertificateError
-from smimeproxy.pki.revocation import DECODE_ERRORS, RevocationState, crl_status, describe
+from smimeproxy.pki.revocation import DECODE_ERRORS, RevocationState, crl_status
+from smimeproxy.pki.revocation import describe as _describe
 from smimeproxy.smime.status import CertificateStatus, Check, Outcome
 
 PURPOSES = ("sign", "encrypt")
@@ -194,6 +195,12 @@ def address_matches(cert_address: str, mail_address: str) -> bool:
 # Certificates hash and compare by their DER, so these per-certificate values are cached
 # safely; anchors and correspondents' chains come back with every message.
 @functools.lru_cache(maxsize=1024)
+def describe(cert: x509.Certificate) -> str:
+    """revocation.describe, cached (a certificate's RFC 4514 name is rebuilt each time)."""
+    return _describe(cert)
+
+
+@functools.lru_cache(maxsize=1024)
 def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
@@ -211,7 +218,15 @@ def _identity(cert: x509.Certificate) -> tuple[bytes, bytes]:
 
 
 def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
-    """The extension value of that type, or None; decode errors propagate (check fails)."""
+    """The extension value of that type, or None; decode errors propagate (check fails).
+
+    Cached per (certificate, type): each validation asks about ten times, and a failure
+    to decode is not cached (it raises again)."""
+    return _extension_cached(cert, kind)  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=4096)
+def _extension_cached(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> object:
     try:
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:

@@ -67,6 +67,27 @@ def oid(dotted: str) -> bytes:
     return tlv(0x06, bytes(out))
 
 
+def element_at(data: bytes, pos: int, limit: int) -> tuple[int, int, int] | None:
+    """(tag, body start, end) of the element at ``pos``, or None when it is not a
+    definite-length, low-tag-number element within ``limit`` (the caller then hands the
+    data to a full BER parser)."""
+    if pos + 2 > limit:
+        return None
+    tag, length = data[pos], data[pos + 1]
+    if tag & 0x1F == 0x1F or length == 0x80:
+        return None
+    p = pos + 2
+    if length & 0x80:
+        n = length & 0x7F
+        if n > 4 or p + n > limit:
+            return None
+        length = int.from_bytes(data[p : p + n], "big")
+        p += n
+    if p + length > limit:
+        return None
+    return tag, p, p + length
+
+
 def _element(data: bytes, pos: int, limit: int) -> tuple[int, int, int]:
     """(tag, start of the body, end of the element) of the DER element at ``pos``."""
     if pos + 2 > limit:

@@ -254,7 +254,12 @@ def _expect(node: _Node | None, cls: int, number: int, what: str) -> _Node:
 
 def _oid(reader: _BER, node: _Node) -> str:
     _expect(node, 0, 6, "an OBJECT IDENTIFIER")
-    return str(core.ObjectIdentifier.load(reader.raw(node)).dotted)
+    return _dotted(reader.raw(node))
+
+
+@lru_cache(maxsize=256)
+def _dotted(encoded: bytes) -> str:
+    return str(core.ObjectIdentifier.load(encoded).dotted)
 
 
 @dataclass

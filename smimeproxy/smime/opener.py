@@ -22,6 +22,7 @@ validator every signer stays unverified (``smime=policy``), never "pass".
 from __future__ import annotations
 
 import email.utils
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -36,6 +37,7 @@ from smimeproxy.smime.authresults import (
     decryption_header,
     strip_lookalikes,
 )
+from smimeproxy.smime.der import element_at
 from smimeproxy.smime.enveloped import decrypt_data
 from smimeproxy.smime.footer import strip_footers, wrap_pieces
 from smimeproxy.smime.headerprotect import unprotect
@@ -102,6 +104,9 @@ def is_pkcs7_mime(entity: mime.Entity) -> bool:
 
 def cms_content_type(der: bytes) -> str:
     """``signed_data``, ``enveloped_data``, ``authenticated_enveloped_data`` or another name."""
+    quick = _plain_content_type(der)
+    if quick is not None:
+        return quick
     try:
         info = asn1_cms.ContentInfo.load(der)
         return str(info["content_type"].native)
@@ -109,12 +114,42 @@ def cms_content_type(der: bytes) -> str:
         raise MalformedMessage(f"not a CMS object: {e}") from None
 
 
+def _plain_content_type(data: bytes) -> str | None:
+    """The content type of a plain DER ContentInfo read from its first bytes, without
+    asn1crypto (which costs more here than the rest of this function's callers); None
+    for anything else (BER, odd tags), which then takes the full parser."""
+    try:
+        outer = element_at(data, 0, len(data))
+        if outer is None or outer[0] != 0x30:
+            return None
+        oid = element_at(data, outer[1], outer[2])
+        if oid is None or oid[0] != 0x06:
+            return None
+        content = element_at(data, oid[2], outer[2])
+        if content is None or content[0] != 0xA0:
+            return None
+        name = asn1_cms.ContentType.load(data[outer[1] : oid[2]]).native
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError):
+        return None
+    return str(name)
+
+
 def sender_address(entity: mime.Entity) -> str | None:
     """The single address of the From field, lower-cased; None when absent or ambiguous."""
     values = entity.get_all("From")
     if len(values) != 1:
         return None
-    addresses = [a for _, a in email.utils.getaddresses(values) if a]
+    return _single_address(values[0]) if len(values[0]) <= 1000 else _address_of(values[0])
+
+
+@functools.lru_cache(maxsize=1024)
+def _single_address(value: str) -> str | None:
+    """Cached: email's address parser costs more than the rest of the header work."""
+    return _address_of(value)
+
+
+def _address_of(value: str) -> str | None:
+    addresses = [a for _, a in email.utils.getaddresses([value]) if a]
     if len(addresses) != 1:
         return None
     return addresses[0].lower()

@@ -707,20 +707,20 @@ class _RawAttributes:
         count = 0
         pos, end = 0, len(contents)
         while pos < end:
-            attribute = _tlv_at(contents, pos, end)
+            attribute = der.element_at(contents, pos, end)
             if attribute is None or attribute[0] != 0x30:
                 return None
             _, body, pos = attribute
-            oid = _tlv_at(contents, body, pos)
+            oid = der.element_at(contents, body, pos)
             if oid is None or oid[0] != 0x06:
                 return None
-            value_set = _tlv_at(contents, oid[2], pos)
+            value_set = der.element_at(contents, oid[2], pos)
             if value_set is None or value_set[0] != 0x31 or value_set[2] != pos:
                 return None
             values = []
             at = value_set[1]
             while at < pos:
-                value = _tlv_at(contents, at, pos)
+                value = der.element_at(contents, at, pos)
                 if value is None:
                     return None
                 values.append(contents[at : value[2]])
@@ -731,25 +731,6 @@ class _RawAttributes:
             by_oid.setdefault(dotted, []).append(values)
             count += 1
         return cls(by_oid, count)
-
-
-def _tlv_at(data: bytes, pos: int, limit: int) -> tuple[int, int, int] | None:
-    """(tag, body start, end) of a definite-length, low-tag-number DER element."""
-    if pos + 2 > limit:
-        return None
-    tag, length = data[pos], data[pos + 1]
-    if tag & 0x1F == 0x1F or length == 0x80:
-        return None
-    p = pos + 2
-    if length & 0x80:
-        n = length & 0x7F
-        if n > 4 or p + n > limit:
-            return None
-        length = int.from_bytes(data[p : p + n], "big")
-        p += n
-    if p + length > limit:
-        return None
-    return tag, p, p + length
 
 
 @functools.lru_cache(maxsize=256)
