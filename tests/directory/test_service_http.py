@@ -19,6 +19,7 @@ from smimeproxy.directory.service import make_service
 from smimeproxy.keystore import SyncStore
 from smimeproxy.pki.smimea import parse_smimea_presentation, smimea_for_certificate
 from smimeproxy.pki.smimea import smimea_owner_name as owner_of
+from tests.conftest import IN_CI
 from tests.directory.conftest import People, dig
 from tests.integration.bind import free_port
 
@@ -123,6 +124,12 @@ def test_publication_follows_aliases_and_expiry(store: SyncStore, people: People
 
 @pytest.fixture
 def ldap_running(tmp_path: Path, store: SyncStore) -> Iterator[int]:
+    try:
+        import ldaptor  # noqa: F401
+    except ImportError:
+        if IN_CI:
+            pytest.fail("ldaptor is required in CI (pip install ldaptor)")
+        pytest.skip("ldaptor is not installed")
     port = free_port()
     path = tmp_path / "ldap.toml"
     path.write_text(
