@@ -540,6 +540,10 @@ class ProxySession(Protocol):
             d.callback(Result(status, text, captured))
             return
         word, state = self._outstanding.pop(tag, (b"", None))
+        if word == b"APPEND" and self._mode == "forward" and self._client.literal_untouched:
+            # the server refused a synchronising literal: the client will not send it
+            self._client.cancel_literal()
+            self._mode = None
         if tag == self._raw_tag:
             self._raw_tag = None
         caps = capabilities_in(line)

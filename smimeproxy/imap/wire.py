@@ -85,6 +85,7 @@ class Splitter:
         self.max_line = max_line
         self._buffer = bytearray()
         self._literal_left = 0
+        self._literal_size = 0
         self._first = True
         self._skipping = False
 
@@ -101,6 +102,11 @@ class Splitter:
         """The literal just announced will not come (its command was refused)."""
         self._literal_left = 0
         self._first = True
+
+    @property
+    def literal_untouched(self) -> bool:
+        """A literal was announced and none of its octets has arrived yet."""
+        return self._literal_left > 0 and self._literal_left == self._literal_size
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
@@ -143,7 +149,7 @@ class Splitter:
             events.append(Fragment(line, self._first, header))
             if header is not None:
                 self._first = False
-                self._literal_left = header.size
+                self._literal_left = self._literal_size = header.size
                 if header.size == 0:
                     events.append(LiteralData(b"", True))
             else:

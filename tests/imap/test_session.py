@@ -291,3 +291,14 @@ def test_login_failure_releases_held_commands() -> None:
     h.server(b"a NO [AUTHENTICATIONFAILED] no\r\n")
     assert h.to_server() == b"b NOOP\r\n"
     assert h.session.user is None and h.session.login is None
+
+
+def test_refused_append_literal_does_not_swallow_next_command() -> None:
+    h = Harness()
+    h.to_client()
+    h.send(b"a APPEND Nowhere {10}\r\n")
+    h.server(b"a NO [TRYCREATE] no such mailbox\r\n")
+    assert h.to_client() == b"a NO [TRYCREATE] no such mailbox\r\n"
+    h.to_server()
+    h.send(b"b NOOP\r\n")
+    assert h.to_server() == b"b NOOP\r\n"
