@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.web.client import Agent, readBody
 
@@ -230,3 +232,18 @@ def test_ldap_garbage_closes_connection_quietly(ldap_running: int):
     yield peer.closed
     out, _, code = yield ldapsearch(ldap_running, "-b", "", "-s", "base", "(objectClass=*)")
     assert code == 0 and b"supportedLDAPVersion: 3" in out  # the server still answers
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_ldap_fuzz_never_raises(data: bytes):
+    pytest.importorskip("ldaptor")
+    from twisted.internet.testing import StringTransport
+
+    from smimeproxy.directory.ldap import CertificateLDAPServer
+
+    server = CertificateLDAPServer(live=None)  # type: ignore[arg-type]  # never reached
+    server.makeConnection(StringTransport())
+    search_prefix = b"\x30\x84"  # whatever follows, nothing may escape dataReceived
+    for chunk in (data, search_prefix + data):
+        server.dataReceived(chunk)
