@@ -1,7 +1,9 @@
 """One MultiService from the configuration: the key store, a thread pool, every face.
 
 Assembly only: each face builds its own service from the config and the collaborators
-handed to it here (reactor, thread pool, key store, message processor, metrics).
+handed to it here (reactor, thread pool, key store, message processor, metrics). A face
+is imported only when its section is present, so a node that runs only the gateway
+never loads the IMAP proxy.
 """
 
 from __future__ import annotations
@@ -68,9 +70,39 @@ def make_service(
     registry = registry or Registry()
     pool = ThreadPool(minthreads=2, maxthreads=16, name="smimeproxy")
     ThreadPoolService(pool).setServiceParent(root)
-    processor = MessageProcessor(store, config.smime)
+    lookup = None
+    if config.directory is not None and config.directory.lookup is not None:
+        from smimeproxy.directory.lookup import lookup_from_config
+
+        lookup = lookup_from_config(config.directory.lookup, store)
+    processor = MessageProcessor(store, config.smime, lookup=lookup)
     root.store = store  # type: ignore[attr-defined]
     root.processor = processor  # type: ignore[attr-defined]
+    if config.smtp is not None:
+        from smimeproxy.smtp.service import make_service as smtp_service
+
+        _named(smtp_service(config, processor, reactor, pool), "smtp").setServiceParent(root)
+    if config.imap is not None:
+        from smimeproxy.imap import make_service as imap_service
+
+        face = imap_service(config, processor, reactor=reactor, threadpool=pool)
+        _named(face, "imap").setServiceParent(root)
+    if config.directory is not None:
+        from smimeproxy.directory.service import make_service as directory_service
+
+        face = directory_service(config, store, reactor, pool)
+        _named(face, "directory").setServiceParent(root)
+    if config.archive is not None:
+        from smimeproxy.archive.job import make_service as archive_service
+
+        face = archive_service(config, processor, reactor, threadpool=pool)
+        _named(face, "archive").setServiceParent(root)
     if config.metrics is not None:
         metrics_service(config, registry, reactor).setServiceParent(root)
     return root
+
+
+def _named(service: IService, name: str) -> IService:
+    if not service.name:
+        service.setName(name)
+    return service
