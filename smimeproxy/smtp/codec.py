@@ -172,13 +172,10 @@ class ServerCodec:
         out = bytearray()
         pos = 0
         n = len(buf)
-        last = buf.rfind(b"\n")
-        if (
-            last >= 0
-            and not (self._at_line_start and buf[:1] == b".")
-            and (buf.find(b"\n.", 0, last) < 0)
-        ):
-            # fast path: whole lines, none of which starts with a dot
+        # fast path: the whole lines before the first one that starts with a dot
+        first_dot = buf.find(b"\n.")
+        last = buf.rfind(b"\n") if first_dot < 0 else first_dot
+        if last >= 0 and not (self._at_line_start and buf[:1] == b"."):
             region = bytes(buf[: last + 1])
             crlf = region.count(CRLF)
             if crlf != region.count(b"\n") or crlf != region.count(b"\r"):

@@ -79,7 +79,11 @@ class ReplyParser:
 
 
 class _Lost(Exception):
-    pass
+    """The connection closed while a reply was awaited."""
+
+    def __init__(self, after_data: bool = False):
+        super().__init__()
+        self.after_data = after_data
 
 
 class RelayProtocol(Protocol):
@@ -93,6 +97,7 @@ class RelayProtocol(Protocol):
         self._pending: list[Reply] = []
         self._lost = False
         self._timer = None
+        self.extensions: set[str] = set()
 
     def connectionMade(self) -> None:
         self._arm()
@@ -143,8 +148,7 @@ class RelayProtocol(Protocol):
         return self.reply()
 
     def send(self, data: bytes) -> defer.Deferred[Reply]:
-        self.transport.write(data)
-        self.transport.write(b".\r\n")
+        self.transport.writeSequence([data, b".\r\n"])
         return self.reply()
 
 
@@ -163,9 +167,19 @@ def _address(a: str) -> bytes:
 
 
 class NextHop:
-    """Delivers copies to the next hop, one connection per copy."""
+    """Delivers copies to the next hop, reusing idle connections.
+
+    After a transaction the next hop accepted, the connection is kept for the next
+    copy (RFC 5321 section 3.3: a new MAIL may follow a completed transaction) for up to
+    :attr:`idle_seconds`, at most :attr:`max_idle` of them. A reused connection that
+    turns out to be closed before the content was sent is replaced by a new one, once;
+    after the content was sent, a lost connection is a 451 (it may have been accepted:
+    the retry may duplicate, never lose).
+    """
 
     _log = Logger()
+    idle_seconds = 10.0
+    max_idle = 16
 
     def __init__(
         self,
@@ -181,9 +195,10 @@ class NextHop:
         self.helo = helo
         self.timeout = timeout
         self.tls = tls or TLSPolicy("opportunistic")
+        self._idle: list[tuple[RelayProtocol, object]] = []
 
     @defer.inlineCallbacks
-    def deliver(self, sender: str, copies: Sequence[Copy], size_hint: int = 0):  # type: ignore[no-untyped-def]
+    def deliver(self, sender: str, copies: Sequence[Copy]):  # type: ignore[no-untyped-def]
         """One reply for all ``copies``: 250 when the next hop accepted each of them."""
         last = Reply(250, "2.0.0 OK")
         for copy in copies:
@@ -193,8 +208,56 @@ class NextHop:
             last = reply
         return last
 
+    def close_idle(self) -> None:
+        """Close every idle connection (the service is stopping)."""
+        while self._idle:
+            proto, timer = self._idle.pop()
+            if timer.active():  # type: ignore[attr-defined]
+                timer.cancel()  # type: ignore[attr-defined]
+            if not proto._lost:
+                proto.transport.loseConnection()
+
+    def _take_idle(self) -> RelayProtocol | None:
+        while self._idle:
+            proto, timer = self._idle.pop()
+            if timer.active():  # type: ignore[attr-defined]
+                timer.cancel()  # type: ignore[attr-defined]
+            if not proto._lost:
+                return proto
+        return None
+
+    def _keep(self, proto: RelayProtocol) -> None:
+        if proto._lost or len(self._idle) >= self.max_idle:
+            if not proto._lost:
+                proto.transport.write(b"QUIT\r\n")
+                proto.transport.loseConnection()
+            return
+
+        def expire() -> None:
+            self._idle[:] = [(p, t) for p, t in self._idle if p is not proto]
+            if not proto._lost:
+                proto.transport.write(b"QUIT\r\n")
+                proto.transport.loseConnection()
+
+        self._idle.append((proto, self.reactor.callLater(self.idle_seconds, expire)))
+
     @defer.inlineCallbacks
     def send_copy(self, sender: str, copy: Copy):  # type: ignore[no-untyped-def]
+        data = wire_data(copy.data)
+        reused = self._take_idle()
+        if reused is not None:
+            try:
+                reply = yield self._transaction(reused, sender, copy, data)
+            except _Lost as lost:
+                if lost.after_data:
+                    return _LOST_REPLY
+                reused = None  # closed while idle: try once more on a new connection
+            else:
+                if reply.positive:
+                    self._keep(reused)
+                else:
+                    reused.transport.loseConnection()
+                return reply
         from twisted.internet.endpoints import connectProtocol
 
         proto = RelayProtocol(self.reactor, self.timeout)
@@ -204,16 +267,22 @@ class NextHop:
             self._log.warn("smtp.next_hop_unreachable error={error}", error=type(e).__name__)
             return Reply(451, "4.4.1 next hop unreachable, try again later")
         try:
-            reply = yield self._transaction(proto, sender, copy)
-        except _Lost:
-            return Reply(451, "4.4.2 connection to the next hop lost, try again later")
-        finally:
-            if not proto._lost:
+            refusal = yield self._session(proto)
+            if refusal is not None:
                 proto.transport.loseConnection()
+                return refusal
+            reply = yield self._transaction(proto, sender, copy, data)
+        except _Lost:
+            return _LOST_REPLY
+        if reply.positive:
+            self._keep(proto)
+        elif not proto._lost:
+            proto.transport.loseConnection()
         return reply
 
     @defer.inlineCallbacks
-    def _transaction(self, proto: RelayProtocol, sender: str, copy: Copy):  # type: ignore[no-untyped-def]
+    def _session(self, proto: RelayProtocol):  # type: ignore[no-untyped-def]
+        """Greeting, EHLO and STARTTLS; None when ready, else the reply to give."""
         greeting = yield proto.reply()
         if greeting.code != 220:
             return _from_next_hop(greeting, "greeting")
@@ -240,27 +309,47 @@ class NextHop:
                 return Reply(451, "4.7.5 next hop refused STARTTLS")
         elif self.tls.mode == "require":
             return Reply(451, "4.7.5 next hop does not offer STARTTLS, which is required")
-        data = wire_data(copy.data)
+        proto.extensions = extensions
+        return None
+
+    @defer.inlineCallbacks
+    def _transaction(self, proto: RelayProtocol, sender: str, copy: Copy, data: bytes):  # type: ignore[no-untyped-def]
+        """MAIL, RCPT, DATA on a ready session; the caller closes a connection whose
+        transaction was refused (no RSET dance: refusals are rare)."""
+        extensions = proto.extensions
         mail = b"MAIL FROM:" + _address(sender)
         if "8BITMIME" in extensions and not data.isascii():
             mail += b" BODY=8BITMIME"
         if "SMTPUTF8" in extensions and not (sender + "".join(copy.recipients)).isascii():
             mail += b" SMTPUTF8"
-        reply = yield proto.command(mail)
-        if reply.code != 250:
-            return _from_next_hop(reply, "MAIL")
-        for rcpt in copy.recipients:
-            reply = yield proto.command(b"RCPT TO:" + _address(rcpt))
-            if reply.code not in (250, 251):
-                return _from_next_hop(reply, f"RCPT <{rcpt}>")
-        reply = yield proto.command(b"DATA")
-        if reply.code != 354:
-            return _from_next_hop(reply, "DATA")
-        reply = yield proto.send(data)
+        commands = [mail, *(b"RCPT TO:" + _address(r) for r in copy.recipients), b"DATA"]
+        stages = ["MAIL", *(f"RCPT <{r}>" for r in copy.recipients), "DATA"]
+        expected = [(250,), *((250, 251) for _ in copy.recipients), (354,)]
+        if "PIPELINING" in extensions:
+            # RFC 2920: the whole envelope in one write, the replies read in order
+            proto.transport.write(b"".join(c + b"\r\n" for c in commands))
+            replies = []
+            for _ in commands:
+                replies.append((yield proto.reply()))
+        else:
+            replies = []
+            for command, ok in zip(commands, expected, strict=True):
+                replies.append((yield proto.command(command)))
+                if replies[-1].code not in ok:
+                    break
+        for reply, ok, stage in zip(replies, expected, stages, strict=False):
+            if reply.code not in ok:
+                return _from_next_hop(reply, stage)
+        try:
+            reply = yield proto.send(data)
+        except _Lost:
+            raise _Lost(after_data=True) from None
         if reply.code != 250:
             return _from_next_hop(reply, "end of data")
-        proto.transport.write(b"QUIT\r\n")
         return reply
+
+
+_LOST_REPLY = Reply(451, "4.4.2 connection to the next hop lost, try again later")
 
 
 def _tls_possible(proto: RelayProtocol) -> bool:

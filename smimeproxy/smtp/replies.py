@@ -9,6 +9,7 @@ Not guaranteed: texts are for humans; operators' scripts should match codes only
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -35,6 +36,7 @@ class Reply:
         return self.text.split("\n") or [""]
 
 
+@functools.lru_cache(maxsize=512)
 def render(reply: Reply) -> bytes:
     """The reply on the wire; texts are reduced to printable ASCII (they may quote peers)."""
     lines = [_clean(line) for line in reply.lines()]

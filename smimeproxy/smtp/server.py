@@ -230,6 +230,9 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
             return self._reply(R.TOO_MANY_RECIPIENTS)
         rcpt = m["addr"]
         sender = self.sender
+        if not self.s.transform.needs_recipient_check(sender, rcpt):
+            self.recipients.append(rcpt)
+            return self._reply(R.RECIPIENT_OK)
         self.busy = True
         d = deferToThreadPool(
             self.s.reactor, self.s.threadpool, self.s.transform.check_recipient, sender, rcpt
@@ -288,15 +291,14 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
     @defer.inlineCallbacks
     def _handle(self, queue_id: str, sender: str, recipients: list[str], data: bytes):  # type: ignore[no-untyped-def]
         size = len(data)
+        transform = self.s.transform
         try:
-            result: TransformResult = yield deferToThreadPool(
-                self.s.reactor,
-                self.s.threadpool,
-                self.s.transform.transform,
-                sender,
-                recipients,
-                data,
-            )
+            if transform.engine_free(sender, recipients):
+                result: TransformResult = transform.transform(sender, recipients, data)
+            else:
+                result = yield deferToThreadPool(
+                    self.s.reactor, self.s.threadpool, transform.transform, sender, recipients, data
+                )
         except KeystoreError as e:
             self._log_message(queue_id, (), "tempfail", size, len(recipients), str(e))
             return R.LOCAL_ERROR

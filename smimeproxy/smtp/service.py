@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 
@@ -72,6 +72,17 @@ def next_hop_tls(config: SMTPConfig) -> TLSPolicy:
     return TLSPolicy(str(config.next_hop_starttls), verified, unverified)
 
 
+class _IdleConnections(Service):
+    """Closes the next hop's idle connections when the gateway stops."""
+
+    def __init__(self, next_hop: NextHop):
+        self.next_hop = next_hop
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.next_hop.close_idle()
+
+
 def make_service(
     config: Config,
     processor: MessageProcessor,
@@ -115,6 +126,7 @@ def make_service(
     factory = SMTPGatewayFactory(settings)
     service = MultiService()
     service.setName("smtp")
+    _IdleConnections(settings.next_hop).setServiceParent(service)
     for description in smtp.listen:
         StreamServerEndpointService(
             serverFromString(reactor, description), factory

@@ -99,13 +99,19 @@ def direction_of(sender: str, recipient: str, local_domains: Sequence[str]) -> s
 def strip_status_headers(data: bytes, authserv_id: str) -> tuple[bytes, list[str]]:
     """``data`` without look-alikes of our status headers; only the header block is
     parsed (a 30 MB body is not copied around more than once)."""
+    data, _, removed = _strip(data, authserv_id)
+    return data, removed
+
+
+def _strip(data: bytes, authserv_id: str) -> tuple[bytes, mime.Entity, list[str]]:
+    """(data without look-alikes, its parsed header block, the names removed)."""
     end = _header_end(data)
     head = mime.parse_entity(data[:end])
     consumed = len(head.header_bytes())  # header fields start at offset 0
     removed = strip_lookalikes(head, authserv_id)
     if not removed:
-        return data, []
-    return head.header_bytes() + data[consumed:], removed
+        return data, head, []
+    return head.header_bytes() + data[consumed:], head, removed
 
 
 def _header_end(data: bytes) -> int:
@@ -161,11 +167,16 @@ class MessageTransform:
         self.authserv_id = config.authserv_id or processor.settings.authserv_id
 
     # -- at RCPT time -------------------------------------------------------------------
+    def needs_recipient_check(self, sender: str, recipient: str) -> bool:
+        """Whether :meth:`check_recipient` has to look in the store (cheap, no I/O)."""
+        return (
+            direction_of(sender, recipient, self.config.local_domains) == OUTBOUND
+            and self.config.policy_for(sender, recipient) == "must-encrypt"
+        )
+
     def check_recipient(self, sender: str, recipient: str) -> Reply | None:
         """A 5xx for a must-encrypt recipient without a usable certificate, else None."""
-        if direction_of(sender, recipient, self.config.local_domains) != OUTBOUND:
-            return None
-        if self.config.policy_for(sender, recipient) != "must-encrypt":
+        if not self.needs_recipient_check(sender, recipient):
             return None
         found = self.processor.certificate_for(recipient)
         if found.target is not None:
@@ -173,11 +184,27 @@ class MessageTransform:
         return _must_encrypt_refusal([(recipient, found.reason)])
 
     # -- at end of DATA -----------------------------------------------------------------
+    def engine_free(self, sender: str, recipients: Sequence[str]) -> bool:
+        """True when no recipient's copy needs the engine or the store (only look-alike
+        headers are removed): cheap enough to run without a thread hop."""
+        if self.config.force_encrypt_keyword:
+            return all(
+                direction_of(sender, r, self.config.local_domains) == TRANSIT for r in recipients
+            )
+        for rcpt in recipients:
+            direction = direction_of(sender, rcpt, self.config.local_domains)
+            if direction == INBOUND:
+                return False
+            if direction == INTERNAL and self.config.internal_policy != "pass-through":
+                return False
+            if direction == OUTBOUND and self.config.policy_for(sender, rcpt) != "pass-through":
+                return False
+        return True
+
     def transform(self, sender: str, recipients: Sequence[str], data: bytes) -> TransformResult:
-        data, removed = strip_status_headers(data, self.authserv_id)
+        data, head, removed = _strip(data, self.authserv_id)
         if removed:
             self._log.info("smtp.status_headers_removed count={count}", count=len(removed))
-        head = _headers(data)
         groups: dict[str, list[str]] = {}
         for rcpt in recipients:
             groups.setdefault(direction_of(sender, rcpt, self.config.local_domains), []).append(
@@ -206,64 +233,80 @@ class MessageTransform:
         direction: str,
     ) -> TransformResult:
         forced = _subject_has(head, self.config.force_encrypt_keyword)
-        actions: dict[str, list[str]] = {}
-        refused: list[tuple[str, str]] = []
-        must: set[str] = set()
+        policies: dict[str, str] = {}
         for rcpt in recipients:
             if forced:
-                policy = "must-encrypt"
+                policies[rcpt] = "must-encrypt"
             elif direction == INTERNAL:
-                policy = self.config.internal_policy
+                policies[rcpt] = self.config.internal_policy
             else:
-                policy = self.config.policy_for(sender, rcpt)
-            if policy == "pass-through":
-                action = "pass"
-            elif policy == "sign-only":
-                action = "sign"
-            else:
-                found = self.processor.certificate_for(rcpt)
-                if found.target is not None:
-                    action = "sign+encrypt"
-                elif policy == "must-encrypt":
-                    refused.append((rcpt, found.reason))
-                    continue
-                else:
-                    action = "sign"
-            if policy == "must-encrypt":
-                must.add(rcpt)
-            actions.setdefault(action, []).append(rcpt)
-        if refused:
-            reason = "the subject keyword asks for encryption; " if forced else ""
-            return TransformResult(refusal=_must_encrypt_refusal(refused, reason))
+                policies[rcpt] = self.config.policy_for(sender, rcpt)
         signer = self._signer(head, sender)
-        copies = []
-        for action, group in actions.items():
-            if action == "pass":
-                copies.append(Copy(tuple(group), data, direction, "pass"))
-                continue
-            encrypt = action == "sign+encrypt"
+        must = {r for r, p in policies.items() if p == "must-encrypt"}
+        wanting = [r for r, p in policies.items() if p in ("must-encrypt", "encrypt-if-possible")]
+        groups: dict[str, list[str]] = {
+            "pass": [r for r, p in policies.items() if p == "pass-through"],
+            "sign": [r for r, p in policies.items() if p == "sign-only"],
+            "sign+encrypt": [],
+        }
+        copies: list[Copy] = []
+        if wanting:
+            # optimistic: usually every recipient has a certificate, and one seal_for
+            # (which looks them up itself) is all it takes
             try:
-                copies.append(self._seal(data, signer, group, encrypt, direction))
+                copies.append(self._seal(data, signer, wanting, True, direction))
+            except KeyNotFound:
+                refused: list[tuple[str, str]] = []
+                for rcpt in wanting:
+                    found = self.processor.certificate_for(rcpt)
+                    if found.target is not None:
+                        groups["sign+encrypt"].append(rcpt)
+                    elif rcpt in must:
+                        refused.append((rcpt, found.reason))
+                    else:
+                        groups["sign"].append(rcpt)
+                if refused:
+                    reason = "the subject keyword asks for encryption; " if forced else ""
+                    return TransformResult(refusal=_must_encrypt_refusal(refused, reason))
             except KeystoreError:
                 raise
             except SMIMEProxyError as e:
-                if must & set(group):
-                    text = f"5.7.1 cannot encrypt this message: {comment_text(str(e), 200)}"
-                    return TransformResult(refusal=Reply(554, text))
-                self._log.warn(
-                    "smtp.seal_failed direction={direction} error={error}",
-                    direction=direction,
-                    error=str(e),
-                )
-                copies.append(
-                    Copy(
-                        tuple(group),
-                        add_status(data, f"unprocessed; {e}"),
-                        direction,
-                        "unprocessed",
-                    )
-                )
+                failed = self._failed(data, wanting, must, direction, e)
+                if isinstance(failed, TransformResult):
+                    return failed
+                copies.append(failed)
+        for action, group in groups.items():
+            if not group:
+                continue
+            if action == "pass":
+                copies.append(Copy(tuple(group), data, direction, "pass"))
+                continue
+            try:
+                copies.append(self._seal(data, signer, group, action == "sign+encrypt", direction))
+            except KeystoreError:
+                raise
+            except SMIMEProxyError as e:
+                failed = self._failed(data, group, must, direction, e)
+                if isinstance(failed, TransformResult):
+                    return failed
+                copies.append(failed)
         return TransformResult(tuple(copies))
+
+    def _failed(
+        self, data: bytes, group: list[str], must: set[str], direction: str, error: Exception
+    ) -> Copy | TransformResult:
+        """The engine could not seal: refuse under must-encrypt, else pass unchanged."""
+        if must & set(group):
+            text = f"5.7.1 cannot encrypt this message: {comment_text(str(error), 200)}"
+            return TransformResult(refusal=Reply(554, text))
+        self._log.warn(
+            "smtp.seal_failed direction={direction} error={error}",
+            direction=direction,
+            error=str(error),
+        )
+        return Copy(
+            tuple(group), add_status(data, f"unprocessed; {error}"), direction, "unprocessed"
+        )
 
     def _signer(self, head: mime.Entity, sender: str) -> str:
         """Whose key signs: the From address when it is local, else the envelope sender."""
@@ -272,20 +315,32 @@ class MessageTransform:
             return found
         return sender.lower()
 
-    def _seal(
-        self, data: bytes, signer: str, group: list[str], encrypt: bool, direction: str
-    ) -> Copy:
-        sign = True
+    def _can_sign(self, signer: str) -> bool:
         try:
             self.processor.store.signing_key(signer)
         except KeyNotFound:
-            sign = False
-        if not sign and not encrypt:
-            return Copy(tuple(group), data, direction, "pass", {"note": "no key to sign with"})
-        result = self.processor.seal_for(data, signer, group, sign=sign, encrypt=encrypt)
-        action = ("sign+" if sign else "") + "encrypt" if encrypt else "sign"
+            return False
+        return True
+
+    def _seal(
+        self, data: bytes, signer: str, group: list[str], encrypt: bool, direction: str
+    ) -> Copy:
+        """Sign (and encrypt); a sender without a key gets encryption only (or nothing).
+
+        Raises KeyNotFound when a recipient has no usable certificate."""
+        try:
+            result = self.processor.seal_for(data, signer, group, sign=True, encrypt=encrypt)
+            signed = True
+        except KeyNotFound:
+            if self._can_sign(signer):
+                raise  # so it was a recipient's certificate
+            if not encrypt:
+                return Copy(tuple(group), data, direction, "pass", {"note": "no key to sign with"})
+            result = self.processor.seal_for(data, signer, group, sign=False, encrypt=True)
+            signed = False
+        action = ("sign+" if signed else "") + "encrypt" if encrypt else "sign"
         details = {"cipher": result.cipher or ("default" if encrypt else "")}
-        if not sign:
+        if not signed:
             details["note"] = "no key to sign with"
         return Copy(tuple(group), result.data, direction, action, details)
 
