@@ -6,9 +6,14 @@ key store, the policy and the engine behind the server are the real ones.
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 
 from smimeproxy.smtp.replies import Reply
 from smimeproxy.smtp.server import GatewaySettings, SMTPGatewayProtocol
@@ -242,3 +247,55 @@ def test_peer_cut_at_every_byte_never_raises(session):
         s.proto.dataReceived(dialogue[:cut])
         s.proto.connectionLost(None)
         assert all(line[:1] in "2345" for line in s.take().splitlines())
+
+
+def test_one_structured_log_line_per_message_and_never_the_body(session):
+    s, _ = session()
+    s.send(b"EHLO c\r\nMAIL FROM:<alice@acme.test>\r\nRCPT TO:<bob@partner.test>\r\nDATA\r\n")
+    with capturedLogs() as events:
+        reply = s.send(_stuff(PLAIN) + b".\r\n")
+    lines = [e for e in events if e.get("log_format", "").startswith("smtp.message ")]
+    assert len(lines) == 1
+    e = lines[0]
+    assert (e["direction"], e["action"], e["outcome"]) == ("outbound", "sign+encrypt", "delivered")
+    assert e["algorithms"] != "-"
+    assert e["queue_id"] in reply
+    assert "figures" not in repr(events)
+
+
+@pytest.fixture
+def processor(make_processor):
+    return make_processor()
+
+
+PIECES = [
+    b"EHLO c\r\n",
+    b"HELO c\r\n",
+    b"MAIL FROM:<x@elsewhere.test>\r\n",
+    b"MAIL FROM:<alice@acme.test> SIZE=10\r\n",
+    b"RCPT TO:<bob@partner.test>\r\n",
+    b"RCPT TO:<alice@acme.test>\r\n",
+    b"DATA\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b".\r\n",
+    b"\r\n",
+    b"\n.\n",
+    b"Subject: x\r\n\r\nbody\r\n",
+    b"\xff\x00",
+]
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(st.lists(st.sampled_from(PIECES) | st.binary(max_size=12), max_size=25))
+def test_fuzz_dialogue_only_yields_protocol_replies(processor, chunks):
+    s = Session(processor, ScriptedNextHop())
+    for chunk in chunks:
+        s.proto.dataReceived(chunk)
+    s.proto.connectionLost(None)
+    for line in s.take().split("\r\n")[:-1]:
+        assert re.match(r"^[2-5][0-9][0-9][ -]", line), line
