@@ -1,5 +1,9 @@
 """Sending copies on to the next hop: one SMTP transaction per copy, no queue.
 
+Connections are reused for the next copy while idle (a few seconds), and the envelope
+is pipelined when the next hop offers PIPELINING (RFC 2920): per copy that is one round
+trip for MAIL/RCPT/DATA and one for the content.
+
 The gateway keeps nothing: :meth:`NextHop.deliver` sends every copy of a message and
 answers with the one reply the gateway gives its client. A positive reply only when
 the next hop accepted every copy; the first failure stops the rest and is passed
@@ -222,8 +226,11 @@ class NextHop:
             proto, timer = self._idle.pop()
             if timer.active():  # type: ignore[attr-defined]
                 timer.cancel()  # type: ignore[attr-defined]
-            if not proto._lost:
+            if not proto._lost and not proto._pending:
                 return proto
+            # something arrived while idle (a 421 before the server's own timeout, say):
+            # its replies would answer our next commands, so the connection is not reused
+            proto.transport.loseConnection()
         return None
 
     def _keep(self, proto: RelayProtocol) -> None:

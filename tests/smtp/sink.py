@@ -27,6 +27,7 @@ class Sink:
     fault: Callable[[], str | None] = lambda: None
     received: list[Received] = field(default_factory=list)
     tls_options: Callable[[], object] | None = None
+    connections: list[Protocol] = field(default_factory=list)
 
     def factory(self) -> Factory:
         return Factory.forProtocol(lambda: _SinkProtocol(self))
@@ -42,6 +43,7 @@ class _SinkProtocol(Protocol):
         self.fault: str | None = None
 
     def connectionMade(self) -> None:
+        self.sink.connections.append(self)
         self.transport.write(b"220 sink.test ESMTP\r\n")
 
     def dataReceived(self, data: bytes) -> None:

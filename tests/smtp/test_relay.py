@@ -12,6 +12,7 @@ import tracemalloc
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
 
 from smimeproxy.smime import mime
 from smimeproxy.smtp import make_service
@@ -194,3 +195,20 @@ def test_thirty_megabyte_attachment_passes(gateway):
     # the memory bound: the client's copy, ours, the sink's and a few transient ones
     print(f"peak traced memory {peak / len(big):.1f} x the message size")
     assert peak < 6 * len(big)
+
+
+@pytest_twisted.inlineCallbacks
+def test_next_hop_connection_reused_and_replaced_when_closed_while_idle(gateway):
+    sink = Sink()
+    g = gateway(sink)
+    for i in range(3):
+        code, _ = yield g.send("x@elsewhere.test", ["bob@partner.test"], _msg(i))
+        assert code == 250
+    assert len(sink.connections) == 1
+    # the next hop closes the idle connection: the next message takes a new one
+    sink.connections[0].transport.loseConnection()
+    yield deferLater(reactor, 0.1, lambda: None)
+    code, _ = yield g.send("x@elsewhere.test", ["bob@partner.test"], _msg(3))
+    assert code == 250
+    assert len(sink.connections) == 2
+    assert [r.data for r in sink.received] == [_msg(i) for i in range(4)]
