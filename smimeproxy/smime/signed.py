@@ -603,17 +603,20 @@ def _verify_signer(
     key_preference = None
     signed_attrs = signer_info["signed_attrs"]
     if not isinstance(signed_attrs, core.Void):
-        attrs: _Attrs | None = None
+        raw = None
         if len(signed_attrs.contents) <= MAX_SIGNED_ATTRIBUTES_BYTES:
-            attrs = _RawAttributes.read(signed_attrs.contents)
-        if attrs is None:  # not plain DER: asn1crypto reads it (and reports what is wrong)
+            raw = _RawAttributes.read(signed_attrs.contents)
+        attrs: _Attrs
+        if raw is not None:
+            if raw.count > MAX_SIGNED_ATTRIBUTES:
+                raise MalformedMessage("signed attributes too large")
+            attrs = raw
+        else:  # not plain DER: asn1crypto reads it (and reports what is wrong)
             if len(signed_attrs) > MAX_SIGNED_ATTRIBUTES or (
                 len(signed_attrs.contents) > MAX_SIGNED_ATTRIBUTES_BYTES
             ):
                 raise MalformedMessage("signed attributes too large")
             attrs = _attributes_by_type(signed_attrs)
-        elif attrs.count > MAX_SIGNED_ATTRIBUTES:
-            raise MalformedMessage("signed attributes too large")
         checks.append(_message_digest_check(attrs, digest_name, content, have_content))
         checks.append(_content_type_check(attrs, content_type_oid))
         signing_time = _signing_time(attrs, errors)
@@ -744,7 +747,9 @@ def _oid_dotted(encoded: bytes) -> str | None:
 _Attrs = dict[str, list[cms.CMSAttribute]] | _RawAttributes
 
 
-def _single_value(attrs: _Attrs, oid: str, spec: type | None = None) -> core.Asn1Value | None:
+def _single_value(
+    attrs: _Attrs, oid: str, spec: type[core.Asn1Value] | None = None
+) -> core.Asn1Value | None:
     """The one value of a single-valued attribute (RFC 5652 section 11: exactly one
     attribute instance with exactly one value); None if absent, error if repeated.
 
