@@ -221,20 +221,30 @@ def _leaf(content_type: str, text: str, eol: bytes) -> bytes:
     return headers + eol + _qp(text, eol)
 
 
+def _leaves(lines: tuple[str, ...], eol: bytes) -> tuple[bytes, bytes]:
+    """The text and HTML parts for these footer sentences."""
+    return (
+        _leaf("text/plain", _text(list(lines)), eol),
+        _leaf("text/html", _html(list(lines)), eol),
+    )
+
+
+#: the same few footers recur (same senders, same verdicts): encode each once
+_leaves_cached = lru_cache(maxsize=256)(_leaves)
+
+
 def footer_part(status: MessageStatus, eol: bytes = CRLF) -> Entity:
     """The footer MIME part: ``multipart/alternative`` of text and HTML, marked as ours."""
     marker = [
         HeaderField.make("Content-Disposition", "inline", eol),
         HeaderField.make(FOOTER_MARKER_HEADER, FOOTER_MARKER_VALUE, eol),
     ]
-    lines = footer_lines(status)  # once for both alternatives
+    lines = tuple(footer_lines(status))  # once for both alternatives
+    leaves = _leaves_cached(lines, eol) if sum(map(len, lines)) <= 8192 else _leaves(lines, eol)
     part = build_multipart(
         [],
         "alternative",
-        [
-            _leaf("text/plain", _text(lines), eol),
-            _leaf("text/html", _html(lines), eol),
-        ],
+        list(leaves),
         eol=eol,
     )
     part.headers.extend(marker)

@@ -815,6 +815,10 @@ def _content_type_check(attrs: _Attrs, econtent_type: str) -> Check:
 
 def _signing_time(attrs: _Attrs, errors: list[str]) -> datetime.datetime | None:
     try:
+        if isinstance(attrs, _RawAttributes):
+            quick = _plain_utc_time(attrs.by_oid.get(_OID_SIGNING_TIME))
+            if quick is not None:
+                return quick
         value = _single_value(attrs, _OID_SIGNING_TIME, cms.Time)
         if value is None:
             return None
@@ -823,6 +827,34 @@ def _signing_time(attrs: _Attrs, errors: list[str]) -> datetime.datetime | None:
         errors.append("signingTime attribute unreadable")
         return None
     return native if isinstance(native, datetime.datetime) else None
+
+
+_UTC_TIME = re.compile(rb"\x17\x0d([0-9]{12})Z")
+
+
+def _plain_utc_time(instances: list[list[bytes]] | None) -> datetime.datetime | None:
+    """A single ``YYMMDDHHMMSSZ`` UTCTime read directly, as asn1crypto would read it
+    (RFC 5280 4.1.2.5.1: years 50-99 are 19xx); None for anything else, which then
+    goes through asn1crypto."""
+    if not instances or len(instances) != 1 or len(instances[0]) != 1:
+        return None
+    match = _UTC_TIME.fullmatch(instances[0][0])
+    if match is None:
+        return None
+    d = match.group(1)
+    year = int(d[0:2])
+    try:
+        return datetime.datetime(
+            year + (1900 if year >= 50 else 2000),
+            int(d[2:4]),
+            int(d[4:6]),
+            int(d[6:8]),
+            int(d[8:10]),
+            int(d[10:12]),
+            tzinfo=datetime.UTC,
+        )
+    except ValueError:
+        return None  # out of range: asn1crypto decides what that is
 
 
 def _capabilities(attrs: _Attrs, errors: list[str]) -> tuple[str, ...]:
