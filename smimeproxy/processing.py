@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from twisted.logger import Logger
 from smimeproxy.config import Config, KeystoreConfig, SMIMEConfig
 from smimeproxy.errors import CertificateError, ConfigError, KeyNotFound
 from smimeproxy.keystore import MasterSecret, SyncStore, open_store
+from smimeproxy.metrics import Registry
 from smimeproxy.pki.validation import PathValidator, RevocationPolicy
 from smimeproxy.smime.keys import KeyPair, load_certificates
 from smimeproxy.smime.opener import OpenedMessage, OpenOptions, open_message
@@ -148,15 +150,48 @@ class MessageProcessor:
         *,
         lookup: CertificateLookup | None = None,
         clock: Callable[[], datetime.datetime] | None = None,
+        registry: Registry | None = None,
     ):
         self.store = store
-        self.settings = settings
         self.lookup = lookup
         self.clock = clock
-        # files named in the config are read once at start: editing them means a reload
-        self._file_anchors = _load_files(settings.trust_anchors, "smime.trust_anchors")
-        self._file_intermediates = _load_files(settings.intermediates, "smime.intermediates")
-        self._file_crls = _load_crls(settings.crls)
+        self.reload(settings)
+        registry = registry or Registry()
+        self._signatures = registry.counter(
+            "smimeproxy_signatures_total",
+            "Messages opened, by their RFC 7281 smime= result",
+            ("result",),
+        )
+        self._decryptions = registry.counter(
+            "smimeproxy_decryptions_total", "Encrypted messages opened, by outcome", ("outcome",)
+        )
+        self._lookups = registry.counter(
+            "smimeproxy_certificate_lookups_total",
+            "Recipient certificate lookups, by source and outcome",
+            ("source", "outcome"),
+        )
+        self._open_seconds = registry.histogram(
+            "smimeproxy_open_seconds", "Time to open (decrypt, verify, harvest) one message"
+        )
+        self._seal_seconds = registry.histogram(
+            "smimeproxy_seal_seconds", "Time to seal (sign, encrypt) one message"
+        )
+
+    def reload(self, settings: SMIMEConfig) -> None:
+        """Take new ``[smime]`` settings and re-read the trust files they name.
+
+        All files are read before anything is swapped, so a bad file raises ConfigError
+        and leaves the processor as it was. Not guaranteed: a call running in another
+        thread during the swap may see the old settings with the new files.
+        """
+        anchors = _load_files(settings.trust_anchors, "smime.trust_anchors")
+        intermediates = _load_files(settings.intermediates, "smime.intermediates")
+        crls = _load_crls(settings.crls)
+        # files named in the config are read once: editing them means a reload (SIGHUP)
+        self.settings = settings
+        self._file_anchors = anchors
+        self._file_intermediates = intermediates
+        self._file_crls = crls
 
     # -- trust ---------------------------------------------------------------------------
     def validator(self) -> PathValidator:
@@ -189,6 +224,7 @@ class MessageProcessor:
     ) -> OpenedMessage:
         """Open ``message`` with the keys of ``owners`` only (key isolation), verify it,
         and store the certificates of verified signers (never of unverified ones)."""
+        started = time.monotonic()
         opened = open_message(
             message,
             keys=self.keys_for(owners),
@@ -197,6 +233,12 @@ class MessageProcessor:
         )
         if harvest:
             self.harvest(opened)
+        self._open_seconds.observe(time.monotonic() - started)
+        status = opened.status
+        if status.signed or status.signers:
+            self._signatures.inc(result=str(status.smime_result))
+        if status.decryption is not None:
+            self._decryptions.inc(outcome="ok" if status.decryption.decrypted else "failed")
         return opened
 
     def harvest(self, opened: OpenedMessage) -> int:
@@ -218,8 +260,10 @@ class MessageProcessor:
         candidates: list[tuple[x509.Certificate, tuple[str, ...] | None, str]] = []
         if record is not None:
             candidates.append((record.certificate, record.capabilities or None, str(record.source)))
+        self._lookups.inc(source="store", outcome="found" if record is not None else "missing")
         if not candidates and self.lookup is not None:
             candidates.extend((cert, None, "lookup") for cert in self.lookup(address))
+            self._lookups.inc(source="smimea", outcome="found" if candidates else "missing")
         reasons = []
         for cert, caps, source in candidates:
             status = validator.validate(cert, purpose="encrypt", sender=address)
@@ -238,29 +282,36 @@ class MessageProcessor:
         *,
         sign: bool = True,
         encrypt: bool = True,
+        targets: Sequence[RecipientCertificate] | None = None,
     ) -> SealResult:
         """Sign with ``sender``'s current key and, if ``encrypt``, encrypt to every
         recipient *and to the sender* (so the sender's copy stays readable).
 
+        ``targets``: certificates the caller already got from :meth:`certificate_for`
+        (validated then), used for the recipients they name instead of looking them up
+        and validating again; recipients they do not name are looked up as usual.
         Raises KeyNotFound when a recipient has no usable certificate and ``encrypt`` is
         set: the caller decides (split the copy, refuse, or send signed only).
         """
+        started = time.monotonic()
+        known = {t.address: t for t in targets or ()}
         signer = self.store.signing_key(sender) if sign else None
-        targets: list[EncryptionTarget] = []
+        chosen: list[EncryptionTarget] = []
         encrypted_to: list[str] = []
         if encrypt:
-            found = [self.certificate_for(r) for r in recipients]
+            found = [known.get(r) or self.certificate_for(r) for r in recipients]
             missing = [f for f in found if f.target is None]
             if missing:
                 names = ", ".join(f"{m.address} ({m.reason})" for m in missing)
                 raise KeyNotFound(f"no usable certificate for {names}")
-            targets = [f.target for f in found if f.target is not None]
+            chosen = [f.target for f in found if f.target is not None]
             encrypted_to = [f.address for f in found]
-            own = self.certificate_for(sender)
-            if own.target is not None and sender not in encrypted_to:
-                targets.append(own.target)
-                encrypted_to.append(sender)
-        if signer is None and not targets:
+            if sender not in encrypted_to:
+                own = known.get(sender) or self.certificate_for(sender)
+                if own.target is not None:
+                    chosen.append(own.target)
+                    encrypted_to.append(sender)
+        if signer is None and not chosen:
             return SealResult(message, None, (), None)
         cipher = None if str(self.settings.cipher) == "auto" else str(self.settings.cipher)
         options = SealOptions(
@@ -272,9 +323,10 @@ class MessageProcessor:
             message,
             signer=signer.pair if signer else None,
             chain=signer.chain if signer else (),
-            recipients=targets,
+            recipients=chosen,
             options=options,
         )
+        self._seal_seconds.observe(time.monotonic() - started)
         return SealResult(
             data,
             sender if signer else None,

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 
 from smimeproxy.config import SMTPConfig
 from smimeproxy.errors import KeyNotFound, KeystoreError, SMIMEProxyError
-from smimeproxy.processing import MessageProcessor
+from smimeproxy.processing import MessageProcessor, RecipientCertificate
 from smimeproxy.smime import mime
 from smimeproxy.smime.authresults import (
     AUTHENTICATION_RESULTS,
@@ -250,6 +250,8 @@ class MessageTransform:
             "sign+encrypt": [],
         }
         copies: list[Copy] = []
+        # certificates validated while splitting: seal_for need not validate them again
+        resolved: list[RecipientCertificate] = []
         if wanting:
             # optimistic: usually every recipient has a certificate, and one seal_for
             # (which looks them up itself) is all it takes
@@ -261,6 +263,7 @@ class MessageTransform:
                     found = self.processor.certificate_for(rcpt)
                     if found.target is not None:
                         groups["sign+encrypt"].append(rcpt)
+                        resolved.append(found)
                     elif rcpt in must:
                         refused.append((rcpt, found.reason))
                     else:
@@ -282,7 +285,10 @@ class MessageTransform:
                 copies.append(Copy(tuple(group), data, direction, "pass"))
                 continue
             try:
-                copies.append(self._seal(data, signer, group, action == "sign+encrypt", direction))
+                encrypt = action == "sign+encrypt"
+                copies.append(
+                    self._seal(data, signer, group, encrypt, direction, resolved if encrypt else ())
+                )
             except KeystoreError:
                 raise
             except SMIMEProxyError as e:
@@ -323,20 +329,30 @@ class MessageTransform:
         return True
 
     def _seal(
-        self, data: bytes, signer: str, group: list[str], encrypt: bool, direction: str
+        self,
+        data: bytes,
+        signer: str,
+        group: list[str],
+        encrypt: bool,
+        direction: str,
+        targets: Sequence[RecipientCertificate] = (),
     ) -> Copy:
         """Sign (and encrypt); a sender without a key gets encryption only (or nothing).
 
         Raises KeyNotFound when a recipient has no usable certificate."""
         try:
-            result = self.processor.seal_for(data, signer, group, sign=True, encrypt=encrypt)
+            result = self.processor.seal_for(
+                data, signer, group, sign=True, encrypt=encrypt, targets=targets
+            )
             signed = True
         except KeyNotFound:
             if self._can_sign(signer):
                 raise  # so it was a recipient's certificate
             if not encrypt:
                 return Copy(tuple(group), data, direction, "pass", {"note": "no key to sign with"})
-            result = self.processor.seal_for(data, signer, group, sign=False, encrypt=True)
+            result = self.processor.seal_for(
+                data, signer, group, sign=False, encrypt=True, targets=targets
+            )
             signed = False
         action = ("sign+" if signed else "") + "encrypt" if encrypt else "sign"
         details = {"cipher": result.cipher or ("default" if encrypt else "")}
