@@ -473,6 +473,9 @@ async def append_intercept(session: ProxySession, tag: bytes, message: Message) 
     except MalformedMessage:
         session.send(tag + b" BAD APPEND arguments not understood\r\n")
         return
+    if decode_mailbox(bytes(tokenize(message)[2])).lower() not in session.sent:
+        session.forward(tag, b"APPEND", message)  # not a protected folder after all
+        return
     sealed = []
     for extras, data in parts:
         try:

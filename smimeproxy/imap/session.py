@@ -14,9 +14,11 @@ untagged FETCH responses are consumed, every other untagged response is passed o
 holds later client commands until it is done.  Pipelining of pass-through commands is
 kept; intercepted commands are serialised.
 
+An APPEND whose mailbox is a literal is read up to the end of that literal before the
+session decides (a Sent folder named by a literal is still encrypted).
+
 Not guaranteed: a SASL mechanism other than PLAIN is not offered (the proxy must read the
-login name); a client that sends a Sent mailbox name as a literal in APPEND gets a plain
-pass-through APPEND.
+login name).
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class ProxySession(Protocol):
         self._mode: str | None = None  # current client line: forward | collect | skip
         self._collector = Assembler(context.max_command)
         self._collect_tag = b""
+        self._append_head = False
         self._busy = True  # until the upstream greeting
         self._outstanding: dict[bytes, tuple[bytes, Any]] = {}
         self._raw_tag: bytes | None = None
@@ -126,7 +129,8 @@ class ProxySession(Protocol):
         self._serial = 0
         self._injected: dict[bytes, Deferred[Result]] = {}
         self._captured: list[Message] = []
-        self._continuation: Deferred[None] | None = None
+        self._continuation: Deferred[bool] | None = None
+        self._continuation_tag: bytes | None = None
         self._resp_mode: str | None = None  # forward | capture | rewrite | skip
         self._resp = Assembler(context.max_append + (1 << 20))
         self.rewrite: intercept.FetchRewrite | None = None
@@ -154,6 +158,9 @@ class ProxySession(Protocol):
 
     def upstream_lost(self, reason: Failure | None) -> None:
         self._upstream_lost = True
+        if self._continuation is not None:
+            d, self._continuation = self._continuation, None
+            d.callback(False)
         for d in list(self._injected.values()):
             d.errback(MalformedMessage("upstream connection lost"))
         self._injected.clear()
@@ -219,13 +226,16 @@ class ProxySession(Protocol):
             self._continue_line(event)
             self.send(b"* BAD command line not understood\r\n")
             return
-        if word == b"APPEND" and not self._append_is_protected(rest):
+        mailbox_literal = word == b"APPEND" and self.user is not None and _starts_literal(rest)
+        if word == b"APPEND" and not mailbox_literal and not self._append_is_protected(rest):
             self._mode = "forward"
             self._outstanding[tag] = (b"APPEND", None)
             self._continue_line(event)
             return
         self._mode = "collect"
         self._collect_tag = tag
+        # a mailbox sent as a literal: read it before deciding (it may be Sent)
+        self._append_head = mailbox_literal
         limit = self.ctx.max_append if word == b"APPEND" else self.ctx.max_command
         self._collector = Assembler(limit)
         self._continue_line(event)
@@ -247,6 +257,10 @@ class ProxySession(Protocol):
                 self._collector = Assembler(self.ctx.max_command)
                 self._mode = None
                 return
+            if self._append_head and isinstance(event, Fragment) and not event.first:
+                self._append_head = False
+                if self._append_decided(event):
+                    return
             try:
                 message = self._collector.add(event)
             except MalformedMessage:
@@ -261,6 +275,31 @@ class ProxySession(Protocol):
                 return
         if ends:
             self._mode = None
+
+    def _append_decided(self, event: Fragment) -> bool:
+        """The mailbox literal of an APPEND has arrived: go on collecting (Sent) or
+        stream the rest (any other mailbox); True when streaming took over ``event``."""
+        head = self._collector.peek()
+        if head is None or len(head.literals) != 1:
+            return False
+        mailbox = head.literals[0]
+        if intercept.decode_mailbox(mailbox).lower() in self.sent:
+            return False
+        first = head.lines[0]
+        prefix = first[: len(first) - len(_header_of(first).encode())]  # type: ignore[union-attr]
+        if _QUOTABLE_NAME.match(mailbox):
+            name = b'"' + mailbox.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+        elif b"LITERAL+" in self.upstream_caps:
+            name = LiteralHeader(len(mailbox), True).encode() + mailbox
+        else:
+            return False  # rare: collected whole, forwarded unchanged by the intercept
+        self._collector = Assembler(self.ctx.max_command)
+        self._mode = "forward"
+        self._outstanding[self._collect_tag] = (b"APPEND", None)
+        self.send_upstream(prefix + name + event.data)
+        if event.literal is None:
+            self._mode = None
+        return True
 
     def _observe_raw(self, line: bytes) -> None:
         """SASL PLAIN response sent on its own line (no SASL-IR)."""
@@ -343,12 +382,18 @@ class ProxySession(Protocol):
         self.send_upstream(bytes(out))
 
     async def _send_sync_async(self, message: Message) -> None:
-        for i, line in enumerate(message.lines):
-            self.send_upstream(line)
-            if i < len(message.literals):
-                self._continuation = Deferred()
-                await self._continuation
-                self.send_upstream(message.literals[i])
+        self._continuation_tag = split_tag(message.lines[0])[0]
+        try:
+            for i, line in enumerate(message.lines):
+                self.send_upstream(line)
+                if i < len(message.literals):
+                    self._continuation = Deferred()
+                    if not await self._continuation:
+                        return  # refused (tagged NO/BAD) or the server went away
+                    self.send_upstream(message.literals[i])
+        finally:
+            self._continuation = None
+            self._continuation_tag = None
 
     def _send_sync(self, message: Message) -> Deferred[None]:
         return Deferred.fromCoroutine(self._send_sync_async(message))
@@ -442,7 +487,7 @@ class ProxySession(Protocol):
         if line.startswith(b"+"):
             if self._continuation is not None:
                 d, self._continuation = self._continuation, None
-                d.callback(None)
+                d.callback(True)
                 return
             self._resp_mode = "forward"
             self._server_event(event)
@@ -534,6 +579,10 @@ class ProxySession(Protocol):
 
     def _tagged(self, line: bytes) -> None:
         tag, status, text = split_tag(line)
+        if self._continuation is not None and tag == self._continuation_tag:
+            # the server answered instead of asking for the literal: send no more of it
+            d, self._continuation = self._continuation, None
+            d.callback(False)
         if tag in self._injected:
             d = self._injected.pop(tag)
             captured, self._captured = self._captured, []
@@ -572,6 +621,14 @@ def _no_delay(transport: Any) -> None:
             set_no_delay(True)
         except OSError:
             pass
+
+
+_QUOTABLE_NAME = re.compile(rb"[\x20-\x7e]{0,1000}\Z")
+
+
+def _starts_literal(rest: bytes) -> bool:
+    """Whether the first argument of a command is a literal (``{n}`` or ``~{n}``)."""
+    return rest[:1] == b"{" or rest[:2] == b"~{"
 
 
 def _header_of(line: bytes) -> LiteralHeader | None:

@@ -241,6 +241,10 @@ class Assembler:
             return done
         return None
 
+    def peek(self) -> Message | None:
+        """The message being collected so far (its completed lines and literals)."""
+        return self._current
+
     def _reset(self, dropping: bool = False) -> None:
         self._current = None
         self._literal.clear()

@@ -302,3 +302,48 @@ def test_refused_append_literal_does_not_swallow_next_command() -> None:
     h.to_server()
     h.send(b"b NOOP\r\n")
     assert h.to_server() == b"b NOOP\r\n"
+
+
+def _logged_in(greeting: bytes = GREETING) -> Harness:
+    h = Harness(greeting=greeting, processor=Processor({"alice": "alice@acme.test"}))
+    h.send(b"a LOGIN alice pw\r\n")
+    h.server(b"a OK in\r\n")
+    h.server(b'* LIST (\\Sent) "/" Sent\r\nsmp1 OK listed\r\n')
+    h.to_client()
+    h.to_server()
+    return h
+
+
+def test_append_mailbox_literal_naming_sent_is_collected_not_streamed() -> None:
+    h = _logged_in()
+    h.send(b"b APPEND {4}\r\n")
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    h.send(b"sent (\\Seen) {3}\r\n")
+    assert h.to_client() == b"+ Ready for literal data\r\n"  # the proxy's own: collecting
+    h.send(b"abc")
+    assert h.to_server() == b""  # nothing reaches the server before encryption
+
+
+def test_append_mailbox_literal_naming_other_folder_streams() -> None:
+    h = _logged_in()
+    h.send(b"b APPEND {5}\r\n")
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    h.send(b"INBOX {3}\r\n")
+    assert h.to_server() == b'b APPEND "INBOX" {3}\r\n'
+    assert h.to_client() == b""  # the server's continuation will be forwarded
+    h.server(b"+ go\r\n")
+    assert h.to_client() == b"+ go\r\n"
+    h.send(b"abc\r\n")
+    assert h.to_server() == b"abc\r\n"
+    h.server(b"b OK appended\r\n")
+    assert h.to_client() == b"b OK appended\r\n"
+
+
+def test_refused_sync_literal_without_literal_plus_does_not_hang() -> None:
+    h = Harness(greeting=b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    h.to_client()
+    h.send(b"b LOGIN {5}\r\nalice pw\r\nc NOOP\r\n")
+    assert h.to_server() == b"b LOGIN {5}\r\n"
+    h.server(b"b NO refused\r\n")
+    assert h.to_client() == b"+ Ready for literal data\r\nb NO refused\r\n"
+    assert h.to_server() == b"c NOOP\r\n"  # the literal is dropped, the session goes on

@@ -486,3 +486,33 @@ def test_upstream_starttls_verifies_the_server(tmp_path_factory: pytest.TempPath
         assert "upstream" in str(failed.value)
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("folder", ["Sent", "LitPlain"])
+def test_append_with_mailbox_as_literal(world: World, folder: str) -> None:
+    """A mailbox name sent as a synchronising literal cannot bypass Sent encryption."""
+    if folder != "Sent":
+        mailbox(world, folder, [])
+    before = count(world, folder)
+    msg = plain_message("literal box", "literal mailbox words", sender="alice@acme.test")
+    s = raw(world)
+    s.sendall(b"a LOGIN alice alice-pw\r\n")
+    read_until(s, b"a OK")
+    s.sendall(b"b APPEND {%d}\r\n" % len(folder))
+    assert read_until(s, b"\r\n").startswith(b"+")
+    s.sendall(folder.encode() + b" {%d}\r\n" % len(msg))
+    assert read_until(s, b"\r\n").startswith(b"+")
+    s.sendall(msg + b"\r\n")
+    assert b"b OK" in read_until(s, b"b ")
+    s.sendall(b"c LOGOUT\r\n")
+    read_until(s, b"c OK")
+    s.close()
+    assert count(world, folder) == before + 1
+    d = world.direct()
+    d.select(folder)
+    stored = body_of(fetch(d, "*", "(BODY.PEEK[])"))
+    d.logout()
+    if folder == "Sent":
+        assert b"literal mailbox words" not in stored and b"application/pkcs7-mime" in stored
+    else:
+        assert stored == msg
