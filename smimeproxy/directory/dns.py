@@ -45,6 +45,7 @@ from smimeproxy.directory.publication import LivePublication, Published
 from smimeproxy.directory.records import SMIMEA, Record_SMIMEA
 from smimeproxy.directory.wire import EDNS_PAYLOAD, Request, opt_record, parse_request
 from smimeproxy.errors import SMIMEProxyError
+from smimeproxy.metrics import Registry
 from smimeproxy.pki.smimea import smimea_for_certificate
 
 __all__ = [
@@ -224,6 +225,10 @@ def reply_bytes(request: Request, encoded: _Encoded, limit: int | None) -> bytes
     return wire
 
 
+#: names of the reply codes of RFC 1035 section 4.1.1 (the metric's label values)
+_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+
+
 class SMIMEAResponder:
     """Bytes of a request in, bytes of its reply out (or None: no reply).
 
@@ -235,12 +240,25 @@ class SMIMEAResponder:
     _log = Logger()
     _CACHE_LIMIT = 50_000
 
-    def __init__(self, authority: SMIMEAAuthority) -> None:
+    def __init__(self, authority: SMIMEAAuthority, registry: Registry | None = None) -> None:
         self.authority = authority
         self._cache: dict[tuple[str, int, int], _Encoded] = {}
         self._serial = -1
+        self._queries = (registry or Registry()).counter(
+            "smimeproxy_dns_queries_total", "DNS queries answered, by reply code", ("rcode",)
+        )
 
     def respond(self, data: bytes, *, udp: bool) -> Deferred[bytes | None]:
+        """The reply to ``data`` (None: not answered), counted by its reply code."""
+        return self._respond(data, udp=udp).addCallback(self._count)
+
+    def _count(self, reply: bytes | None) -> bytes | None:
+        if reply is not None and len(reply) >= 4:
+            code = reply[3] & 0xF
+            self._queries.inc(rcode=_RCODE_NAMES.get(code, str(code)))
+        return reply
+
+    def _respond(self, data: bytes, *, udp: bool) -> Deferred[bytes | None]:
         parsed = parse_request(data)
         if not isinstance(parsed, Request):
             return succeed(parsed)

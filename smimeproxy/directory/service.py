@@ -26,6 +26,7 @@ from smimeproxy.directory.http import make_site
 from smimeproxy.directory.publication import LivePublication, Publication
 from smimeproxy.errors import ConfigError
 from smimeproxy.keystore import SyncStore
+from smimeproxy.metrics import Registry
 
 __all__ = ["ThreadPoolService", "make_service"]
 
@@ -52,6 +53,7 @@ def make_service(
     threadpool: ThreadPool | None = None,
     *,
     nameserver: str | None = None,
+    registry: Registry | None = None,
 ) -> service.IService:
     """Every directory listener of ``config`` as one MultiService (empty lists: off).
 
@@ -80,7 +82,7 @@ def make_service(
         matching_type=settings.smimea_matching_type,
         nameserver=nameserver,
     )
-    responder = SMIMEAResponder(authority)
+    responder = SMIMEAResponder(authority, registry)
     for description in settings.dns_listen:
         endpoint = parse_endpoint(description, "dns")
         if endpoint.type == "udp":

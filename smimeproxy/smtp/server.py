@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
@@ -33,6 +34,7 @@ from twisted.python.failure import Failure
 
 from smimeproxy.config import SMTPConfig
 from smimeproxy.errors import KeystoreError
+from smimeproxy.metrics import Registry
 from smimeproxy.smtp import replies as R
 from smimeproxy.smtp.codec import BadLine, Command, DataChunk, DataEnd, ServerCodec
 from smimeproxy.smtp.relay import NextHop
@@ -42,6 +44,32 @@ from smimeproxy.smtp.transform import MessageTransform, TransformResult
 _PATH = re.compile(r"^(?P<kw>FROM|TO):\s*<(?P<addr>[^<>\s]*)>(?P<params>.*)$", re.IGNORECASE)
 #: more errors than this in one session and the client is sent away (Postfix: 20)
 MAX_ERRORS = 20
+#: what a session still open when the gateway stops is told (RFC 5321 section 3.8)
+SHUTTING_DOWN = Reply(421, "4.3.2 Service shutting down, try again later")
+
+
+class GatewayMetrics:
+    """The gateway's counters: messages by direction and outcome, and the time from the
+    end of DATA to the final reply. A message whose recipients lie in several
+    directions is counted once in each."""
+
+    def __init__(self, registry: Registry | None = None):
+        registry = registry or Registry()
+        self.messages = registry.counter(
+            "smimeproxy_messages_total",
+            "Messages at the end of DATA, by direction and outcome",
+            ("direction", "outcome"),
+        )
+        self.seconds = registry.histogram(
+            "smimeproxy_smtp_seconds",
+            "Time from the end of DATA to the final reply",
+            ("direction",),
+        )
+
+    def record(self, directions: set[str], outcome: str, seconds: float) -> None:
+        for direction in sorted(directions) or ["unknown"]:
+            self.messages.inc(direction=direction, outcome=outcome)
+            self.seconds.observe(seconds, direction=direction)
 
 
 @dataclass
@@ -56,6 +84,7 @@ class GatewaySettings:
     hostname: str = "localhost"
     #: makes the server-side TLS context for STARTTLS; None: STARTTLS not offered
     tls_options: Callable[[], object] | None = None
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
 
 class SMTPGatewayProtocol(Protocol, TimeoutMixin):
@@ -76,6 +105,11 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
 
     # -- connection -----------------------------------------------------------------------
     def connectionMade(self) -> None:
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.sessions.add(self)
+            if factory.draining:
+                return self._close(SHUTTING_DOWN)
         self.setTimeout(self.s.config.idle_timeout)
         self._reply(Reply(220, f"{self.s.hostname} ESMTP smimeproxy"))
 
@@ -83,6 +117,20 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self.closing = True
         self._chunks = []  # a message cut off mid-DATA is simply forgotten
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.session_ended(self)
+
+    @property
+    def in_transaction(self) -> bool:
+        """A message is being received or processed: stopping waits for its reply."""
+        return self.busy or self.sender is not None
+
+    def drain(self) -> None:
+        """The gateway is stopping: an idle session is told so now, one in a
+        transaction after its final reply (see :meth:`_resume`)."""
+        if not self.in_transaction and not self.closing:
+            self._close(SHUTTING_DOWN)
 
     def timeoutConnection(self) -> None:
         if self.busy:
@@ -284,7 +332,16 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
         self.busy = True
         self.setTimeout(None)
         queue_id = secrets.token_hex(6).upper()
+        started = time.monotonic()
+        directions = {self.s.transform.direction(sender, r) for r in recipients}
         d = self._handle(queue_id, sender, recipients, data)
+
+        def count(reply: Reply) -> Reply:
+            outcome = self._outcome
+            self.s.metrics.record(directions, outcome, time.monotonic() - started)
+            return reply
+
+        d.addCallback(count)
         d.addCallback(self._reply)
         d.addBoth(self._resume)
 
@@ -292,6 +349,7 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
     def _handle(self, queue_id: str, sender: str, recipients: list[str], data: bytes):  # type: ignore[no-untyped-def]
         size = len(data)
         transform = self.s.transform
+        self._outcome = "tempfail"
         try:
             if transform.engine_free(sender, recipients):
                 result: TransformResult = transform.transform(sender, recipients, data)
@@ -309,6 +367,7 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
         del data
         if result.refusal is not None:
             self._log_message(queue_id, (), "refused", size, len(recipients), "policy")
+            self._outcome = "refused"
             return result.refusal
         try:
             reply = yield self.s.next_hop.deliver(sender, result.copies)
@@ -317,6 +376,11 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
             reply = R.LOCAL_ERROR
         outcome = "delivered" if reply.positive else ("tempfail" if reply.temporary else "bounced")
         self._log_message(queue_id, result.copies, outcome, size, len(recipients), "")
+        if reply.positive:
+            unprocessed = any(c.action == "unprocessed" for c in result.copies)
+            self._outcome = "unprocessable" if unprocessed else "relayed"
+        else:
+            self._outcome = "tempfail" if reply.temporary else "refused"
         if reply.positive:
             return Reply(250, f"2.0.0 Ok: queued as {queue_id}")
         return reply
@@ -342,21 +406,73 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
 
     def _resume(self, _: object) -> None:
         self.busy = False
+        factory = getattr(self, "factory", None)
+        if factory is not None and factory.draining and self.sender is None:
+            if not self.closing:
+                self._close(SHUTTING_DOWN)
+            factory.session_ended(self)
+            return
         if not self.closing:
             self.setTimeout(self.s.config.idle_timeout)
             self._process()
 
 
 class SMTPGatewayFactory(Factory):
-    """Builds sessions sharing one :class:`GatewaySettings`."""
+    """Builds sessions sharing one :class:`GatewaySettings`; on :meth:`drain` lets the
+    transactions in flight finish before the gateway stops."""
+
+    _log = Logger()
 
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
+        self.sessions: set[SMTPGatewayProtocol] = set()
+        self.draining = False
+        self._drained: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: object) -> SMTPGatewayProtocol:
         proto = SMTPGatewayProtocol(self.settings)
         proto.factory = self
         return proto
+
+    def session_ended(self, proto: SMTPGatewayProtocol) -> None:
+        """A session closed, or finished its last transaction while draining."""
+        if proto.closing and not proto.busy:
+            self.sessions.discard(proto)
+        if self.draining and not any(p.in_transaction for p in self.sessions):
+            self._fire()
+
+    def drain(self, timeout: float) -> defer.Deferred[None]:
+        """Fires when no session is in a transaction any more, or after ``timeout``
+        seconds (then the remaining sessions are cut: their clients retry the message,
+        which was not acknowledged). Idle sessions get 421 at once. Not done here:
+        closing the listening ports (the endpoint services do that)."""
+        self.draining = True
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(d)
+        for proto in list(self.sessions):
+            proto.drain()
+        busy = [p for p in self.sessions if p.in_transaction]
+        self._log.info("smtp.draining transactions={count}", count=len(busy))
+        if not busy:
+            self._fire()
+            return d
+        reactor = self.settings.reactor
+        call = reactor.callLater(timeout, self._expire)
+        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        return d
+
+    def _expire(self) -> None:
+        left = [p for p in self.sessions if p.in_transaction]
+        self._log.warn("smtp.drain_timeout transactions={count}", count=len(left))
+        for proto in left:
+            proto.closing = True
+            proto.transport.abortConnection()
+        self._fire()
+
+    def _fire(self) -> None:
+        waiting, self._drained = self._drained, []
+        for d in waiting:
+            d.callback(None)
 
 
 __all__ = ["GatewaySettings", "SMTPGatewayFactory", "SMTPGatewayProtocol"]

@@ -5,6 +5,11 @@ Only wiring: each ``listen`` endpoint string becomes a ``StreamServerEndpointSer
 :class:`~smimeproxy.smtp.server.GatewaySettings`. Every collaborator can be injected
 (reactor, thread pool, the next hop's endpoint factory) so tests need no patching.
 
+Stopping waits (bounded by ``shutdown_timeout``) for the transactions in flight: their
+clients get the final reply, idle sessions get 421, the listeners stop accepting.
+:meth:`GatewayService.reload` swaps the policy and the STARTTLS certificate without
+dropping a connection; listen endpoints and the next hop are read at start only.
+
 Not done here: opening the key store (the caller passes a ready
 :class:`~smimeproxy.processing.MessageProcessor`), and checking that the TLS files are
 readable before the first STARTTLS (they are read at start, so a missing file stops
@@ -17,15 +22,18 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
 
 from smimeproxy.config import Config, SMTPConfig, parse_endpoint
 from smimeproxy.errors import ConfigError
+from smimeproxy.metrics import Registry
 from smimeproxy.processing import MessageProcessor
 from smimeproxy.smtp.relay import NextHop, TLSPolicy
-from smimeproxy.smtp.server import GatewaySettings, SMTPGatewayFactory
+from smimeproxy.smtp.server import GatewayMetrics, GatewaySettings, SMTPGatewayFactory
 from smimeproxy.smtp.transform import MessageTransform
 
 
@@ -72,6 +80,51 @@ def next_hop_tls(config: SMTPConfig) -> TLSPolicy:
     return TLSPolicy(str(config.next_hop_starttls), verified, unverified)
 
 
+#: how long stopping waits for SMTP transactions in flight (seconds)
+SHUTDOWN_TIMEOUT = 30.0
+
+
+class GatewayService(MultiService):
+    """The listeners of one gateway; stopping drains, :meth:`reload` swaps policy."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        factory: SMTPGatewayFactory,
+        processor: MessageProcessor,
+        shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+    ):
+        super().__init__()
+        self.factory = factory
+        self.processor = processor
+        self.shutdown_timeout = shutdown_timeout
+
+    def stopService(self) -> defer.Deferred[None]:
+        # the listeners stop accepting at once; the sessions in a transaction finish
+        stopped = super().stopService()
+        drained = self.factory.drain(self.shutdown_timeout)
+        return defer.gatherResults([stopped, drained]).addCallback(lambda _: None)
+
+    def reload(self, config: Config) -> None:
+        """Take the new ``[smtp]`` policy and STARTTLS certificate for the next command
+        of every session (connections are kept). Everything is built before anything
+        is swapped: a bad certificate raises ConfigError and changes nothing. Not
+        reloaded: ``listen`` and the next hop (a restart is needed)."""
+        smtp = config.smtp
+        if smtp is None:
+            raise ConfigError("the [smtp] section cannot be removed by a reload", key="smtp")
+        settings = self.factory.settings
+        tls_options = server_tls_options(smtp)
+        transform = MessageTransform(self.processor, smtp)
+        if smtp.listen != settings.config.listen or smtp.next_hop != settings.config.next_hop:
+            self._log.warn("smtp.reload_needs_restart fields=listen,next_hop")
+        settings.config = smtp
+        settings.transform = transform
+        settings.tls_options = tls_options
+        self._log.info("smtp.reloaded")
+
+
 class _IdleConnections(Service):
     """Closes the next hop's idle connections when the gateway stops."""
 
@@ -91,7 +144,9 @@ def make_service(
     *,
     next_hop_endpoint: Callable[[], IStreamClientEndpoint] | None = None,
     hostname: str | None = None,
-) -> IService:
+    registry: Registry | None = None,
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+) -> GatewayService:
     """The gateway's listeners as one service (``config.smtp`` must be present)."""
     if config.smtp is None:
         raise ConfigError("the [smtp] section is missing", key="smtp")
@@ -122,9 +177,10 @@ def make_service(
         threadpool=threadpool,
         hostname=name,
         tls_options=server_tls_options(smtp),
+        metrics=GatewayMetrics(registry),
     )
     factory = SMTPGatewayFactory(settings)
-    service = MultiService()
+    service = GatewayService(factory, processor, shutdown_timeout)
     service.setName("smtp")
     _IdleConnections(settings.next_hop).setServiceParent(service)
     for description in smtp.listen:

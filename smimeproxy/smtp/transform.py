@@ -166,6 +166,10 @@ class MessageTransform:
         self.config = config
         self.authserv_id = config.authserv_id or processor.settings.authserv_id
 
+    def direction(self, sender: str, recipient: str) -> str:
+        """inbound, outbound, internal or transit, from the configured local domains."""
+        return direction_of(sender, recipient, self.config.local_domains)
+
     # -- at RCPT time -------------------------------------------------------------------
     def needs_recipient_check(self, sender: str, recipient: str) -> bool:
         """Whether :meth:`check_recipient` has to look in the store (cheap, no I/O)."""
