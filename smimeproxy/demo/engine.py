@@ -1,4 +1,4 @@
-"""``make demo``: the engine at work on this machine, in a few seconds.
+"""The engine alone, no servers (``python -m smimeproxy.demo --engine-only``).
 
 A demo CA issues certificates to Alice (our organisation, ``acme.test``) and Bob (a
 partner, ``partner.test``); Bob's mail client signs and encrypts a message to Alice;
@@ -7,8 +7,9 @@ what was verified; then it seals Alice's reply, which ``openssl cms`` decrypts a
 verifies on the other side, to show the output is standard S/MIME.
 
 Everything is written to ``var/demo/`` (certificates, keys, messages) so that the
-files can be inspected and fed to other tools. The full product demo (gateway, IMAP
-proxy, archive, directory) grows here as those faces land.
+files can be inspected and fed to other tools. The whole product (gateway, IMAP proxy,
+archive, directory, metrics) is the package's main walkthrough, see
+:mod:`smimeproxy.demo`.
 """
 
 from __future__ import annotations
