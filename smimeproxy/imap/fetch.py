@@ -13,8 +13,9 @@ all of which a mail client without S/MIME cannot read.  ``multipart/signed`` sta
 the server has it (any client can read it; verification happened on entry at the
 gateway).  A message the user's keys cannot open passes through unchanged.
 
-Not guaranteed: BINARY of a part whose transfer encoding the view cannot decode is
-answered with the undecoded section (servers would say NO [UNKNOWN-CTE]).
+BINARY or BINARY.SIZE of a part whose transfer encoding is unknown ends that message's
+response before the item and fails the command with ``NO [UNKNOWN-CTE]``, as Dovecot
+does (RFC 3516 section 4.2).
 """
 
 from __future__ import annotations
@@ -144,11 +145,11 @@ def section_value(view: object, item: ContentItem) -> bytes | int | None:
     spec = item.section.decode("ascii", "replace")
     if item.kind == b"BINARY.SIZE[":
         size = v.binary_size(spec)  # type: ignore[attr-defined]
-        return int(size) if size is not None else len(v.section(spec))  # type: ignore[attr-defined]
+        return int(size) if size is not None else None
     if item.kind == b"BINARY[":
         data = v.binary(spec)  # type: ignore[attr-defined]
         if data is None:
-            data = v.section(spec)  # type: ignore[attr-defined]
+            return None
     else:
         data = v.section(spec)  # type: ignore[attr-defined]
     if item.origin is not None:
@@ -156,9 +157,16 @@ def section_value(view: object, item: ContentItem) -> bytes | int | None:
     return bytes(data)
 
 
-def render_item(view: object, item: ContentItem) -> bytes:
-    """``NAME value`` for one content item, literals for data."""
+#: the tagged answer when a BINARY item meets an unknown transfer encoding (RFC 3516 4.2)
+UNKNOWN_CTE = b"NO [UNKNOWN-CTE] Unknown Content-Transfer-Encoding"
+
+
+def render_item(view: object, item: ContentItem) -> bytes | None:
+    """``NAME value`` for one content item, literals for data; None when BINARY cannot
+    undo the part's transfer encoding."""
     value = section_value(view, item)
+    if value is None:
+        return None
     name = item.response_name()
     if isinstance(value, int):
         return name + b" %d" % value
@@ -170,12 +178,22 @@ def render_item(view: object, item: ContentItem) -> bytes:
     return name + b" " + literal(value)
 
 
-def rewrite_response(message: Message, view: object, items: list[ContentItem]) -> bytes:
+def rewrite_response(
+    message: Message, view: object, items: list[ContentItem], failures: list[bytes] | None = None
+) -> bytes:
     """A server ``* n FETCH (...)`` with content items replaced from ``view``; the
-    server's other items are copied as they came (octet for octet)."""
+    server's other items are copied as they came (octet for octet).  An item BINARY
+    cannot produce ends the response there and appends :data:`UNKNOWN_CTE` to
+    ``failures`` (the caller fails the command)."""
     seq, pairs = fetch_items(message.encode())
-    kept = [name + b" " + raw for name, raw in pairs if content_item(name) is None]
-    out = [*kept, *(render_item(view, item) for item in _unique(items))]
+    out = [name + b" " + raw for name, raw in pairs if content_item(name) is None]
+    for item in _unique(items):
+        rendered = render_item(view, item)
+        if rendered is None:
+            if failures is not None:
+                failures.append(UNKNOWN_CTE)
+            break
+        out.append(rendered)
     return b"* " + seq + b" FETCH (" + b" ".join(out) + b")\r\n"
 
 

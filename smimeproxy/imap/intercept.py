@@ -134,6 +134,8 @@ class FetchRewrite:
     seq_to_uid: dict[int, int]
     items: list[fetch.ContentItem]
     done: Deferred[None] = field(default_factory=Deferred)
+    #: tagged answers that replace the server's OK (e.g. ``NO [UNKNOWN-CTE]``)
+    failures: list[bytes] = field(default_factory=list)
 
     def _uid(self, seq: int, uid: int | None) -> int | None:
         return uid if uid is not None else self.seq_to_uid.get(seq)
@@ -158,7 +160,7 @@ class FetchRewrite:
         if view is None:
             return message.encode()
         try:
-            return fetch.rewrite_response(message, view, self.items)
+            return fetch.rewrite_response(message, view, self.items, self.failures)
         except (MalformedMessage, ValueError, LookupError) as exc:
             _log.warn("imap.fetch.rewrite_failed {error}", error=str(exc))
             return message.encode()

@@ -599,6 +599,8 @@ class ProxySession(Protocol):
         if caps is not None:
             self.upstream_caps = set(caps)
         if word in (b"FETCH", b"UID FETCH") and self.rewrite is not None:
+            if self.rewrite.failures and status == b"OK":
+                line = tag + b" " + self.rewrite.failures[0] + b"\r\n"
             self.rewrite = None
         self.send(self._caps(line) if caps is not None else line)
         if isinstance(state, Deferred):

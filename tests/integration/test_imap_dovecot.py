@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from smimeproxy.smime.sealer import seal
 from tests.conftest import require_tool
 from tests.integration.imap_world import World, plain_message, start_world
 
@@ -516,3 +517,42 @@ def test_append_with_mailbox_as_literal(world: World, folder: str) -> None:
         assert b"literal mailbox words" not in stored and b"application/pkcs7-mime" in stored
     else:
         assert stored == msg
+
+
+UUENCODED = (
+    b"From: dave@partner.test\r\nTo: alice@acme.test\r\nSubject: cte\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/mixed; boundary=zz\r\n\r\n--zz\r\nContent-Type: text/plain\r\n\r\n"
+    b"hello\r\n--zz\r\nContent-Type: application/octet-stream\r\n"
+    b"Content-Transfer-Encoding: x-uuencode\r\n\r\nbegin 644 x\r\nend\r\n--zz--\r\n"
+)
+
+
+def _uid_fetch_raw(c: imaplib.IMAP4, items: str) -> tuple[str, list]:
+    tag = c._command("UID", "FETCH", "1", items)
+    try:
+        typ, text = c._command_complete("UID", tag)
+    except imaplib.IMAP4.error as exc:
+        typ, text = "NO", [str(exc).encode()]
+    return typ, [text, c.untagged_responses.pop("FETCH", None)]
+
+
+@pytest.mark.parametrize(
+    "items",
+    ["(BINARY.PEEK[{p}2])", "(UID BINARY.SIZE[{p}2])", "(UID BINARY.PEEK[{p}1] BINARY.PEEK[{p}2])"],
+)
+def test_binary_of_unknown_cte_is_refused_like_dovecot(world: World, items: str) -> None:
+    """The decrypted message is part 1 of the proxy's view (the footer is part 2)."""
+    box = "Cte" + str(abs(hash(items)) % 10000)
+    mailbox(world, box + "P", [UUENCODED])
+    mailbox(world, box + "E", [seal(UUENCODED, recipients=[world.alice.certificate])])
+    d, c = world.direct(), world.client()
+    d.select(box + "P")
+    c.select(box + "E")
+    typ_d, (text_d, fetched_d) = _uid_fetch_raw(d, items.format(p=""))
+    typ_c, (text_c, fetched_c) = _uid_fetch_raw(c, items.format(p="1."))
+    assert typ_d == typ_c == "NO", (text_c, fetched_c)
+    assert b"[UNKNOWN-CTE]" in text_d[0] and b"[UNKNOWN-CTE]" in text_c[0]
+    # the items before the failing one, as Dovecot sends them
+    assert repr(fetched_c).replace("[1.", "[") == repr(fetched_d)
+    d.logout()
+    c.logout()
