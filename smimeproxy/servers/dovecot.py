@@ -178,6 +178,8 @@ class Dovecot:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        if self.process.stderr is not None:
+            self.process.stderr.close()  # else a ResourceWarning when the Popen is collected
         shutil.rmtree(self.base, ignore_errors=True)
 
 
