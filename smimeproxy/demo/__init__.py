@@ -248,20 +248,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{face}-port", type=int, default=0, help="default: a free port")
     args = parser.parse_args(argv)
     base = Path(args.dir).resolve()
-    if args.engine_only:
-        from smimeproxy.demo import engine
-
-        fresh_directory(base)
-        return engine.main(["--dir", str(base)])
-    if not ensure_tools():
+    if not args.engine_only and not ensure_tools():
         return 2
-    from smimeproxy.servers.dovecot import start_dovecot
-
     try:
         fresh_directory(base)
     except DemoFailed as exc:
         print(exc)
         return 2
+    if args.engine_only:
+        from smimeproxy.demo import engine
+
+        return engine.main(["--dir", str(base)])
+    from smimeproxy.servers.dovecot import start_dovecot
+
     print(f"smimeproxy demo in {base}/ (Dovecot, gateway, IMAP proxy, directory, archive)")
     dovecot = start_dovecot(base, {"alice": PASSWORD})
     try:
