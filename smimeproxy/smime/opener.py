@@ -221,7 +221,13 @@ def s_ok(info: object) -> bool:
     return bool(checks) and all(c.outcome is Outcome.PASS for c in checks)
 
 
-def _scan_nested(entity: mime.Entity, state: _State, validator, sender, depth: int) -> None:
+def _scan_nested(
+    entity: mime.Entity,
+    state: _State,
+    validator: CertificateValidator | None,
+    sender: str | None,
+    depth: int,
+) -> None:
     """Look into a multipart that is not itself an S/MIME layer: refuse, flag, report."""
     if depth > 32:
         raise MalformedMessage("MIME nesting too deep")
@@ -259,16 +265,16 @@ def _peel(
     sender: str | None,
     options: OpenOptions,
     state: _State,
-    body: bytes | None = None,
 ) -> tuple[mime.Entity, mime.Entity | None, bool]:
     """Peel S/MIME layers off the root. Returns (content to show, the innermost content
     root that may carry protected headers, whether anything was changed).
 
-    ``body`` is the root's body when the caller took it out of ``top`` (so that a big
-    encrypted body can be freed as soon as it is decoded); default ``top.body``.
+    The root's body is taken out of ``top`` (``top.body`` is left empty), so that a big
+    encrypted body is freed as soon as it is decoded; a caller that shows the message
+    unchanged puts it back (see :func:`_restore_body`).
     """
-    current = mime.Entity(top.content_headers(), top.body if body is None else body, top.eol)
-    del body
+    current = mime.Entity(top.content_headers(), top.body, top.eol)
+    top.body = b""
     changed = False
     hp_root: mime.Entity | None = None
     for _ in range(options.max_depth + 1):
@@ -421,19 +427,17 @@ def open_message(
     if removed:
         names = ", ".join(sorted(set(removed)))
         state.warnings.append(f"removed look-alike status headers: {names}")
-    # _peel gets the body itself, so a big encrypted body is freed once decoded; where the
-    # message is shown unchanged, the body is cut from ``message`` again (it is its tail)
+    # _peel takes the body out of ``top``, so a big encrypted body is freed once decoded;
+    # where the message is shown unchanged, it is cut from ``message`` again (its tail)
     body_length = len(top.body)
-    body, top.body = top.body, b""
     try:
-        content, hp_root, changed = _peel(top, keys, validator, sender, options, state, body)
+        content, hp_root, changed = _peel(top, keys, validator, sender, options, state)
     except SMIMEProxyError as e:
         state.errors.append(str(e))
         status = _status(state, sender, malformed=True)
         _restore_body(top, message, body_length)
         data = _finish(top, top.other_headers(), None, status, options, "malformed; unchanged")
         return OpenedMessage(data, status, changed=False)
-    del body
 
     outer_headers = top.other_headers()
     if hp_root is not None and hp_root.get("Content-Type"):
