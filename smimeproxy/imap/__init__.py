@@ -3,25 +3,43 @@ encryption on APPEND.  :func:`make_service` builds it from the ``[imap]`` config
 
 Modules: ``wire`` (sans-I/O codec), ``upstream`` (server link, capabilities), ``session``
 (the client connection and routing), ``intercept``/``fetch``/``search`` (where content is
-touched), and the pure content layer ``views``/``cache``.
+touched), the pure content layer ``views``/``cache``, and ``metrics``.
+
+The service (:class:`ImapService`) says ``* BYE`` to every open session when it stops,
+and its ``reload(config)`` gives sessions opened afterwards the new TLS certificate,
+Sent/Drafts folders, delegation and plaintext-login setting.  Not reloaded: listen
+endpoints, the upstream address and its TLS, the cache size (a restart is needed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import clientFromString, connectProtocol, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 
+from smimeproxy.imap.metrics import ImapMetrics
 from smimeproxy.imap.session import ProxySession, SessionContext
 from smimeproxy.imap.tls import client_tls_options, server_tls_options, upstream_starttls
 
-__all__ = ["ProxyFactory", "ProxySession", "SessionContext", "make_context", "make_service"]
+__all__ = [
+    "ImapService",
+    "ProxyFactory",
+    "ProxySession",
+    "SessionContext",
+    "make_context",
+    "make_service",
+]
+
+#: how long stopping waits for clients to go after ``* BYE`` before cutting them off
+SHUTDOWN_GRACE = 5.0
 
 
 def _new_cache(max_bytes: int) -> Any:
@@ -51,6 +69,8 @@ def make_context(
     threadpool: Any = None,
     connect_upstream: Callable[[Protocol], Deferred[Any]] | None = None,
     implicit_tls: bool = False,
+    metrics: ImapMetrics | None = None,
+    sessions: set[Any] | None = None,
 ) -> SessionContext:
     """The shared session context for one listener of the ``[imap]`` config ``imap``."""
     if reactor is None:
@@ -87,7 +107,68 @@ def make_context(
         drafts_folders=tuple(imap.drafts_folders) if imap.encrypt_drafts else (),
         delegation=dict(imap.delegation),
         upstream_starttls=starttls,
+        metrics=metrics,
+        sessions=sessions if sessions is not None else set(),
     )
+
+
+def reloaded_context(context: SessionContext, imap: Any) -> SessionContext:
+    """``context`` with what a reload may change taken from the ``[imap]`` config
+    ``imap``; sessions, cache, classifications and upstream stay shared."""
+    return dataclasses.replace(
+        context,
+        tls=server_tls_options(imap),
+        plaintext_login=imap.plaintext_login,
+        sent_folders=tuple(imap.sent_folders),
+        drafts_folders=tuple(imap.drafts_folders) if imap.encrypt_drafts else (),
+        delegation=dict(imap.delegation),
+    )
+
+
+class ImapService(MultiService):
+    """The listeners of the ``[imap]`` section; see the package docstring for stop and
+    reload."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, metrics: ImapMetrics, sessions: set[Any]):
+        super().__init__()
+        self.reactor = reactor
+        self.metrics = metrics
+        self.sessions = sessions
+        self.factories: list[ProxyFactory] = []
+
+    def stopService(self) -> Deferred[Any]:
+        """Stop listening, then ``* BYE`` every open session; fires once all are closed
+        (those still open after :data:`SHUTDOWN_GRACE` seconds are aborted)."""
+        stopped = maybeDeferred(super().stopService)
+        closing = [session.shut_down() for session in list(self.sessions)]
+        self._log.info("imap.service.stopping {sessions}", sessions=len(closing))
+        timer = None
+        if closing:
+
+            def abort() -> None:
+                for session in list(self.sessions):
+                    if session.transport is not None:
+                        session.transport.abortConnection()
+
+            timer = self.reactor.callLater(SHUTDOWN_GRACE, abort)
+        done = DeferredList([stopped, *closing], consumeErrors=True)
+
+        def finished(result: Any) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+
+        done.addCallback(finished)
+        return done
+
+    def reload(self, config: Any) -> None:
+        """New sessions get the TLS contexts and folder settings of ``config.imap``."""
+        if config.imap is None:
+            return
+        for factory in self.factories:
+            factory.context = reloaded_context(factory.context, config.imap)
+        self._log.info("imap.service.reloaded")
 
 
 def make_service(
@@ -98,12 +179,15 @@ def make_service(
     reactor: Any = None,
     threadpool: Any = None,
     connect_upstream: Callable[[Protocol], Deferred[Any]] | None = None,
+    registry: Any = None,
 ) -> IService:
-    """A MultiService with one StreamServerEndpointService per ``[imap] listen`` entry.
+    """An :class:`ImapService` with one StreamServerEndpointService per ``[imap] listen``
+    entry.
 
     ``processor`` is a :class:`~smimeproxy.processing.MessageProcessor`; without one every
     session is a plain pass-through.  One cache (bounded by ``cache_bytes``) serves all
-    listeners.
+    listeners.  ``registry`` (a :class:`smimeproxy.metrics.Registry`, default a private
+    one) receives the ``smimeproxy_imap_*`` metrics.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -112,7 +196,9 @@ def make_service(
     imap = config.imap
     if cache is None and processor is not None:
         cache = _new_cache(imap.cache_bytes)
-    service = MultiService()
+    metrics = ImapMetrics(registry)
+    sessions: set[Any] = set()
+    service = ImapService(reactor, metrics, sessions)
     service.setName("imap")
     for listen in imap.listen:
         implicit = listen.split(":", 1)[0] in ("ssl", "tls")
@@ -124,8 +210,12 @@ def make_service(
             threadpool=threadpool,
             connect_upstream=connect_upstream,
             implicit_tls=implicit,
+            metrics=metrics,
+            sessions=sessions,
         )
         endpoint = serverFromString(reactor, listen)
-        child = StreamServerEndpointService(endpoint, ProxyFactory(context))
+        factory = ProxyFactory(context)
+        service.factories.append(factory)
+        child = StreamServerEndpointService(endpoint, factory)
         child.setServiceParent(service)
     return service

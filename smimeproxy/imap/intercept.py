@@ -238,11 +238,14 @@ def cache_key(session: ProxySession, uid: int) -> tuple[str, str, int, int]:
 async def views_for(session: ProxySession, uids: list[int]) -> dict[int, Any]:
     """Decrypted views of these S/MIME messages (cache first, then upstream)."""
     cache = session.ctx.cache
+    metrics = session.ctx.metrics
     views: dict[int, Any] = {}
     missing = []
     for uid in uids:
         key = cache_key(session, uid)
         view = cache.get(key) if cache is not None else None
+        if metrics is not None and cache is not None:
+            metrics.cache_lookup(view is not None)
         if view is not None:
             views[uid] = view
         elif key not in session.undecryptable:
@@ -266,12 +269,16 @@ async def views_for(session: ProxySession, uids: list[int]) -> dict[int, Any]:
         )
         for (uid, _data), view in zip(bodies, opened, strict=True):
             key = cache_key(session, uid)
+            if metrics is not None:
+                metrics.decrypted(view is not None)
             if view is None:
                 session.undecryptable.add(key)
                 continue
             if cache is not None:
                 cache.put(key, view)
             views[uid] = view
+    if metrics is not None and missing:
+        metrics.cache_size(cache)
     return views
 
 

@@ -97,6 +97,9 @@ class SessionContext:
     #: (user, mailbox, UIDVALIDITY) -> which UIDs are S/MIME, most recently used last
     classifications: dict[tuple[str, str, int], Any] = field(default_factory=dict)
     max_classified_mailboxes: int = 10000
+    metrics: Any = None  # smimeproxy.imap.metrics.ImapMetrics | None
+    #: the open sessions of the service (shared by its listeners: shutdown says BYE)
+    sessions: set[Any] = field(default_factory=set)
 
 
 class ProxySession(Protocol):
@@ -139,9 +142,13 @@ class ProxySession(Protocol):
         self._upstream_lost = False
         self.mailbox_changed = True  # new messages may have arrived since
         self.undecryptable: set[tuple[str, str, int, int]] = set()
+        self._lost_waiters: list[Deferred[None]] = []
 
     # -- connection lifecycle ----------------------------------------------------------
     def connectionMade(self) -> None:
+        self.ctx.sessions.add(self)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.sessions.inc()
         d = self.ctx.connect_upstream(UpstreamProtocol(self))
         d.addErrback(self._upstream_failed)
 
@@ -170,6 +177,13 @@ class ProxySession(Protocol):
             self.close()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self in self.ctx.sessions:
+            self.ctx.sessions.discard(self)
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.sessions.dec()
+        waiting, self._lost_waiters = self._lost_waiters, []
+        for d in waiting:
+            d.callback(None)
         self._closed = True
         self._queue.clear()
         if self.upstream is not None and self.upstream.transport is not None:
@@ -178,6 +192,23 @@ class ProxySession(Protocol):
                 self.upstream.transport.abortConnection()
             else:
                 self.upstream.transport.loseConnection()
+
+    def when_lost(self) -> Deferred[None]:
+        """Fires once the client connection is gone (at once if it already is)."""
+        d: Deferred[None] = Deferred()
+        if self not in self.ctx.sessions:
+            d.callback(None)
+        else:
+            self._lost_waiters.append(d)
+        return d
+
+    def shut_down(self) -> Deferred[None]:
+        """Say ``* BYE`` (RFC 3501 7.1.5) and close both connections; fires when closed."""
+        d = self.when_lost()
+        self._log.info("imap.session.shutdown")
+        self.send(b"* BYE server shutting down\r\n")
+        self.close()
+        return d
 
     def close(self) -> None:
         self._closed = True

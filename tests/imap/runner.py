@@ -1,7 +1,9 @@
 """Run the IMAP proxy of a config file in its own process (integration tests, bench).
 
 ``python -m tests.imap.runner CONFIG`` starts the ``[imap]`` face with a
-MessageProcessor over the configured store and prints ``READY`` once listening.
+MessageProcessor over the configured store and prints ``READY`` once listening.  With
+``SMIMEPROXY_IMAP_METRICS_PORT`` set it serves ``/metrics`` on that loopback port.  On
+SIGTERM the service is stopped (sessions get ``* BYE``) before the process exits.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from twisted.python import log
 
 from smimeproxy.config import load_config
 from smimeproxy.imap import make_service
+from smimeproxy.metrics import MetricsResource, Registry
 from smimeproxy.processing import MessageProcessor, open_configured_store
 
 
@@ -21,7 +24,14 @@ def main(path: str) -> None:
     config = load_config(path)
     store = open_configured_store(config)
     processor = MessageProcessor(store, config.smime)
-    service = make_service(config, processor, reactor=reactor)
+    registry = Registry()
+    service = make_service(config, processor, reactor=reactor, registry=registry)
+    metrics_port = os.environ.get("SMIMEPROXY_IMAP_METRICS_PORT")
+    if metrics_port:
+        from twisted.web.server import Site
+
+        reactor.listenTCP(int(metrics_port), Site(MetricsResource(registry)), interface="127.0.0.1")
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     if "-v" in sys.argv:
         log.startLogging(sys.stderr)
     reactor.getThreadPool().adjustPoolsize(4, 8)

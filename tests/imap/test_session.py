@@ -347,3 +347,57 @@ def test_refused_sync_literal_without_literal_plus_does_not_hang() -> None:
     h.server(b"b NO refused\r\n")
     assert h.to_client() == b"+ Ready for literal data\r\nb NO refused\r\n"
     assert h.to_server() == b"c NOOP\r\n"  # the literal is dropped, the session goes on
+
+
+def test_service_stop_says_bye_and_waits_for_sessions() -> None:
+    from twisted.internet.task import Clock
+
+    from smimeproxy.imap import ImapService
+    from smimeproxy.imap.metrics import ImapMetrics
+
+    metrics = ImapMetrics()
+    sessions: set[Any] = set()
+    first = Harness(metrics=metrics, sessions=sessions)
+    second = Harness(metrics=metrics, sessions=sessions)
+    assert metrics.sessions.value() == 2
+    clock = Clock()
+    service = ImapService(clock, metrics, sessions)
+    service.startService()
+    stopped = service.stopService()
+    for h in (first, second):
+        assert h.to_client().endswith(b"* BYE server shutting down\r\n")
+        assert h.client.disconnecting and h.up_transport.disconnecting
+    assert not stopped.called
+    first.session.connectionLost(None)
+    assert not stopped.called
+    clock.advance(10)  # the second never goes: aborted after the grace period
+    second.session.connectionLost(None)
+    assert stopped.called
+    assert metrics.sessions.value() == 0 and not sessions
+
+
+def test_reload_changes_folders_for_new_sessions_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from twisted.internet.testing import MemoryReactor
+
+    from smimeproxy.config import load_config
+    from smimeproxy.imap import make_service
+    from smimeproxy.metrics import Registry
+
+    (tmp_path / "master.key").write_bytes(b"x" * 32)
+    text = (
+        '[keystore]\nurl = "sqlite:s.db"\nmaster_key_file = "master.key"\n'
+        '[imap]\nlisten = ["tcp:1143:interface=127.0.0.1"]\n'
+        'upstream = "tcp:127.0.0.1:143"\nupstream_tls = "none"\nsent_folders = [%s]\n'
+    )
+    path = tmp_path / "c.toml"
+    path.write_text(text % '"Sent"')
+    registry = Registry()
+    service = make_service(load_config(path), reactor=MemoryReactor(), registry=registry)
+    factory = service.factories[0]  # type: ignore[attr-defined]
+    old = factory.context
+    path.write_text(text % '"Sent", "Outbox"')
+    service.reload(load_config(path))  # type: ignore[attr-defined]
+    assert old.sent_folders == ("Sent",)
+    assert factory.context.sent_folders == ("Sent", "Outbox")
+    assert factory.context.sessions is old.sessions  # one set: shutdown reaches all
+    assert b"smimeproxy_imap_sessions 0" in registry.render()

@@ -51,6 +51,21 @@ class World:
     bob: Issued
     base: Path
     config: Path
+    metrics_port: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        """The proxy's ``/metrics`` as ``{'name{labels}': value}``."""
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
 
     def encrypted(self, subject: str, body: str, to: Issued | None = None) -> bytes:
         return seal(plain_message(subject, body), recipients=[(to or self.alice).certificate])
@@ -125,7 +140,8 @@ cache_bytes = {cache_bytes}
 {extra}
 """
     )
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    metrics_port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SMIMEPROXY_IMAP_METRICS_PORT=str(metrics_port))
     proxy = subprocess.Popen(
         [sys.executable, "-m", "tests.imap.runner", str(config)],
         cwd=ROOT,
@@ -139,7 +155,7 @@ cache_bytes = {cache_bytes}
         proxy.kill()
         dovecot.stop()
         raise RuntimeError("proxy did not start: " + (base / "proxy.log").read_text()[-3000:])
-    return World(dovecot, port, proxy, alice, bob, base, config)
+    return World(dovecot, port, proxy, alice, bob, base, config, metrics_port)
 
 
 def fetch_one(client: imaplib.IMAP4, spec: str, item: str) -> Any:

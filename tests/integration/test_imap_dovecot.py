@@ -556,3 +556,47 @@ def test_binary_of_unknown_cte_is_refused_like_dovecot(world: World, items: str)
     assert repr(fetched_c).replace("[1.", "[") == repr(fetched_d)
     d.logout()
     c.logout()
+
+
+def test_metrics_count_sessions_cache_and_decryptions(world: World) -> None:
+    mailbox(world, "Metered", [world.encrypted("metered", "counted body")])
+    before = world.metrics()
+    c = world.client()
+    c.select("Metered")
+    during = world.metrics()
+    assert during["smimeproxy_imap_sessions"] >= before.get("smimeproxy_imap_sessions", 0) + 1
+    assert b"counted body" in body_of(fetch(c, "1", "(BODY.PEEK[])"))
+    assert b"counted body" in body_of(fetch(c, "1", "(BODY.PEEK[TEXT])"))
+    c.logout()
+    after = world.metrics()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert grew('smimeproxy_imap_decryptions_total{outcome="ok"}') == 1
+    assert grew('smimeproxy_imap_cache_requests_total{result="miss"}') == 1
+    assert grew('smimeproxy_imap_cache_requests_total{result="hit"}') == 1
+    assert after["smimeproxy_imap_cache_bytes"] > 0
+    time.sleep(0.2)
+    assert world.metrics()["smimeproxy_imap_sessions"] == before.get("smimeproxy_imap_sessions", 0)
+
+
+def test_stopping_says_bye_to_every_session(tmp_path_factory: pytest.TempPathFactory) -> None:
+    require_tool("dovecot")
+    w = start_world(tmp_path_factory.mktemp("imap-stop"))
+    try:
+        sockets = []
+        for _ in range(3):
+            s = raw(w)
+            s.sendall(b"a LOGIN alice alice-pw\r\n")
+            read_until(s, b"a OK")
+            sockets.append(s)
+        w.proxy.terminate()
+        for s in sockets:
+            data = read_until(s, b"\r\n")
+            assert data.startswith(b"* BYE server shutting down")
+            assert s.recv(100) == b""  # and closed
+            s.close()
+        assert w.proxy.wait(10) == 0
+    finally:
+        w.stop()
