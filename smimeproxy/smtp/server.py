@@ -410,7 +410,6 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
         if factory is not None and factory.draining and self.sender is None:
             if not self.closing:
                 self._close(SHUTTING_DOWN)
-            factory.session_ended(self)
             return
         if not self.closing:
             self.setTimeout(self.s.config.idle_timeout)
@@ -435,17 +434,17 @@ class SMTPGatewayFactory(Factory):
         return proto
 
     def session_ended(self, proto: SMTPGatewayProtocol) -> None:
-        """A session closed, or finished its last transaction while draining."""
-        if proto.closing and not proto.busy:
-            self.sessions.discard(proto)
-        if self.draining and not any(p.in_transaction for p in self.sessions):
+        """A session's connection is gone."""
+        self.sessions.discard(proto)
+        if self.draining and not self.sessions:
             self._fire()
 
     def drain(self, timeout: float) -> defer.Deferred[None]:
-        """Fires when no session is in a transaction any more, or after ``timeout``
-        seconds (then the remaining sessions are cut: their clients retry the message,
-        which was not acknowledged). Idle sessions get 421 at once. Not done here:
-        closing the listening ports (the endpoint services do that)."""
+        """Fires when every session's connection is closed (so the final replies were
+        flushed, not cut by the reactor's shutdown), or after ``timeout`` seconds (then
+        the remaining sessions are cut: their clients retry the message, which was not
+        acknowledged). Idle sessions get 421 at once, the others after their final
+        reply. Not done here: closing the listening ports (the endpoint services do)."""
         self.draining = True
         d: defer.Deferred[None] = defer.Deferred()
         self._drained.append(d)
@@ -453,7 +452,7 @@ class SMTPGatewayFactory(Factory):
             proto.drain()
         busy = [p for p in self.sessions if p.in_transaction]
         self._log.info("smtp.draining transactions={count}", count=len(busy))
-        if not busy:
+        if not self.sessions:
             self._fire()
             return d
         reactor = self.settings.reactor
@@ -462,8 +461,8 @@ class SMTPGatewayFactory(Factory):
         return d
 
     def _expire(self) -> None:
-        left = [p for p in self.sessions if p.in_transaction]
-        self._log.warn("smtp.drain_timeout transactions={count}", count=len(left))
+        left = list(self.sessions)
+        self._log.warn("smtp.drain_timeout sessions={count}", count=len(left))
         for proto in left:
             proto.closing = True
             proto.transport.abortConnection()
