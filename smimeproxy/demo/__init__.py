@@ -34,8 +34,13 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from smimeproxy.demo.steps import ALICE, BOB, DemoFailed, Ports
+
+if TYPE_CHECKING:
+    from smimeproxy.servers.dovecot import Dovecot
+    from smimeproxy.smime.keys import KeyPair
 
 PASSWORD = "alice-demo"
 #: Debian packages the walkthrough needs
@@ -142,7 +147,7 @@ def fresh_directory(base: Path) -> None:
     (base / _MARKER).write_text("a throwaway smimeproxy demo: deleted by the next run\n")
 
 
-def _partner(base: Path) -> object:
+def _partner(base: Path) -> KeyPair:
     """Bob at partner.test: his own CA and key, held by the demo (never by the store)."""
     from cryptography.hazmat.primitives import serialization
 
@@ -159,7 +164,7 @@ def _partner(base: Path) -> object:
     return KeyPair(cert, SoftwareKey(key))
 
 
-def provision(config: Path, base: Path) -> object:
+def provision(config: Path, base: Path) -> KeyPair:
     """The operator's part, with the product's own CLI; returns Bob's key pair."""
     from smimeproxy.demo.steps import heading, run_cli
 
@@ -178,36 +183,40 @@ def serve_and_walk(
     base: Path,
     ports: Ports,
     maildir: Path,
-    dovecot: object,
-    bob: object,
+    dovecot: Dovecot,
+    bob: KeyPair,
     once: bool,
 ) -> int:
     """Run the faces and the sink under the reactor; the walkthrough in a thread."""
-    from twisted.internet import reactor, threads
+    from twisted.internet import reactor as global_reactor
+    from twisted.internet import threads
     from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.python.failure import Failure
 
     from smimeproxy.config import load_config
     from smimeproxy.demo import steps
     from smimeproxy.demo.sink import MaildirSinkFactory
     from smimeproxy.service import make_service
 
+    reactor: Any = global_reactor  # zope-typed: mypy sees interfaces, not methods
     log = open(base / "smimeproxy.log", "a")
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(log)], redirectStandardIO=False)
-    service = make_service(load_config(config_path), reactor=reactor)
+    observer: Any = textFileLogObserver(log)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    service: Any = make_service(load_config(config_path), reactor=reactor)
     sink = MaildirSinkFactory(
         lambda address: maildir if address == ALICE else None,
-        dovecot.own,  # type: ignore[attr-defined]
+        dovecot.own,
     )
-    reactor.listenTCP(ports.sink, sink, interface="127.0.0.1")  # type: ignore[attr-defined]
+    reactor.listenTCP(ports.sink, sink, interface="127.0.0.1")
     service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     outcome = {"status": 0}
 
     def walk() -> None:
-        steps.partner_sends(ports, bob)  # type: ignore[arg-type]
+        steps.partner_sends(ports, bob)
         steps.dovecot_holds_ciphertext(
             maildir,
-            base / "dovecot" / maildir.relative_to(dovecot.base),  # type: ignore[attr-defined]
+            base / "dovecot" / maildir.relative_to(dovecot.base),
         )
         steps.read_through_proxy(ports, PASSWORD)
         steps.archive(config_path)
@@ -218,21 +227,19 @@ def serve_and_walk(
     def done(_: object) -> None:
         if once:
             print("\nwalkthrough complete (--once): stopping", flush=True)
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()
         else:
             print("\nThe demo stays up: press Ctrl-C to stop it.", flush=True)
 
-    def failed(failure: object) -> None:
+    def failed(failure: Failure) -> None:
         outcome["status"] = 1
         print("\nDEMO FAILED:", flush=True)
-        traceback.print_exception(failure.value)  # type: ignore[attr-defined]
+        traceback.print_exception(failure.value)
         print(f"(logs: {base}/smimeproxy.log and {base}/dovecot/dovecot.log)", flush=True)
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
 
-    reactor.callWhenRunning(  # type: ignore[attr-defined]
-        lambda: threads.deferToThread(walk).addCallbacks(done, failed)
-    )
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(lambda: threads.deferToThread(walk).addCallbacks(done, failed))
+    reactor.run()
     log.close()
     return outcome["status"]
 
