@@ -113,8 +113,13 @@ class Opener:
         return opened
 
 
-def open_view(opener: Opener, data: bytes) -> Any:
-    """Blocking: the decrypted :class:`MessageView`, or None when it stays as stored."""
+def open_view(opener: Opener, data: bytes, warm: bool = True) -> Any:
+    """Blocking: the decrypted :class:`MessageView`, or None when it stays as stored;
+    with ``warm`` its MIME tree and structure are computed here (in the worker thread)
+    instead of on the reactor thread when first asked for, and a message whose tree
+    cannot be parsed stays as stored.  Not guaranteed: without ``warm`` such a message
+    (not one the engine produces in practice) is served decrypted for ``BODY[]`` and
+    falls back to the server's answer for items that need the tree."""
     from smimeproxy.imap.views import MessageView
 
     opened = opener.open(data)
@@ -123,7 +128,22 @@ def open_view(opener: Opener, data: bytes) -> Any:
         return None
     if status.decryption is not None and not status.decryption.decrypted:
         return None
-    return MessageView(opened.data)
+    view = MessageView(opened.data)
+    if warm:
+        view.warm()
+    return view
+
+
+#: content items answered without the MIME tree (RFC 3501 6.4.5)
+_TREELESS = frozenset({b"RFC822", b"RFC822.SIZE"})
+
+
+def needs_tree(items: list[fetch.ContentItem]) -> bool:
+    """Whether answering ``items`` parses the message (anything but the whole of it)."""
+    return any(
+        not (item.kind in _TREELESS or (item.kind == b"BODY[" and not item.section))
+        for item in items
+    )
 
 
 @dataclass
@@ -235,8 +255,9 @@ def cache_key(session: ProxySession, uid: int) -> tuple[str, str, int, int]:
     return (session.user.address, session.mailbox or "", session.uidvalidity or 0, uid)
 
 
-async def views_for(session: ProxySession, uids: list[int]) -> dict[int, Any]:
-    """Decrypted views of these S/MIME messages (cache first, then upstream)."""
+async def views_for(session: ProxySession, uids: list[int], warm: bool = True) -> dict[int, Any]:
+    """Decrypted views of these S/MIME messages (cache first, then upstream); ``warm``
+    parses new ones in the worker threads (see :func:`open_view`)."""
     cache = session.ctx.cache
     metrics = session.ctx.metrics
     views: dict[int, Any] = {}
@@ -265,7 +286,7 @@ async def views_for(session: ProxySession, uids: list[int]) -> dict[int, Any]:
                 bodies.append((found_uid, data))
         # the batch is opened in parallel in the pool (RSA and AES release the GIL)
         opened = await gatherResults(
-            [_open(session, opener, data) for _uid, data in bodies], consumeErrors=True
+            [_open(session, opener, data, warm) for _uid, data in bodies], consumeErrors=True
         )
         for (uid, _data), view in zip(bodies, opened, strict=True):
             key = cache_key(session, uid)
@@ -282,7 +303,7 @@ async def views_for(session: ProxySession, uids: list[int]) -> dict[int, Any]:
     return views
 
 
-def _open(session: ProxySession, opener: Any, data: bytes) -> Deferred[Any]:
+def _open(session: ProxySession, opener: Any, data: bytes, warm: bool) -> Deferred[Any]:
     """Open one message in the pool; None when it stays as stored (any failure)."""
 
     def failed(failure: Any) -> None:
@@ -292,7 +313,7 @@ def _open(session: ProxySession, opener: Any, data: bytes) -> Deferred[Any]:
             _log.warn("imap.fetch.open_failed {error}", error=failure.type.__name__)
         return None
 
-    d = session.ctx.run_blocking(open_view, opener, data)
+    d = session.ctx.run_blocking(open_view, opener, data, warm)
     d.addErrback(failed)
     return d
 
@@ -400,7 +421,7 @@ async def fetch_intercept(
         # after new mail), then decide per response; no extra round trip per command.
         known = await classify(session) if session.mailbox_changed else session.classification()
         wanted = in_uid_set(seqset, known.smime, known.upto - 1)
-        views = await views_for(session, sorted(wanted)) if wanted else {}
+        views = await views_for(session, sorted(wanted), needs_tree(content)) if wanted else {}
         rewrite = FetchRewrite(views, {}, content)
     else:
         mods = b""
@@ -408,7 +429,7 @@ async def fetch_intercept(
             if isinstance(mod, Atom) and bytes(mod).upper() == b"CHANGEDSINCE":
                 mods = b" (CHANGEDSINCE " + encode_token(modifiers[i + 1]) + b")"
         found = await smime_uids(session, b"FETCH ", seqset, mods)
-        views = await views_for(session, sorted(found)) if found else {}
+        views = await views_for(session, sorted(found), needs_tree(content)) if found else {}
         rewrite = FetchRewrite(views, {seq: uid for uid, seq in found.items()}, content)
     if not views:
         session.forward(tag, word, message)

@@ -147,6 +147,7 @@ class ProxySession(Protocol):
     # -- connection lifecycle ----------------------------------------------------------
     def connectionMade(self) -> None:
         self.ctx.sessions.add(self)
+        _no_delay(self.transport)
         if self.ctx.metrics is not None:
             self.ctx.metrics.sessions.inc()
         d = self.ctx.connect_upstream(UpstreamProtocol(self))

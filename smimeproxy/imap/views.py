@@ -80,9 +80,10 @@ def partial(data: bytes, origin: int, length: int | None) -> bytes:
 
 
 class MessageView:
-    """One decrypted message, parsed once, answering FETCH content items.
+    """One decrypted message, parsed once (lazily), answering FETCH content items.
 
-    Pure and immutable after construction; safe to share between threads. Sizes and
+    Pure: the lazily computed tree and structure are functions of ``data`` only, so two
+    threads racing to compute them store equal values; safe to share between threads. Sizes and
     structure are functions of ``data`` only, so every command of a session sees the
     same message.
     """
@@ -90,21 +91,38 @@ class MessageView:
     def __init__(self, data: bytes):
         if not isinstance(data, bytes):
             raise TypeError("MessageView takes bytes")
-        if b"\n" in data:
+        if data.count(b"\n") != data.count(b"\r\n"):
             # IMAP servers send CRLF line ends whatever they store (Dovecot converts bare
             # LF on output); ``size`` and every section are of the converted message.
             data = _BARE_LF.sub(b"\r\n", data)
         self.data = data
         self.size = len(data)
-        try:
-            self.root = parse_part(data)
-        except SMIMEProxyError:
-            raise
-        except (ValueError, IndexError, KeyError, TypeError, UnicodeError) as e:
-            raise MalformedMessage(
-                f"message structure could not be parsed: {type(e).__name__}"
-            ) from None
+        self._root: Part | None = None
         self._structure: dict[bool, bytes] = {}
+
+    @property
+    def root(self) -> Part:
+        """The MIME tree, parsed on first use (``BODY[]``, ``RFC822`` and ``RFC822.SIZE``
+        never need it).  Raises :class:`MalformedMessage` when it cannot be parsed."""
+        if self._root is None:
+            try:
+                self._root = parse_part(self.data)
+            except SMIMEProxyError:
+                raise
+            except (ValueError, IndexError, KeyError, TypeError, UnicodeError) as e:
+                raise MalformedMessage(
+                    f"message structure could not be parsed: {type(e).__name__}"
+                ) from None
+        return self._root
+
+    def warm(self, structure: bool = True) -> None:
+        """Parse now (in a worker thread, say) rather than on first use; with
+        ``structure`` also compute ``BODYSTRUCTURE``.  Raises :class:`MalformedMessage`
+        as :attr:`root` does."""
+        if structure:
+            self.bodystructure(True)
+        else:
+            self.root  # noqa: B018
 
     # -- sections -------------------------------------------------------------------
     def _resolve(self, spec: str) -> tuple[Part | None, str, list[str], bool]:
@@ -147,11 +165,11 @@ class MessageView:
         ``"HEADER.FIELDS (From To)"``. A part that does not exist gives ``b""``.
         Raises :class:`MalformedMessage` for a specifier that is not valid syntax.
         """
+        if not spec.strip():
+            return self.data  # the whole message: no parse needed
         part, text, names, is_message = self._resolve(spec)
         if part is None:
             return b""
-        if not spec.strip():
-            return self.data
         if text == "":
             return part.body
         if text == "MIME":

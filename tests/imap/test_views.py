@@ -555,3 +555,38 @@ def test_generated_messages_match_dovecot(generated):
             if _fetch(generated, seq, item) != ours:
                 failures.append((seq, item))
     assert failures == []
+
+
+def _split_spans_by_regex(body: bytes, boundary: str) -> list[tuple[int, int]]:
+    """The earlier, regex-only reading of split_spans: the fast one must agree."""
+    import re as _re
+
+    delim = b"--" + boundary.encode()
+    pattern = _re.compile(
+        rb"(?:\A|\r\n|\n)" + _re.escape(delim) + rb"(--)?[ \t]*(?=\r\n|\n|\Z)(?:\r\n|\n)?"
+    )
+    spans: list[tuple[int, int]] = []
+    start = None
+    for m in pattern.finditer(body):
+        if start is not None:
+            spans.append((start, m.start()))
+        if m.group(1):
+            return spans
+        start = m.end()
+    if start is not None:
+        spans.append((start, len(body)))
+    return spans
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"--b", b"--b--", b"\r\n", b"\n", b"\r", b" ", b"\t", b"x", b"-", b"b"]),
+        max_size=30,
+    )
+)
+def test_split_spans_agrees_with_the_regex_reading(pieces: list[bytes]) -> None:
+    from smimeproxy.imap.mimetree import split_spans
+
+    body = b"".join(pieces)
+    assert split_spans(body, "b") == _split_spans_by_regex(body, "b")
