@@ -198,7 +198,7 @@ def rewrite_response(
 
 
 _FETCH_START = re.compile(rb"\* ([0-9]+) FETCH \(", re.IGNORECASE)
-_STRUCTURAL = re.compile(rb'[()"{]')
+_LIST_TOKEN = re.compile(rb'[()]|"(?:[^"\\\r\n]|\\[^\r\n])*"|~?\{([0-9]+)\+?\}\r\n|"')
 _QUOTED = re.compile(rb'"(?:[^"\\\r\n]|\\[^\r\n])*"')
 _LITERAL = re.compile(rb"~?\{([0-9]+)\+?\}\r\n")
 _NAME = re.compile(rb"(?:[^ ()\r\n\"{\[]|\[[^\]\r\n]*\]?)+")
@@ -254,23 +254,24 @@ def _skip_value(data: bytes, pos: int) -> int:
         if m is None:
             raise MalformedMessage("bad FETCH value")
         return m.end()
+    # a list: one regex step per parenthesis, quoted string or literal inside it
     depth = 0
     while True:
-        m = _STRUCTURAL.search(data, pos)
+        m = _LIST_TOKEN.search(data, pos)
         if m is None:
             raise MalformedMessage("unbalanced parenthesis")
-        pos = m.start()
-        c = data[pos]
+        pos = m.end()
+        c = data[m.start()]
         if c == 0x28:
             depth += 1
-            pos += 1
         elif c == 0x29:
             depth -= 1
-            pos += 1
             if depth == 0:
                 return pos
-        else:
-            pos = _skip_value(data, pos)
+        elif m.group(1) is not None:
+            pos += int(m.group(1))  # literal octets are not looked at
+        elif pos - m.start() == 1:
+            raise MalformedMessage("bad quoted string")
 
 
 def _unique(items: list[ContentItem]) -> list[ContentItem]:

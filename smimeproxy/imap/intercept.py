@@ -192,10 +192,7 @@ def plan(
     """The intercept for this command, or None to forward it."""
     if word in (b"FETCH", b"UID FETCH") and session.mailbox is not None:
         try:
-            tokens = tokenize(message)
-            args = tokens[3:] if word == b"UID FETCH" else tokens[2:]
-            seqset, item_tokens, modifiers = fetch.fetch_arguments(args)
-            _names, content = fetch.parse_items(item_tokens)
+            seqset, content, modifiers = fetch_request(word, message)
         except MalformedMessage:
             return None
         if not content:
@@ -214,6 +211,38 @@ def plan(
     if word == b"APPEND":
         return lambda: Deferred.fromCoroutine(append_intercept(session, tag, message))
     return None
+
+
+_FETCH_LINE = re.compile(rb"[^ ]+ (?:UID )?FETCH ([^ ]+) ([^\r\n]*)\r\n\Z", re.IGNORECASE)
+#: item lists already parsed (clients repeat the same few): ``rest -> (content, mods)``
+_ITEM_MEMO: dict[bytes, tuple[list[fetch.ContentItem], list[Token]]] = {}
+_ITEM_MEMO_MAX = 512
+
+
+def fetch_request(
+    word: bytes, message: Message
+) -> tuple[bytes, list[fetch.ContentItem], list[Token]]:
+    """``(sequence set, content items, modifiers)`` of a [UID] FETCH command.
+
+    A one-line command's item list is parsed once per distinct text and remembered.
+    Raises MalformedMessage when it is not a FETCH the proxy understands.
+    """
+    match = _FETCH_LINE.match(message.lines[0]) if len(message.lines) == 1 else None
+    if match is not None:
+        rest = match.group(2)
+        known = _ITEM_MEMO.get(rest)
+        if known is None:
+            args = [Atom(match.group(1)), *tokenize(Message([rest + b"\r\n"]))]
+            _set, item_tokens, modifiers = fetch.fetch_arguments(args)
+            known = (fetch.parse_items(item_tokens)[1], modifiers)
+            if len(_ITEM_MEMO) >= _ITEM_MEMO_MAX:
+                _ITEM_MEMO.clear()
+            _ITEM_MEMO[rest] = known
+        return match.group(1), known[0], known[1]
+    tokens = tokenize(message)
+    args = tokens[3:] if word == b"UID FETCH" else tokens[2:]
+    seqset, item_tokens, modifiers = fetch.fetch_arguments(args)
+    return seqset, fetch.parse_items(item_tokens)[1], modifiers
 
 
 async def after_login(session: ProxySession) -> None:
@@ -396,15 +425,21 @@ async def classify(session: ProxySession) -> Classification:
 
 def in_uid_set(uidset: bytes, candidates: set[int], largest: int) -> set[int]:
     """The ``candidates`` inside an IMAP sequence set (``*`` is ``largest``)."""
-    ranges = []
+    if not candidates:
+        return set()
+    found: set[int] = set()
     for part in uidset.split(b","):
         ends = part.split(b":")
         try:
             bounds = [largest if e == b"*" else int(e) for e in ends]
         except ValueError:
             return set(candidates)  # "$" (SEARCHRES) and the like: assume all
-        ranges.append((min(bounds), max(bounds)))
-    return {u for u in candidates if any(lo <= u <= hi for lo, hi in ranges)}
+        lo, hi = min(bounds), max(bounds)
+        if hi - lo < len(candidates):  # a short range: look its UIDs up
+            found.update(u for u in range(lo, hi + 1) if u in candidates)
+        else:
+            found.update(u for u in candidates if lo <= u <= hi)
+    return found
 
 
 async def fetch_intercept(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smimeproxy.errors import MalformedMessage
 from smimeproxy.imap import fetch
@@ -116,3 +118,25 @@ def test_append_arguments() -> None:
     assert parts == [([b"(\\Seen)", b'"01-Jan-2024 00:00:00 +0000"'], b"abc"), ([], b"de")]
     with pytest.raises(MalformedMessage):
         _append_parts([Atom(b"a"), Atom(b"APPEND"), String(b"Sent")])
+
+
+_values = st.recursive(
+    st.one_of(
+        st.sampled_from([b"NIL", b"42", b"\\Seen"]).map(Atom),
+        st.binary(max_size=12).map(String),  # quoted, or a literal when it must be
+    ),
+    lambda inner: st.lists(inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_values, min_size=1, max_size=5))
+def test_fetch_items_agrees_with_the_tokenizer(values: list) -> None:  # type: ignore[type-arg]
+    """The structural scan cuts a response where a full tokenization does."""
+    names = [b"X%d" % i for i in range(len(values))]
+    body = b" ".join(n + b" " + encode_token(v) for n, v in zip(names, values, strict=True))
+    seq, pairs = fetch.fetch_items(b"* 7 FETCH (" + body + b")\r\n")
+    assert seq == b"7" and [n for n, _ in pairs] == names
+    for (_name, raw), value in zip(pairs, values, strict=True):
+        assert raw == encode_token(value)
