@@ -68,6 +68,11 @@ class OpenOptions:
     max_depth: int = 6
     #: refuse to work on messages larger than this (bytes)
     max_size: int = 200 * 1024 * 1024
+    #: where the message comes from. ``"transit"`` (from outside, the gateway): our own
+    #: headers in it are forgeries and their removal is reported. ``"stored"`` (a
+    #: mailbox the gateway already filled, read by the IMAP proxy or the archive): our
+    #: headers there were written at delivery; they are replaced by fresh ones quietly.
+    origin: str = "transit"
 
 
 @dataclass(frozen=True)
@@ -424,7 +429,7 @@ def open_message(
     removed = strip_lookalikes(top, options.authserv_id)
     sender = sender_address(top)
     state = _State()
-    if removed:
+    if removed and options.origin == "transit":
         names = ", ".join(sorted(set(removed)))
         state.warnings.append(f"removed look-alike status headers: {names}")
     # _peel takes the body out of ``top``, so a big encrypted body is freed once decoded;

@@ -489,3 +489,23 @@ def test_johnny_from_signer_mismatch_not_pass(vectors):
 
 def test_base64_decoding_helper_is_strict_enough():
     assert base64.b64decode(mime.base64_body(b"x" * 100).replace(b"\r\n", b"")) == b"x" * 100
+
+
+def test_stored_messages_replace_our_headers_quietly(pki, validator):
+    """The gateway's own status headers on a kept-encrypted message are replaced by the
+    IMAP proxy without a forgery warning; from outside, their removal is reported."""
+    from dataclasses import replace
+
+    sealed = seal(PLAIN, signer=pki["alice"].pair, recipients=[pki["bob"].certificate])
+    stored = b"Authentication-Results: acme.test; smime=pass\r\n" + sealed
+    transit = open_message(stored, keys=[pki["bob"].pair], validator=validator, options=OPTS)
+    assert any("look-alike" in w for w in transit.status.warnings)
+    quiet = open_message(
+        stored,
+        keys=[pki["bob"].pair],
+        validator=validator,
+        options=replace(OPTS, origin="stored"),
+    )
+    assert not any("look-alike" in w for w in quiet.status.warnings)
+    assert quiet.data.count(b"Authentication-Results: acme.test;") == 1
+    assert quiet.status.smime_result is SMIMEResult.PASS
