@@ -230,6 +230,8 @@ class ProxySession(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._queue.extend(self._client.feed(data))
         self._drain()
+        if self.upstream is not None:
+            flush(self.upstream.transport)
 
     def _drain(self) -> None:
         while self._queue and not self._busy and not self._closed:
@@ -487,6 +489,7 @@ class ProxySession(Protocol):
     def upstream_data(self, data: bytes) -> None:
         for event in self._upstream_split().feed(data):
             self._server_event(event)
+        flush(self.transport)
 
     def _upstream_split(self) -> Splitter:
         if not hasattr(self, "_server"):
@@ -645,6 +648,28 @@ class ProxySession(Protocol):
                 self.login = None
                 self._drain()
         self._maybe_start_intercept()
+
+
+def flush(transport: Any) -> None:
+    """Send what this read event made us write now, not one reactor turn later.
+
+    Twisted buffers ``write`` until the reactor sees the socket writable; for a relay
+    that is one more epoll round per hop, twice per command.  A TCP transport with
+    buffered data and no pending close gets its ``doWrite`` (IWriteDescriptor) called
+    here; whatever the socket does not take stays buffered for the reactor as usual.
+    Under TLS the TCP transport below it is flushed.  Anything else: nothing happens.
+    """
+    while transport is not None and not hasattr(transport, "doWrite"):
+        transport = getattr(transport, "transport", None)
+    if transport is None or not getattr(transport, "connected", False):
+        return
+    if transport.disconnecting or getattr(transport, "_writeDisconnecting", True):
+        return  # a finished write would have to close the connection: the reactor's job
+    if not getattr(transport, "_tempDataLen", 0):
+        return
+    result = transport.doWrite()
+    if result is not None:  # an error: let the reactor find it on its next write attempt
+        transport.startWriting()
 
 
 def _no_delay(transport: Any) -> None:
