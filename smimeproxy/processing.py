@@ -205,8 +205,15 @@ class MessageProcessor:
             **kwargs,  # type: ignore[arg-type]
         )
 
-    def open_options(self) -> OpenOptions:
-        return OpenOptions(authserv_id=self.settings.authserv_id, footer=self.settings.footer)
+    def open_options(self, *, stored: bool = False) -> OpenOptions:
+        """Engine options from the config. ``stored``: the message was read from a
+        mailbox the gateway delivered into (IMAP proxy, archive), where our own status
+        headers are expected and are replaced without a forgery warning."""
+        return OpenOptions(
+            authserv_id=self.settings.authserv_id,
+            footer=self.settings.footer,
+            origin="stored" if stored else "transit",
+        )
 
     # -- opening -------------------------------------------------------------------------
     def keys_for(self, owners: Sequence[str]) -> list[KeyPair]:
@@ -220,16 +227,22 @@ class MessageProcessor:
         return pairs
 
     def open_for(
-        self, message: bytes, owners: Sequence[str], *, harvest: bool = True
+        self,
+        message: bytes,
+        owners: Sequence[str],
+        *,
+        harvest: bool = True,
+        stored: bool = False,
     ) -> OpenedMessage:
         """Open ``message`` with the keys of ``owners`` only (key isolation), verify it,
-        and store the certificates of verified signers (never of unverified ones)."""
+        and store the certificates of verified signers (never of unverified ones).
+        ``stored``: see :meth:`open_options`."""
         started = time.monotonic()
         opened = open_message(
             message,
             keys=self.keys_for(owners),
             validator=self.validator(),
-            options=self.open_options(),
+            options=self.open_options(stored=stored),
         )
         if harvest:
             self.harvest(opened)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.logger import Logger
@@ -38,7 +38,7 @@ from smimeproxy.archive.state import IndexState
 from smimeproxy.errors import SMIMEProxyError, UpstreamError
 from smimeproxy.processing import MessageProcessor
 from smimeproxy.smime.keys import KeyPair
-from smimeproxy.smime.opener import OpenOptions, open_message
+from smimeproxy.smime.opener import open_message
 from smimeproxy.smime.status import CertificateValidator
 
 #: messages indexed per commit: the most a crash re-does (whoosh merges segments on
@@ -127,7 +127,7 @@ class Indexer:
         self._keys: dict[str, list[KeyPair]] = {}
         self._validator: CertificateValidator | None = None
         self._opening = 0.0  # seconds spent in open_message (decrypt + verify)
-        self._options = OpenOptions(authserv_id=processor.settings.authserv_id, footer=False)
+        self._options = replace(processor.open_options(stored=True), footer=False)
 
     # -- one message ------------------------------------------------------------------
     def _keys_for(self, owner: str) -> list[KeyPair]:

@@ -170,7 +170,7 @@ def export_matches(
     hits = archive.index.search(query)
 
     def decrypt(data: bytes, owner: str) -> OpenedMessage:
-        return processor.open_for(data, [owner], harvest=False)
+        return processor.open_for(data, [owner], harvest=False, stored=True)
 
     kwargs = {"opener": opener} if opener is not None else {}
     detail = {"query": query, "count": len(hits), "form": form, "out": str(out)}
