@@ -45,6 +45,7 @@ from smimeproxy.processing import MessageProcessor, RecipientCertificate
 from smimeproxy.smime import mime
 from smimeproxy.smime.authresults import (
     AUTHENTICATION_RESULTS,
+    DECRYPTION_HEADER,
     STATUS_HEADER,
     STATUS_HEADER_PREFIX,
     comment_text,
@@ -121,6 +122,9 @@ def _header_end(data: bytes) -> int:
         return len(data)
     i = min(candidates)
     return i + (4 if data[i : i + 4] == b"\r\n\r\n" else 2)
+
+
+DECRYPTION_KEY = DECRYPTION_HEADER.lower()
 
 
 def add_status(data: bytes, text: str) -> bytes:
@@ -428,16 +432,24 @@ class MessageTransform:
         return Copy(group, opened_data, INBOUND, "open", details)
 
     def _status_only(self, opened_data: bytes, original: bytes) -> bytes:
-        """The status headers the engine added, on top of the untouched original."""
+        """The gateway's verdict on top of the untouched original.
+
+        ``Authentication-Results`` says what the gateway verified; the decryption header
+        is *not* copied, because the stored message is still encrypted: a status line says
+        so instead (the IMAP proxy decrypts on reading and writes its own headers).
+        """
         opened = _headers(opened_data)
         ours = [
             h
             for h in opened.headers
-            if h.key.startswith(STATUS_HEADER_PREFIX.lower())
-            or h.key == AUTHENTICATION_RESULTS.lower()
+            if h.key == AUTHENTICATION_RESULTS.lower()
+            or (h.key.startswith(STATUS_HEADER_PREFIX.lower()) and h.key != DECRYPTION_KEY)
         ]
         # the original had its look-alikes removed on entry, so these are all ours
-        return b"".join(h.raw for h in ours) + original
+        kept = b"".join(h.raw for h in ours) + original
+        if _is_encrypted(_headers(original)):
+            return add_status(kept, "stored encrypted; decrypted when read through the proxy")
+        return kept
 
 
 def _must_encrypt_refusal(refused: list[tuple[str, str]], prefix: str = "") -> Reply:

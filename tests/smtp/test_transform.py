@@ -144,7 +144,9 @@ def test_keep_encrypted_adds_status_headers_only(make_processor, pki):
     assert copy.data.endswith(sealed)
     head = copy.data[: -len(sealed)].decode()
     assert "Authentication-Results: mx.acme.test; smime=pass" in head
-    assert "X-SMIMEProxy-Decryption: decrypted" in head
+    # the stored message is still encrypted: no "decrypted" header, a status line instead
+    assert "X-SMIMEProxy-Decryption" not in head
+    assert "X-SMIMEProxy-Status: stored encrypted" in head
 
 
 def test_encrypt_at_rest_encrypts_plaintext_inbound_to_the_recipient(
