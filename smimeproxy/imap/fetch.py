@@ -198,7 +198,7 @@ def rewrite_response(
 
 
 _FETCH_START = re.compile(rb"\* ([0-9]+) FETCH \(", re.IGNORECASE)
-_LIST_TOKEN = re.compile(rb'[()]|"(?:[^"\\\r\n]|\\[^\r\n])*"|~?\{([0-9]+)\+?\}\r\n|"')
+_LIST_TOKEN = re.compile(rb'(\()|(\))|("(?:[^"\\\r\n]|\\[^\r\n])*")|~?\{([0-9]+)\+?\}\r\n|(")')
 _QUOTED = re.compile(rb'"(?:[^"\\\r\n]|\\[^\r\n])*"')
 _LITERAL = re.compile(rb"~?\{([0-9]+)\+?\}\r\n")
 _NAME = re.compile(rb"(?:[^ ()\r\n\"{\[]|\[[^\]\r\n]*\]?)+")
@@ -254,24 +254,24 @@ def _skip_value(data: bytes, pos: int) -> int:
         if m is None:
             raise MalformedMessage("bad FETCH value")
         return m.end()
-    # a list: one regex step per parenthesis, quoted string or literal inside it
+    # a list: one C-level iteration step per parenthesis, quoted string or literal
     depth = 0
     while True:
-        m = _LIST_TOKEN.search(data, pos)
-        if m is None:
+        for m in _LIST_TOKEN.finditer(data, pos):
+            kind = m.lastindex
+            if kind == 1:
+                depth += 1
+            elif kind == 2:
+                depth -= 1
+                if depth == 0:
+                    return m.end()
+            elif kind == 4:
+                pos = m.end() + int(m.group(4))  # literal octets are not looked at
+                break
+            elif kind == 5:
+                raise MalformedMessage("bad quoted string")
+        else:
             raise MalformedMessage("unbalanced parenthesis")
-        pos = m.end()
-        c = data[m.start()]
-        if c == 0x28:
-            depth += 1
-        elif c == 0x29:
-            depth -= 1
-            if depth == 0:
-                return pos
-        elif m.group(1) is not None:
-            pos += int(m.group(1))  # literal octets are not looked at
-        elif pos - m.start() == 1:
-            raise MalformedMessage("bad quoted string")
 
 
 def _unique(items: list[ContentItem]) -> list[ContentItem]:

@@ -143,6 +143,7 @@ class ProxySession(Protocol):
         self.mailbox_changed = True  # new messages may have arrived since
         self.undecryptable: set[tuple[str, str, int, int]] = set()
         self._lost_waiters: list[Deferred[None]] = []
+        self._batch: list[bytes] | None = None
 
     # -- connection lifecycle ----------------------------------------------------------
     def connectionMade(self) -> None:
@@ -212,6 +213,7 @@ class ProxySession(Protocol):
         return d
 
     def close(self) -> None:
+        self._send_batch()
         self._closed = True
         if self.transport is not None:
             self.transport.loseConnection()
@@ -220,7 +222,16 @@ class ProxySession(Protocol):
 
     def send(self, data: bytes) -> None:
         if not self._closed and self.transport is not None:
-            self.transport.write(data)
+            if self._batch is not None:
+                self._batch.append(data)
+            else:
+                self.transport.write(data)
+
+    def _send_batch(self) -> None:
+        """Write what :meth:`upstream_data` gathered, as one write."""
+        batch, self._batch = self._batch, None
+        if batch and not self._closed and self.transport is not None:
+            self.transport.write(b"".join(batch))
 
     def send_upstream(self, data: bytes) -> None:
         if self.upstream is not None and not self._upstream_lost:
@@ -487,8 +498,13 @@ class ProxySession(Protocol):
         self._server = Splitter(1 << 20)
 
     def upstream_data(self, data: bytes) -> None:
-        for event in self._upstream_split().feed(data):
-            self._server_event(event)
+        # what one read of the server produces for the client leaves as one write
+        self._batch = []
+        try:
+            for event in self._upstream_split().feed(data):
+                self._server_event(event)
+        finally:
+            self._send_batch()
         flush(self.transport)
 
     def _upstream_split(self) -> Splitter:
