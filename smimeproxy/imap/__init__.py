@@ -180,7 +180,7 @@ def make_service(
     threadpool: Any = None,
     connect_upstream: Callable[[Protocol], Deferred[Any]] | None = None,
     registry: Any = None,
-) -> IService:
+) -> ImapService:
     """An :class:`ImapService` with one StreamServerEndpointService per ``[imap] listen``
     entry.
 

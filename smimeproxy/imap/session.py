@@ -168,8 +168,8 @@ class ProxySession(Protocol):
     def upstream_lost(self, reason: Failure | None) -> None:
         self._upstream_lost = True
         if self._continuation is not None:
-            d, self._continuation = self._continuation, None
-            d.callback(False)
+            waiting, self._continuation = self._continuation, None
+            waiting.callback(False)
         for d in list(self._injected.values()):
             d.errback(MalformedMessage("upstream connection lost"))
         self._injected.clear()
@@ -457,7 +457,7 @@ class ProxySession(Protocol):
         if self._pending_intercept is None or self._outstanding or not self._greeted:
             return
         action, self._pending_intercept = self._pending_intercept, None
-        d = ensureDeferred(action())
+        d: Deferred[Any] = ensureDeferred(action())  # type: ignore[arg-type]
         d.addErrback(self._intercept_failed)
         d.addBoth(self._unbusy)
 
@@ -632,8 +632,8 @@ class ProxySession(Protocol):
         tag, status, text = split_tag(line)
         if self._continuation is not None and tag == self._continuation_tag:
             # the server answered instead of asking for the literal: send no more of it
-            d, self._continuation = self._continuation, None
-            d.callback(False)
+            waiting, self._continuation = self._continuation, None
+            waiting.callback(False)
         if tag in self._injected:
             d = self._injected.pop(tag)
             captured, self._captured = self._captured, []
