@@ -401,3 +401,33 @@ def test_reload_changes_folders_for_new_sessions_only(tmp_path) -> None:  # type
     assert factory.context.sent_folders == ("Sent", "Outbox")
     assert factory.context.sessions is old.sessions  # one set: shutdown reaches all
     assert b"smimeproxy_imap_sessions 0" in registry.render()
+
+
+class SealingProcessor(Processor):
+    """Encrypts by wrapping: enough to see what goes upstream."""
+
+    def seal_for(self, data: bytes, sender: str, recipients: list[str], sign: bool = True) -> Any:
+        @dataclass
+        class Sealed:
+            data: bytes
+            encrypted_to: tuple[str, ...]
+
+        return Sealed(b"SEALED(" + data + b")", (sender,))
+
+
+def test_refused_sent_append_without_literal_plus_answers_and_goes_on() -> None:
+    h = Harness(
+        greeting=b"* OK [CAPABILITY IMAP4rev1] hi\r\n",
+        processor=SealingProcessor({"alice": "alice@acme.test"}),
+    )
+    h.send(b"a LOGIN alice pw\r\n")
+    h.server(b"a OK in\r\n")
+    h.server(b'* LIST (\\Sent) "/" Sent\r\nsmp1 OK listed\r\n')
+    h.to_client()
+    h.to_server()
+    h.send(b"b APPEND Sent {3}\r\n")
+    h.send(b"abc\r\nc NOOP\r\n")
+    assert h.to_server() == b"b APPEND Sent {11}\r\n"  # sealed; waits for the server's +
+    h.server(b"b NO [TRYCREATE] no such mailbox\r\n")
+    assert h.to_client().endswith(b"b NO [TRYCREATE] no such mailbox\r\n")
+    assert h.to_server() == b"c NOOP\r\n"  # the sealed literal is never sent
