@@ -599,6 +599,19 @@ def _revocation_check(
     return Check("revocation", Outcome.PASS, "; ".join(f.detail for f in findings))
 
 
+def _static_checks(candidate: _Candidate, purpose: str) -> tuple[Check, ...]:
+    """chain, ca, critical-extensions, eku and key-usage: what depends on the
+    certificates of the path alone."""
+    path, leaf = candidate.path, candidate.path[0]
+    return (
+        _guarded("chain", lambda: _chain_check(candidate)),
+        _guarded("ca", lambda: _ca_check(path, candidate.anchored)),
+        _guarded("critical-extensions", lambda: _critical_check(path)),
+        _guarded("eku", lambda: _eku_check(path, candidate.anchored)),
+        _guarded("key-usage", lambda: _key_usage_check(leaf, purpose)),
+    )
+
+
 # --- the validator ----------------------------------------------------------------------
 
 
@@ -637,6 +650,9 @@ class PathValidator:
         self._revocation = RevocationPolicy(revocation)
         self._clock = clock
         self._max_depth = max_depth
+        #: per validator (its anchors and intermediates are fixed): the time-independent
+        #: part of a validation, keyed by the certificates (they hash by their DER)
+        self._static = functools.lru_cache(maxsize=256)(self._static_uncached)
 
     @property
     def revocation(self) -> RevocationPolicy:
@@ -668,20 +684,25 @@ class PathValidator:
         if not isinstance(certificate, x509.Certificate):
             raise CertificateError(f"not a certificate: {type(certificate).__name__}")
         when = _as_utc(at if at is not None else self._clock())
-        pool = _Pool()
-        for anchor in self._anchors:
-            pool.add(anchor, anchor=True)
         try:
             leaf_der = _der(certificate)
         except DECODE_ERRORS as e:
             raise CertificateError(f"unreadable certificate ({type(e).__name__})") from None
-        for cert in (*self._intermediates, *extra_certificates):
-            if isinstance(cert, x509.Certificate) and _der(cert) != leaf_der:
-                pool.add(cert)
-        addresses = certificate_addresses(certificate)
+        extras = tuple(
+            c
+            for c in (*self._intermediates, *extra_certificates)
+            if isinstance(c, x509.Certificate) and _der(c) != leaf_der
+        )
+        addresses, candidates = self._static(certificate, extras, purpose)
+        # the cached paths may hold equal certificates from an earlier call: show ours
+        ours = {leaf_der: certificate}
+        for cert in extras:
+            ours.setdefault(_der(cert), cert)
         best: tuple[tuple[int, ...], _Candidate, tuple[Check, ...]] | None = None
-        for candidate in _build_paths(certificate, pool, self._max_depth):
-            checks = self._checks(candidate, purpose, addresses, sender, when)
+        for cached, static in candidates:
+            path = tuple(ours.get(_der(c), c) for c in cached.path)
+            candidate = _Candidate(path, cached.anchored, cached.problem)
+            checks = self._checks(candidate, static, addresses, sender, when)
             score = (
                 0 if candidate.anchored and candidate.problem is None else 1,
                 sum(c.outcome is Outcome.FAIL for c in checks),
@@ -700,22 +721,42 @@ class PathValidator:
             addresses=addresses,
         )
 
+    def _static_uncached(
+        self,
+        certificate: x509.Certificate,
+        extras: tuple[x509.Certificate, ...],
+        purpose: str,
+    ) -> tuple[tuple[str, ...], tuple[tuple[_Candidate, tuple[Check, ...]], ...]]:
+        """The candidate paths of ``certificate`` and their checks that do not depend
+        on the time, the sender or CRLs (chain, ca, critical-extensions, eku,
+        key-usage): certificates are immutable, so these are the same on every call
+        with the same certificates (cached per validator, see ``__init__``)."""
+        pool = _Pool()
+        for anchor in self._anchors:
+            pool.add(anchor, anchor=True)
+        for cert in extras:
+            pool.add(cert)
+        addresses = certificate_addresses(certificate)
+        paths = _build_paths(certificate, pool, self._max_depth)
+        return addresses, tuple((c, _static_checks(c, purpose)) for c in paths)
+
     def _checks(
         self,
         candidate: _Candidate,
-        purpose: str,
+        static: tuple[Check, ...],
         addresses: Sequence[str],
         sender: str | None,
         at: datetime.datetime,
     ) -> tuple[Check, ...]:
-        path, leaf = candidate.path, candidate.path[0]
+        path = candidate.path
+        chain, ca, critical, eku, key_usage = static
         return (
-            _guarded("chain", lambda: _chain_check(candidate)),
+            chain,
             _guarded("validity", lambda: _validity_check(path, at)),
-            _guarded("ca", lambda: _ca_check(path, candidate.anchored)),
-            _guarded("critical-extensions", lambda: _critical_check(path)),
-            _guarded("eku", lambda: _eku_check(path, candidate.anchored)),
-            _guarded("key-usage", lambda: _key_usage_check(leaf, purpose)),
+            ca,
+            critical,
+            eku,
+            key_usage,
             _guarded("address", lambda: _address_check(addresses, sender)),
             _guarded(
                 "revocation",
