@@ -71,8 +71,10 @@ from smimeproxy.smime.keywrap import (
     RecipientIdentifier,
     identified_recipients,
     key_algorithm_name,
+    plain_key_transports,
     recipient_info_der,
     unwrap_key_transport,
+    unwrap_pkcs1v15,
 )
 from smimeproxy.smime.status import DecryptionStatus
 
@@ -366,6 +368,10 @@ def _block_cipher(name: str, key: bytes) -> algorithms.AES | TripleDES:
 
 def _content_spec(algorithm_der: bytes, content_type: str) -> tuple[str, int, str, bytes, int]:
     """(cipher name, key length, mode, IV or nonce, ICV length) of the content."""
+    if content_type == "enveloped_data":
+        quick = _plain_cbc_spec(algorithm_der)
+        if quick is not None:
+            return quick
     algorithm = algos.EncryptionAlgorithm.load(algorithm_der)
     oid = algorithm["algorithm"].dotted
     name = algos.EncryptionAlgorithmId._map.get(oid, oid)
@@ -388,6 +394,32 @@ def _content_spec(algorithm_der: bytes, content_type: str) -> tuple[str, int, st
     if not 8 <= len(nonce) <= 64 or not 12 <= icv_len <= 16:  # RFC 5084 section 3.2
         raise MalformedMessage("GCM nonce or ICV length out of range")
     return name, key_size, mode, nonce, icv_len
+
+
+def _plain_cbc_spec(algorithm: bytes) -> tuple[str, int, str, bytes, int] | None:
+    """:func:`_content_spec` of a DER CBC AlgorithmIdentifier whose parameters are the
+    IV, read without asn1crypto; None for anything else (the full path decides)."""
+    top = der.element_at(algorithm, 0, len(algorithm))
+    if top is None or top[0] != 0x30 or top[2] != len(algorithm):
+        return None
+    oid = der.element_at(algorithm, top[1], top[2])
+    if oid is None or oid[0] != 0x06:
+        return None
+    params = der.element_at(algorithm, oid[2], top[2])
+    if params is None or params[0] != 0x04 or params[2] != top[2]:
+        return None
+    name = _cipher_name(algorithm[top[1] : oid[2]])
+    entry = _DECRYPT_CIPHERS.get(name)
+    iv = algorithm[params[1] : params[2]]
+    if entry is None or entry[1] != "cbc" or len(iv) != (8 if name == "tripledes_3key" else 16):
+        return None
+    return name, entry[0], "cbc", iv, 0
+
+
+@lru_cache(maxsize=64)
+def _cipher_name(encoded_oid: bytes) -> str:
+    oid = _dotted(encoded_oid)
+    return str(algos.EncryptionAlgorithmId._map.get(oid, oid))
 
 
 def _decrypt_content(
@@ -454,6 +486,9 @@ def decrypt_data(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
 def _decrypt(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
     envelope = _parse_envelope(data)
     spec = _content_spec(envelope.algorithm, envelope.content_type)
+    plain = plain_key_transports(envelope.recipient_infos)
+    if plain is not None:
+        return _decrypt_plain(envelope, spec, plain, keys)
     infos = _recipient_infos(envelope)
     ids = [(pair, CertificateId.of(pair.certificate)) for pair in keys]
     named: list[RecipientIdentifier] = []
@@ -500,6 +535,44 @@ def _decrypt(data: bytes, keys: Sequence[KeyPair]) -> DecryptedData:
         )
     if unsupported is not None and len(candidates) == 1:
         raise unsupported
+    raise DecryptionFailed("decryption failed with every matching key")
+
+
+def _decrypt_plain(
+    envelope: _Envelope,
+    spec: tuple[str, int, str, bytes, int],
+    recipients: list[tuple[RecipientIdentifier, bytes]],
+    keys: Sequence[KeyPair],
+) -> DecryptedData:
+    """:func:`_decrypt` for RecipientInfos that are all RSA PKCS#1 v1.5 key transport
+    (see :func:`plain_key_transports`): the same matching, order and errors."""
+    ids = [(pair, CertificateId.of(pair.certificate)) for pair in keys]
+    named = [identifier for identifier, _ in recipients]
+    candidates = [
+        (encrypted_key, pair)
+        for identifier, encrypted_key in recipients
+        for pair, cid in ids
+        if cid.matches(identifier)
+    ]
+    if not candidates:
+        listed = "; ".join(str(r) for r in named[:10]) or "none we can use"
+        more = f" and {len(named) - 10} more" if len(named) > 10 else ""
+        raise DecryptionFailed(f"no key for any recipient: {listed}{more}")
+    for encrypted_key, pair in candidates[:_MAX_ATTEMPTS]:
+        cek = unwrap_pkcs1v15(encrypted_key, pair, spec[1])
+        try:
+            content = _decrypt_content(spec, cek, envelope)
+        except DecryptionFailed:
+            continue
+        return DecryptedData(
+            content=content,
+            content_type=envelope.content_type,
+            inner_content_type=envelope.inner_type,
+            cipher=spec[0],
+            key_algorithm="rsaes_pkcs1v15",
+            recipient=pair,
+            integrity_protected=spec[2] == "gcm",
+        )
     raise DecryptionFailed("decryption failed with every matching key")
 
 

@@ -353,6 +353,11 @@ def unwrap_key_transport(ktri: cms.KeyTransRecipientInfo, pair: KeyPair, key_siz
         return cek
     if name != "rsaes_pkcs1v15":
         raise UnsupportedAlgorithm(f"unsupported key transport algorithm {name}")
+    return unwrap_pkcs1v15(encrypted_key, pair, key_size)
+
+
+def unwrap_pkcs1v15(encrypted_key: bytes, pair: KeyPair, key_size: int) -> bytes:
+    """The content key from an RSAES-PKCS1-v1_5 ``encryptedKey``; never fails."""
     # RFC 3218 section 2.3.2: on any PKCS#1 v1.5 failure continue with a random key,
     # so a padding failure looks exactly like a wrong key or damaged content.
     random_cek = os.urandom(key_size)
@@ -361,6 +366,76 @@ def unwrap_key_transport(ktri: cms.KeyTransRecipientInfo, pair: KeyPair, key_siz
     except Exception:
         cek = random_cek
     return cek if len(cek) == key_size else random_cek
+
+
+#: rsaEncryption as a KeyEncryptionAlgorithm (RFC 3370 section 4.2.1), with NULL
+#: parameters and without: the encodings a KTRI for PKCS#1 v1.5 carries.
+_PKCS1V15_ALGORITHMS = (
+    bytes.fromhex("300d06092a864886f70d0101010500"),
+    bytes.fromhex("300b06092a864886f70d010101"),
+)
+
+
+def plain_key_transports(infos: bytes) -> list[tuple[RecipientIdentifier, bytes]] | None:
+    """(identifier, encryptedKey) of every recipient of a DER RecipientInfos SET made
+    only of RSA PKCS#1 v1.5 KeyTransRecipientInfos, read without asn1crypto (which costs
+    a third of an RSA decryption here); None for anything else (key agreement, OAEP,
+    BER, an empty or oversized set), which then takes the full asn1crypto path."""
+    top = der.element_at(infos, 0, len(infos))
+    if top is None or top[0] != 0x31 or top[2] != len(infos):
+        return None
+    out: list[tuple[RecipientIdentifier, bytes]] = []
+    pos, end = top[1], top[2]
+    while pos < end:
+        ktri = der.element_at(infos, pos, end)
+        if ktri is None or ktri[0] != 0x30:
+            return None
+        _, body, stop = ktri
+        version = der.element_at(infos, body, stop)
+        if version is None or version[0] != 0x02 or version[1] == version[2]:
+            return None
+        rid = der.element_at(infos, version[2], stop)
+        if rid is None or rid[0] not in (0x30, 0x80):
+            return None
+        algorithm = der.element_at(infos, rid[2], stop)
+        if algorithm is None or infos[rid[2] : algorithm[2]] not in _PKCS1V15_ALGORITHMS:
+            return None
+        key = der.element_at(infos, algorithm[2], stop)
+        if key is None or key[0] != 0x04 or key[2] != stop:
+            return None
+        identifier = _plain_rid(infos[version[2] : rid[2]])
+        if identifier is None or len(out) >= MAX_RECIPIENTS:
+            return None
+        out.append((identifier, infos[key[1] : key[2]]))
+        pos = stop
+    return out or None
+
+
+@lru_cache(maxsize=256)
+def _plain_rid(rid: bytes) -> RecipientIdentifier | None:
+    """The identifier of a KTRI's DER ``rid``, as :func:`_ktri_id` reads it; cached (the
+    same recipients come back in every message)."""
+    if rid[0] == 0x80:  # [0] IMPLICIT SubjectKeyIdentifier
+        head = der.element_at(rid, 0, len(rid))
+        if head is None:
+            return None
+        return RecipientIdentifier("key_transport", subject_key_identifier=rid[head[1] :])
+    top = der.element_at(rid, 0, len(rid))
+    if top is None:
+        return None
+    issuer = der.element_at(rid, top[1], top[2])
+    if issuer is None or issuer[0] != 0x30:
+        return None
+    serial = der.element_at(rid, issuer[2], top[2])
+    if serial is None or serial[0] != 0x02 or serial[2] != top[2] or serial[1] == serial[2]:
+        return None
+    issuer_der = rid[top[1] : issuer[2]]
+    return RecipientIdentifier(
+        "key_transport",
+        issuer=_human_name(issuer_der),
+        issuer_der=issuer_der,
+        serial_number=int.from_bytes(rid[serial[1] : serial[2]], "big", signed=True),
+    )
 
 
 def key_algorithm_name(entry: RecipientEntry) -> str:
