@@ -15,7 +15,12 @@ holds later client commands until it is done.  Pipelining of pass-through comman
 kept; intercepted commands are serialised.
 
 An APPEND whose mailbox is a literal is read up to the end of that literal before the
-session decides (a Sent folder named by a literal is still encrypted).
+session decides (a Sent folder named by a literal is still encrypted).  A synchronising
+literal the server answers with a tagged NO/BAD instead of ``+`` ends that command.
+
+Latency: what one read event produces is written at its end as one write and flushed
+to the socket at once (:func:`flush`), so a pass-through command costs one reactor turn
+per direction; both sockets have TCP_NODELAY.
 
 Not guaranteed: a SASL mechanism other than PLAIN is not offered (the proxy must read the
 login name).
