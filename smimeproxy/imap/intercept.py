@@ -250,7 +250,13 @@ async def after_login(session: ProxySession) -> None:
     processor = session.ctx.processor
     if processor is None or session.login is None:
         return
-    user = await session.ctx.run_blocking(_user_with_keys, processor.store, session.login)
+    # the folder listing runs upstream while the store is asked (one round trip saved
+    # per login; for a login without keys the listing is simply not used)
+    listing = session.command(b'LIST "" "*" RETURN (SPECIAL-USE)')
+    try:
+        user = await session.ctx.run_blocking(_user_with_keys, processor.store, session.login)
+    finally:
+        result = await listing
     if user is None:
         _log.info("imap.session.passthrough")
         return
@@ -258,7 +264,6 @@ async def after_login(session: ProxySession) -> None:
     delegated = session.ctx.delegation.get(user.address, ()) or ()
     session.owners = [user.address, *delegated]
     _log.info("imap.session.user {user}", user=user.address)
-    result = await session.command(b'LIST "" "*" RETURN (SPECIAL-USE)')
     for message in result.untagged:
         try:
             tokens = tokenize(message)

@@ -211,9 +211,9 @@ def test_login_maps_user_and_learns_sent_folder() -> None:
     h.send(b"a LOGIN alice pw\r\nb APPEND Outbox {3}\r\n")
     assert h.to_server() == b"a LOGIN alice pw\r\n"
     h.server(b"a OK logged in\r\n")
-    assert h.session.user == User("alice@acme.test")
     assert h.to_server() == b'smp1 LIST "" "*" RETURN (SPECIAL-USE)\r\n'
     h.server(b'* LIST (\\Sent) "/" Outbox\r\n* LIST () "/" INBOX\r\nsmp1 OK done\r\n')
+    assert h.session.user == User("alice@acme.test")
     # the LIST answers were the proxy's own: the client sees only its LOGIN reply
     assert h.to_client() == b"a OK logged in\r\n+ Ready for literal data\r\n"
     assert "outbox" in h.session.sent
@@ -226,6 +226,7 @@ def test_login_without_keys_is_pass_through() -> None:
     h.to_client()
     h.send(b"a AUTHENTICATE PLAIN AGNhcm9sAHB3\r\n")
     h.server(b"a OK in\r\n")
+    h.server(b"smp1 OK listed\r\n")  # the listing ran alongside the store lookup
     assert h.session.login == "carol" and h.session.user is None
     h.send(b"b APPEND Sent {3}\r\n")
     assert h.to_server().endswith(b"b APPEND Sent {3}\r\n")  # streamed straight on
