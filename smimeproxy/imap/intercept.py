@@ -53,6 +53,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _log = Logger(namespace="smimeproxy.imap.intercept")
 BATCH = 50
+#: rewritten FETCH lines remembered per decrypted message (server line + items -> answer)
+MEMO_PER_VIEW = 4
 
 
 def decode_mailbox(name: bytes) -> str:
@@ -179,11 +181,26 @@ class FetchRewrite:
         view = self.views.get(uid) if uid is not None else None
         if view is None:
             return message.encode()
+        # a re-sync gets byte-identical server lines: answer those from the view's memo
+        memo = getattr(view, "rendered", None)
+        key = (message.lines[0], tuple(self.items)) if not message.literals else None
+        if memo is not None and key is not None:
+            known = memo.get(key)
+            if known is not None:
+                return known  # type: ignore[no-any-return]
+        failures: list[bytes] = []
         try:
-            return fetch.rewrite_response(message, view, self.items, self.failures)
+            out = fetch.rewrite_response(message, view, self.items, failures)
         except (MalformedMessage, ValueError, LookupError) as exc:
             _log.warn("imap.fetch.rewrite_failed {error}", error=str(exc))
             return message.encode()
+        if failures:
+            self.failures.extend(failures)
+        elif memo is not None and key is not None:
+            if len(memo) >= MEMO_PER_VIEW:
+                memo.clear()
+            memo[key] = out
+        return out
 
 
 def plan(

@@ -99,6 +99,8 @@ class MessageView:
         self.size = len(data)
         self._root: Part | None = None
         self._structure: dict[bool, bytes] = {}
+        #: the IMAP layer's memo of rendered FETCH lines for this message (reactor thread)
+        self.rendered: dict[object, bytes] = {}
 
     @property
     def root(self) -> Part:

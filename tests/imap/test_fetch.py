@@ -140,3 +140,19 @@ def test_fetch_items_agrees_with_the_tokenizer(values: list) -> None:  # type: i
     assert seq == b"7" and [n for n, _ in pairs] == names
     for (_name, raw), value in zip(pairs, values, strict=True):
         assert raw == encode_token(value)
+
+
+def test_rewrite_memo_answers_identical_lines_and_never_stale_ones() -> None:
+    from smimeproxy.imap.intercept import FetchRewrite
+
+    view = MessageView(DECRYPTED)
+    wanted = items(b"(FLAGS RFC822.SIZE BODYSTRUCTURE)")
+    rewrite = FetchRewrite({4: view}, {}, wanted)
+    seen = Message([b"* 1 FETCH (UID 4 FLAGS (\\Seen) RFC822.SIZE 9999 BODYSTRUCTURE NIL)\r\n"])
+    first = rewrite.render(seen)
+    assert b"FLAGS (\\Seen)" in first and b"RFC822.SIZE %d" % len(DECRYPTED) in first
+    assert rewrite.render(seen) == first and len(view.rendered) == 1
+    flagged = Message(
+        [b"* 1 FETCH (UID 4 FLAGS (\\Flagged) RFC822.SIZE 9999 BODYSTRUCTURE NIL)\r\n"]
+    )
+    assert b"FLAGS (\\Flagged)" in rewrite.render(flagged)  # the server's items stay live
