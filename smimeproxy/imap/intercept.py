@@ -55,6 +55,9 @@ _log = Logger(namespace="smimeproxy.imap.intercept")
 BATCH = 50
 #: rewritten FETCH lines remembered per decrypted message (server line + items -> answer)
 MEMO_PER_VIEW = 4
+#: only short answers (structure, sizes) are remembered: content stays in ``view.data``
+#: alone, so the cache's byte bound still holds (up to 4 x 8 KB more per message)
+MEMO_MAX_LINE = 8192
 
 
 def decode_mailbox(name: bytes) -> str:
@@ -196,7 +199,7 @@ class FetchRewrite:
             return message.encode()
         if failures:
             self.failures.extend(failures)
-        elif memo is not None and key is not None:
+        elif memo is not None and key is not None and len(out) <= MEMO_MAX_LINE:
             if len(memo) >= MEMO_PER_VIEW:
                 memo.clear()
             memo[key] = out

@@ -156,3 +156,12 @@ def test_rewrite_memo_answers_identical_lines_and_never_stale_ones() -> None:
         [b"* 1 FETCH (UID 4 FLAGS (\\Flagged) RFC822.SIZE 9999 BODYSTRUCTURE NIL)\r\n"]
     )
     assert b"FLAGS (\\Flagged)" in rewrite.render(flagged)  # the server's items stay live
+
+
+def test_rewrite_memo_keeps_no_copies_of_content() -> None:
+    from smimeproxy.imap.intercept import FetchRewrite
+
+    view = MessageView(DECRYPTED + b"x" * 20000 + b"\r\n")
+    rewrite = FetchRewrite({4: view}, {}, items(b"(BODY.PEEK[])"))
+    assert b"x" * 20000 in rewrite.render(Message([b"* 1 FETCH (UID 4)\r\n"]))
+    assert view.rendered == {}
