@@ -18,7 +18,9 @@ The user is the key's first element and is the unit of accounting.
 
 Thread-safe: one lock guards all state (the reactor thread reads, pool threads put).
 Not guaranteed: the Python object overhead of a view (its parse tree, roughly the size of
-the headers again) is not counted; the bound is on message bytes. Nothing is shared
+the headers again, and up to 4 x 8 KB of remembered FETCH answers, see
+:data:`smimeproxy.imap.intercept.MEMO_MAX_LINE`) is not counted; the bound is on message
+bytes. Nothing is shared
 between processes or nodes (each proxy node has its own cache, as the design requires:
 no shared state outside the key store).
 """

@@ -305,8 +305,8 @@ def test_refused_append_literal_does_not_swallow_next_command() -> None:
     assert h.to_server() == b"b NOOP\r\n"
 
 
-def _logged_in(greeting: bytes = GREETING) -> Harness:
-    h = Harness(greeting=greeting, processor=Processor({"alice": "alice@acme.test"}))
+def _logged_in(greeting: bytes = GREETING, processor: type[Processor] = Processor) -> Harness:
+    h = Harness(greeting=greeting, processor=processor({"alice": "alice@acme.test"}))
     h.send(b"a LOGIN alice pw\r\n")
     h.server(b"a OK in\r\n")
     h.server(b'* LIST (\\Sent) "/" Sent\r\nsmp1 OK listed\r\n')
@@ -432,3 +432,53 @@ def test_refused_sent_append_without_literal_plus_answers_and_goes_on() -> None:
     h.server(b"b NO [TRYCREATE] no such mailbox\r\n")
     assert h.to_client().endswith(b"b NO [TRYCREATE] no such mailbox\r\n")
     assert h.to_server() == b"c NOOP\r\n"  # the sealed literal is never sent
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from(
+                [
+                    b"b APPEND {4}\r\n",
+                    b"Sent",
+                    b"INBOX",
+                    b" (\\Seen) {3}\r\n",
+                    b"abc\r\n",
+                    b"c UID FETCH 1:* (BODY.PEEK[])\r\n",
+                    b"d APPEND Sent {3+}\r\nxyz\r\n",
+                ]
+            ),
+        ),
+        max_size=10,
+    ),
+    st.lists(
+        st.sampled_from(
+            [b"+ go\r\n", b"b NO no\r\n", b"b OK done\r\n", b"* 1 EXISTS\r\n", b"c OK x\r\n"]
+        ),
+        max_size=6,
+    ),
+)
+def test_fuzz_logged_in_user_never_raises(client: list[bytes], server: list[bytes]) -> None:
+    """The paths only a user with keys takes (literal mailbox names, intercepts), cut
+    anywhere and answered anyhow: no exception escapes, and closing is clean."""
+    from twisted.logger import globalLogPublisher
+
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        h = _logged_in(processor=SealingProcessor)
+        for i, chunk in enumerate(client):
+            h.send(chunk)
+            if i < len(server):
+                h.server(server[i])
+        h.session.connectionLost(None)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not failures, failures[0]["log_failure"].getTraceback()
