@@ -27,10 +27,10 @@ import hashlib
 import hmac
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from asn1crypto import cms, core
+from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -369,6 +369,9 @@ def verify_data(
 def _verify(
     data: bytes, detached_content: bytes | None, extra: Sequence[x509.Certificate]
 ) -> SignedDataResult:
+    plain = _PlainSignedData.read(data)
+    if plain is not None:
+        return _verify_plain(plain, detached_content, extra)
     signed_data = _parse_signed_data(data)
     errors: list[str] = []
 
@@ -417,6 +420,245 @@ def _verify(
         certificates=tuple(certificates),
         crls=tuple(crls),
         errors=tuple(errors),
+    )
+
+
+@dataclass(frozen=True)
+class _PlainSignedData:
+    """The parts of a plain DER ``ContentInfo(signedData)`` that verifying needs, cut
+    out with the small DER reader: building asn1crypto's SignedData and SignerInfo
+    objects cost three times the signature verification. Anything unusual (BER, the
+    web.de OID, a constructed eContent, CRLs, other certificate choices, too many
+    elements) is not read here: :meth:`read` says None and asn1crypto does it all."""
+
+    content_type: bytes  # the eContentType OID's DER
+    encapsulated: bytes | None
+    certificates: tuple[bytes, ...]
+    signers: tuple[bytes, ...]
+
+    @classmethod
+    def read(cls, data: bytes) -> _PlainSignedData | None:
+        at = der.element_at
+        top = at(data, 0, len(data))
+        if top is None or top[0] != 0x30 or top[2] != len(data):
+            return None
+        oid = at(data, top[1], top[2])
+        if oid is None or data[top[1] : oid[2]] != _SIGNED_DATA_OID_DER:
+            return None
+        explicit = at(data, oid[2], top[2])
+        if explicit is None or explicit[0] != 0xA0 or explicit[2] != top[2]:
+            return None
+        sd = at(data, explicit[1], explicit[2])
+        if sd is None or sd[0] != 0x30 or sd[2] != explicit[2]:
+            return None
+        _, pos, end = sd
+        version = at(data, pos, end)
+        if version is None or version[0] != 0x02 or version[1] == version[2]:
+            return None
+        digests = at(data, version[2], end)
+        if digests is None or digests[0] != 0x31:
+            return None
+        encap = at(data, digests[2], end)
+        if encap is None or encap[0] != 0x30 or data[encap[1] - 1] == 0x80:
+            return None
+        ctype = at(data, encap[1], encap[2])
+        if ctype is None or ctype[0] != 0x06:
+            return None
+        encapsulated = None
+        if ctype[2] != encap[2]:
+            wrapper = at(data, ctype[2], encap[2])
+            if wrapper is None or wrapper[0] != 0xA0 or wrapper[2] != encap[2]:
+                return None
+            octets = at(data, wrapper[1], wrapper[2])
+            if octets is None or octets[0] != 0x04 or octets[2] != wrapper[2]:
+                return None
+            encapsulated = data[octets[1] : octets[2]]
+        pos = encap[2]
+        element = at(data, pos, end)
+        certificates = []
+        if element is not None and element[0] == 0xA0:
+            certificates = cls._elements(data, element, MAX_CERTIFICATES)
+            if certificates is None:
+                return None
+            pos = element[2]
+            element = at(data, pos, end)
+        if element is None or element[0] != 0x31 or element[2] != end:
+            return None  # CRLs ([1]) or anything else: the full parser
+        signers = cls._elements(data, element, MAX_SIGNERS)
+        if signers is None:
+            return None
+        return cls(data[encap[1] : ctype[2]], encapsulated, tuple(certificates), tuple(signers))
+
+    @staticmethod
+    def _elements(data: bytes, outer: tuple[int, int, int], limit: int) -> list[bytes] | None:
+        """The DER SEQUENCEs in ``outer``; None for any other element, or too many."""
+        out = []
+        _, pos, end = outer
+        while pos < end:
+            element = der.element_at(data, pos, end)
+            if element is None or element[0] != 0x30 or len(out) >= limit:
+                return None
+            if data[element[1] - 1] == 0x80:
+                # asn1crypto takes a length ending in 0x80 for "indefinite" and
+                # re-encodes the element on dump(): leave such elements to it
+                return None
+            out.append(data[pos : element[2]])
+            pos = element[2]
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def _content_type_names(encoded: bytes) -> tuple[str, str]:
+    """(name as asn1crypto gives it, dotted form) of an eContentType OID's DER."""
+    oid = cms.ContentType.load(encoded)
+    return str(oid.native), str(oid.dotted)
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_algorithm(encoded: bytes, signature: bool) -> tuple[str, str] | None:
+    """(name as :func:`_algorithm_name` gives it, dotted OID) of an AlgorithmIdentifier's
+    DER: a signature or a digest algorithm; None when asn1crypto cannot read it."""
+    try:
+        kind = algos.SignedDigestAlgorithm if signature else algos.DigestAlgorithm
+        oid = kind.load(encoded)["algorithm"]
+        return _algorithm_name(oid), str(oid.dotted)
+    except _PARSE_ERRORS:
+        return None
+
+
+_RSASSA_PSS_OID = "1.2.840.113549.1.1.10"
+
+
+def _verify_plain(
+    plain: _PlainSignedData, detached_content: bytes | None, extra: Sequence[x509.Certificate]
+) -> SignedDataResult:
+    """:func:`_verify` of a :class:`_PlainSignedData`: the same checks and results."""
+    content_type, content_type_oid = _content_type_names(plain.content_type)
+    encapsulated = plain.encapsulated
+    if detached_content is not None:
+        content = bytes(detached_content)
+    else:
+        content = encapsulated if encapsulated is not None else b""
+    confusion = (
+        detached_content is not None
+        and encapsulated is not None
+        and not hmac.compare_digest(encapsulated, content)
+    )
+    errors: list[str] = []
+    certs_asn1: list[asn1_x509.Certificate] = []
+    certificates: list[x509.Certificate] = []
+    for encoded in plain.certificates:
+        cert = _load_certificate(encoded)
+        if cert is None:
+            errors.append("a certificate in the message could not be read")
+            continue
+        certs_asn1.append(asn1_x509.Certificate.load(encoded))
+        certificates.append(cert)
+    index = _CertificateIndex([*certs_asn1, *(_to_asn1(c) for c in extra)])
+    signers = []
+    for raw in plain.signers:
+        context = {
+            "content": content,
+            "have_content": encapsulated is not None or detached_content is not None,
+            "content_type_oid": content_type_oid,
+            "index": index,
+            "confusion": confusion,
+        }
+        signer = _plain_signer(raw, **context)  # type: ignore[arg-type]
+        if signer is None:
+            signer = _verify_signer(cms.SignerInfo.load(raw), **context)  # type: ignore[arg-type]
+        signers.append(signer)
+    return SignedDataResult(
+        content=content,
+        content_type=content_type,
+        detached=encapsulated is None,
+        signers=tuple(signers),
+        certificates=tuple(certificates),
+        crls=(),
+        errors=tuple(errors),
+    )
+
+
+def _plain_signer(
+    raw: bytes,
+    *,
+    content: bytes,
+    have_content: bool,
+    content_type_oid: str,
+    index: _CertificateIndex,
+    confusion: bool,
+) -> SignerInfoResult | None:
+    """:func:`_verify_signer` of a plain DER SignerInfo; None when it is not one this
+    reads (RSASSA-PSS, signed attributes that are not plain DER, a signer identifier
+    that is not a byte-exact copy of a certificate's), which asn1crypto then reads."""
+    at = der.element_at
+    top = at(raw, 0, len(raw))
+    if top is None or top[0] != 0x30 or top[2] != len(raw):
+        return None
+    _, pos, end = top
+    version = at(raw, pos, end)
+    if version is None or version[0] != 0x02 or version[1] == version[2]:
+        return None
+    sid = at(raw, version[2], end)
+    digest = at(raw, sid[2], end) if sid is not None else None
+    if sid is None or digest is None or digest[0] != 0x30:
+        return None
+    element = at(raw, digest[2], end)
+    signed_attrs = None
+    if element is not None and element[0] == 0xA0:
+        signed_attrs = element
+        element = at(raw, element[2], end)
+    if element is None or element[0] != 0x30:
+        return None
+    algorithm = element
+    signature = at(raw, algorithm[2], end)
+    if signature is None or signature[0] != 0x04:
+        return None
+    if signature[2] != end:
+        unsigned = at(raw, signature[2], end)
+        if unsigned is None or unsigned[0] != 0xA1 or unsigned[2] != end:
+            return None
+    algorithm_der = raw[(digest if signed_attrs is None else signed_attrs)[2] : algorithm[2]]
+    digest_names = _plain_algorithm(raw[sid[2] : digest[2]], False)
+    signature_names = _plain_algorithm(algorithm_der, True)
+    if digest_names is None or signature_names is None or signature_names[1] == _RSASSA_PSS_OID:
+        return None
+    if sid[0] == 0x30:
+        if raw[sid[1] - 1] == 0x80:
+            return None  # asn1crypto would re-encode it (see _PlainSignedData._elements)
+        cert_asn1 = index.by_raw(raw[version[2] : sid[2]])
+        if cert_asn1 is None:
+            return None  # names compared the RFC 5280 way: asn1crypto
+    elif sid[0] == 0x80:
+        cert_asn1 = index.by_ski(raw[sid[1] : sid[2]])
+    else:
+        return None
+    attrs: _RawAttributes | None = None
+    attrs_contents = b""
+    if signed_attrs is not None:
+        attrs_contents = raw[signed_attrs[1] : signed_attrs[2]]
+        if len(attrs_contents) > MAX_SIGNED_ATTRIBUTES_BYTES:
+            return None
+        attrs = _RawAttributes.read(attrs_contents)
+        if attrs is None:
+            return None
+        if attrs.count > MAX_SIGNED_ATTRIBUTES:
+            raise MalformedMessage("signed attributes too large")
+    value = raw[signature[1] : signature[2]]
+    return _check_signer(
+        digest_names[0],
+        signature_names[0],
+        cert_asn1,
+        attrs,
+        attrs_contents,
+        algos.SignedDigestAlgorithm.load(algorithm_der),
+        lambda: value,
+        "",
+        content=content,
+        have_content=have_content,
+        content_type_oid=content_type_oid,
+        index=index,
+        confusion=confusion,
     )
 
 
@@ -542,6 +784,10 @@ class _CertificateIndex:
             except (MalformedMessage, *_PARSE_ERRORS):
                 continue
 
+    def by_raw(self, issuer_and_serial: bytes) -> asn1_x509.Certificate | None:
+        """The certificate whose own issuer and serial are exactly these DER bytes."""
+        return self._by_raw.get(issuer_and_serial)
+
     def by_issuer_serial(self, ias: cms.IssuerAndSerialNumber) -> asn1_x509.Certificate | None:
         found = self._by_raw.get(bytes(ias.dump()))
         if found is not None:
@@ -586,12 +832,63 @@ def _verify_signer(
     index: _CertificateIndex,
     confusion: bool,
 ) -> SignerInfoResult:
-    errors: list[str] = []
-    checks: list[Check] = []
     digest_name = _algorithm_name(signer_info["digest_algorithm"]["algorithm"])
     signature_name = _algorithm_name(signer_info["signature_algorithm"]["algorithm"])
-
     cert_asn1 = index.find(signer_info["sid"])
+    signed_attrs = signer_info["signed_attrs"]
+    attrs: _Attrs | None = None
+    attrs_contents = b""
+    if not isinstance(signed_attrs, core.Void):
+        raw = None
+        attrs_contents = signed_attrs.contents
+        if len(attrs_contents) <= MAX_SIGNED_ATTRIBUTES_BYTES:
+            raw = _RawAttributes.read(attrs_contents)
+        if raw is not None:
+            if raw.count > MAX_SIGNED_ATTRIBUTES:
+                raise MalformedMessage("signed attributes too large")
+            attrs = raw
+        else:  # not plain DER: asn1crypto reads it (and reports what is wrong)
+            if len(signed_attrs) > MAX_SIGNED_ATTRIBUTES or (
+                len(attrs_contents) > MAX_SIGNED_ATTRIBUTES_BYTES
+            ):
+                raise MalformedMessage("signed attributes too large")
+            attrs = _attributes_by_type(signed_attrs)
+    return _check_signer(
+        digest_name,
+        signature_name,
+        cert_asn1,
+        attrs,
+        attrs_contents,
+        signer_info["signature_algorithm"],
+        lambda: signer_info["signature"].native,
+        _pss_hash(signer_info["signature_algorithm"]),
+        content=content,
+        have_content=have_content,
+        content_type_oid=content_type_oid,
+        index=index,
+        confusion=confusion,
+    )
+
+
+def _check_signer(
+    digest_name: str,
+    signature_name: str,
+    cert_asn1: asn1_x509.Certificate | None,
+    attrs: _Attrs | None,
+    attrs_contents: bytes,
+    signature_algorithm: algos.SignedDigestAlgorithm,
+    signature: Callable[[], bytes],
+    pss_hash: str,
+    *,
+    content: bytes,
+    have_content: bool,
+    content_type_oid: str,
+    index: _CertificateIndex,
+    confusion: bool,
+) -> SignerInfoResult:
+    """The checks of one signer, from its parts (read by asn1crypto or from plain DER)."""
+    errors: list[str] = []
+    checks: list[Check] = []
     certificate = None
     if cert_asn1 is not None:
         certificate = _load_certificate(cert_asn1.dump())
@@ -601,22 +898,7 @@ def _verify_signer(
     signing_time = None
     capabilities: tuple[str, ...] = ()
     key_preference = None
-    signed_attrs = signer_info["signed_attrs"]
-    if not isinstance(signed_attrs, core.Void):
-        raw = None
-        if len(signed_attrs.contents) <= MAX_SIGNED_ATTRIBUTES_BYTES:
-            raw = _RawAttributes.read(signed_attrs.contents)
-        attrs: _Attrs
-        if raw is not None:
-            if raw.count > MAX_SIGNED_ATTRIBUTES:
-                raise MalformedMessage("signed attributes too large")
-            attrs = raw
-        else:  # not plain DER: asn1crypto reads it (and reports what is wrong)
-            if len(signed_attrs) > MAX_SIGNED_ATTRIBUTES or (
-                len(signed_attrs.contents) > MAX_SIGNED_ATTRIBUTES_BYTES
-            ):
-                raise MalformedMessage("signed attributes too large")
-            attrs = _attributes_by_type(signed_attrs)
+    if attrs is not None:
         checks.append(_message_digest_check(attrs, digest_name, content, have_content))
         checks.append(_content_type_check(attrs, content_type_oid))
         signing_time = _signing_time(attrs, errors)
@@ -624,7 +906,7 @@ def _verify_signer(
         key_preference = _key_preference(attrs, index, errors)
         # The signature covers DER(SET OF attributes): the original bytes under the
         # explicit SET tag, not a re-sorted re-encoding (RFC 5652 section 5.4).
-        signed_bytes = _der_header(0x31, len(signed_attrs.contents)) + signed_attrs.contents
+        signed_bytes = _der_header(0x31, len(attrs_contents)) + attrs_contents
     else:
         signed_bytes = content
         if not have_content:
@@ -632,7 +914,13 @@ def _verify_signer(
 
     checks.append(
         _signature_check(
-            signer_info, certificate, signature_name, digest_name, signed_bytes, errors
+            signature_algorithm,
+            signature,
+            certificate,
+            signature_name,
+            digest_name,
+            signed_bytes,
+            errors,
         )
     )
     if confusion:
@@ -643,7 +931,7 @@ def _verify_signer(
                 "the signature carries a different encapsulated content than the signed part",
             )
         )
-    hashes_used = {digest_name, signature_hash(signature_name) or "", _pss_hash(signer_info)}
+    hashes_used = {digest_name, signature_hash(signature_name) or "", pss_hash}
     weak = sorted(hashes_used & WEAK_DIGESTS)
     if weak:
         checks.append(Check("digest-strength", Outcome.FAIL, f"weak digest {weak[0]}"))
@@ -662,9 +950,8 @@ def _verify_signer(
     )
 
 
-def _pss_hash(signer_info: cms.SignerInfo) -> str:
+def _pss_hash(algorithm: algos.SignedDigestAlgorithm) -> str:
     """The hash inside RSASSA-PSS parameters (SHA-1 when absent, RFC 4055), else ""."""
-    algorithm = signer_info["signature_algorithm"]
     if algorithm["algorithm"].dotted != "1.2.840.113549.1.1.10":
         return ""
     try:
@@ -906,7 +1193,8 @@ def _key_preference(
 
 
 def _signature_check(
-    signer_info: cms.SignerInfo,
+    signature_algorithm: algos.SignedDigestAlgorithm,
+    signature_value: Callable[[], bytes],
     certificate: x509.Certificate | None,
     signature_name: str,
     digest_name: str,
@@ -920,11 +1208,9 @@ def _signature_check(
         public = certificate.public_key()
     except (ValueError, TypeError, CryptographyUnsupported):
         return Check(name, Outcome.FAIL, "signer public key unusable")
-    signature = signer_info["signature"].native
+    signature = signature_value()
     try:
-        verify_signature(
-            public, signer_info["signature_algorithm"], digest_name, signature, signed_bytes
-        )
+        verify_signature(public, signature_algorithm, digest_name, signature, signed_bytes)
     except InvalidSignature:
         return Check(name, Outcome.FAIL, "signature does not match")
     except UnsupportedAlgorithm as e:
