@@ -424,8 +424,8 @@ def _plain_rid(rid: bytes) -> RecipientIdentifier | None:
     if top is None:
         return None
     issuer = der.element_at(rid, top[1], top[2])
-    if issuer is None or issuer[0] != 0x30:
-        return None
+    if issuer is None or issuer[0] != 0x30 or rid[issuer[1] - 1] == 0x80:
+        return None  # a length ending in 0x80: asn1crypto re-encodes the Name on dump()
     serial = der.element_at(rid, issuer[2], top[2])
     if serial is None or serial[0] != 0x02 or serial[2] != top[2] or serial[1] == serial[2]:
         return None
