@@ -328,33 +328,60 @@ async def views_for(session: ProxySession, uids: list[int], warm: bool = True) -
     opener = None
     if missing:
         opener = await session.ctx.run_blocking(Opener.load, session.ctx.processor, session.owners)
-    for start in range(0, len(missing), BATCH):
-        chunk = missing[start : start + BATCH]
-        result = await session.command(
+    chunks = [missing[i : i + BATCH] for i in range(0, len(missing), BATCH)]
+
+    def ask(chunk: list[int]) -> Deferred[Any]:
+        return session.command(
             b"UID FETCH " + b",".join(b"%d" % u for u in chunk) + b" (UID BODY.PEEK[])"
         )
-        bodies = []
-        for message in result.untagged:
-            found_uid, data = _uid_and_body(message)
-            if found_uid is not None and data is not None and found_uid in chunk:
-                bodies.append((found_uid, data))
-        # the batch is opened in parallel in the pool (RSA and AES release the GIL)
-        opened = await gatherResults(
-            [_open(session, opener, data, warm) for _uid, data in bodies], consumeErrors=True
-        )
-        for (uid, _data), view in zip(bodies, opened, strict=True):
-            key = cache_key(session, uid)
-            if metrics is not None:
-                metrics.decrypted(view is not None)
-            if view is None:
-                session.undecryptable.add(key)
-                continue
-            if cache is not None:
-                cache.put(key, view)
-            views[uid] = view
+
+    # the next batch's ciphertext comes over the wire while this one is being opened
+    # (the server answers pipelined commands in order, so each keeps its own responses)
+    pending = ask(chunks[0]) if chunks else None
+    try:
+        for index, chunk in enumerate(chunks):
+            assert pending is not None
+            result = await pending
+            pending = ask(chunks[index + 1]) if index + 1 < len(chunks) else None
+            await _open_batch(session, opener, chunk, result, warm, views)
+    finally:
+        if pending is not None:  # given up half way (upstream lost): nobody waits
+            pending.addErrback(lambda _: None)
     if metrics is not None and missing:
         metrics.cache_size(cache)
     return views
+
+
+async def _open_batch(
+    session: ProxySession,
+    opener: Any,
+    chunk: list[int],
+    result: Any,
+    warm: bool,
+    views: dict[int, Any],
+) -> None:
+    """Open one batch of fetched ciphertexts in the pool and cache the views."""
+    cache = session.ctx.cache
+    metrics = session.ctx.metrics
+    bodies = []
+    for message in result.untagged:
+        found_uid, data = _uid_and_body(message)
+        if found_uid is not None and data is not None and found_uid in chunk:
+            bodies.append((found_uid, data))
+    # the batch is opened in parallel in the pool (RSA and AES release the GIL)
+    opened = await gatherResults(
+        [_open(session, opener, data, warm) for _uid, data in bodies], consumeErrors=True
+    )
+    for (uid, _data), view in zip(bodies, opened, strict=True):
+        key = cache_key(session, uid)
+        if metrics is not None:
+            metrics.decrypted(view is not None)
+        if view is None:
+            session.undecryptable.add(key)
+            continue
+        if cache is not None:
+            cache.put(key, view)
+        views[uid] = view
 
 
 def _open(session: ProxySession, opener: Any, data: bytes, warm: bool) -> Deferred[Any]:
