@@ -600,3 +600,24 @@ def test_stopping_says_bye_to_every_session(tmp_path_factory: pytest.TempPathFac
         assert w.proxy.wait(10) == 0
     finally:
         w.stop()
+
+
+def test_more_than_one_batch_of_encrypted_messages_all_open(world: World) -> None:
+    """Ciphertexts are fetched in pipelined batches of 50: every message gets its own."""
+    count = 60
+    mailbox(
+        world, "Batches", [world.encrypted(f"n{i}", f"marker-{i:03d}-end") for i in range(count)]
+    )
+    c = world.client()
+    c.select("Batches", readonly=True)
+    typ, data = c.uid("FETCH", "1:*", "(UID BODY.PEEK[TEXT])")
+    assert typ == "OK"
+    bodies = {
+        int(re.search(rb"UID (\d+)", part[0]).group(1)): part[1]
+        for part in data
+        if isinstance(part, tuple)
+    }
+    assert len(bodies) == count
+    for uid, text in bodies.items():
+        assert b"marker-%03d-end" % (uid - 1) in text
+    c.logout()
