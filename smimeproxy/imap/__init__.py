@@ -166,8 +166,10 @@ class ImapService(MultiService):
         """New sessions get the TLS contexts and folder settings of ``config.imap``."""
         if config.imap is None:
             return
-        for factory in self.factories:
-            factory.context = reloaded_context(factory.context, config.imap)
+        # all or nothing: a TLS file that does not load leaves every listener as it was
+        contexts = [reloaded_context(f.context, config.imap) for f in self.factories]
+        for factory, context in zip(self.factories, contexts, strict=True):
+            factory.context = context
         self._log.info("imap.service.reloaded")
 
 
