@@ -57,9 +57,12 @@ _WS = re.compile(r"\s+")
 # -- sanitising -------------------------------------------------------------------------
 def _printable_ascii(text: str, limit: int) -> str:
     """Printable ASCII only, whitespace collapsed, cut to ``limit`` characters."""
-    cleaned = "".join(
-        ch if 32 <= ord(ch) < 127 else ("?" if not ch.isspace() else " ") for ch in text
-    )
+    if text.isascii() and text.isprintable():
+        cleaned = text  # the common case: every character is kept as it is
+    else:
+        cleaned = "".join(
+            ch if 32 <= ord(ch) < 127 else ("?" if not ch.isspace() else " ") for ch in text
+        )
     cleaned = _WS.sub(" ", cleaned).strip()
     if len(cleaned) > limit:
         cleaned = cleaned[: limit - 3].rstrip() + "..."

@@ -133,10 +133,15 @@ def _plain_content_type(data: bytes) -> str | None:
         content = element_at(data, oid[2], outer[2])
         if content is None or content[0] != 0xA0:
             return None
-        name = asn1_cms.ContentType.load(data[outer[1] : oid[2]]).native
+        return _content_type_name(data[outer[1] : oid[2]])
     except (ValueError, TypeError, KeyError, IndexError, OverflowError):
         return None
-    return str(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_type_name(encoded_oid: bytes) -> str:
+    """Cached: the same few content types come in every message."""
+    return str(asn1_cms.ContentType.load(encoded_oid).native)
 
 
 def sender_address(entity: mime.Entity) -> str | None:

@@ -529,6 +529,17 @@ def _plain_algorithm(encoded: bytes, signature: bool) -> tuple[str, str] | None:
 _RSASSA_PSS_OID = "1.2.840.113549.1.1.10"
 
 
+@functools.lru_cache(maxsize=64)
+def _signature_algorithm(encoded: bytes) -> algos.SignedDigestAlgorithm:
+    """A signature AlgorithmIdentifier (not RSASSA-PSS: those carry parameters and are
+    not read here), parsed once per encoding; the parts verify_signature reads are
+    parsed before it is shared, so that callers only read it."""
+    algorithm = algos.SignedDigestAlgorithm.load(encoded)
+    algorithm["algorithm"].native  # noqa: B018
+    algorithm["algorithm"].dotted  # noqa: B018
+    return algorithm
+
+
 def _verify_plain(
     plain: _PlainSignedData, detached_content: bytes | None, extra: Sequence[x509.Certificate]
 ) -> SignedDataResult:
@@ -651,7 +662,7 @@ def _plain_signer(
         cert_asn1,
         attrs,
         attrs_contents,
-        algos.SignedDigestAlgorithm.load(algorithm_der),
+        _signature_algorithm(algorithm_der),
         lambda: value,
         "",
         content=content,
@@ -1065,17 +1076,27 @@ def _message_digest_check(
     attrs: _Attrs, digest_name: str, content: bytes, have_content: bool
 ) -> Check:
     name = "message-digest"
+    raw_attrs = isinstance(attrs, _RawAttributes)
     try:
-        value = _single_value(attrs, _OID_MESSAGE_DIGEST, core.OctetString)
+        value = _single_value(attrs, _OID_MESSAGE_DIGEST, None if raw_attrs else core.OctetString)
     except _SingleValueRule as e:
         return Check(name, Outcome.FAIL, str(e))
     if value is None:
         return Check(name, Outcome.FAIL, "messageDigest attribute missing")
+    expected: object = None
+    if raw_attrs:
+        # a short primitive OCTET STRING (every digest) read directly, as asn1crypto would
+        raw = bytes(value)  # type: ignore[arg-type]
+        if len(raw) >= 2 and raw[0] == 0x04 and raw[1] == len(raw) - 2:
+            expected = raw[2:]
+        else:
+            value = core.OctetString.load(raw)
     if not have_content:
         return Check(name, Outcome.FAIL, "no content to check (detached signature)")
     if digest_name not in VERIFY_DIGESTS:
         return Check(name, Outcome.FAIL, f"unsupported digest algorithm {digest_name}")
-    expected = value.native
+    if expected is None:
+        expected = value.native  # type: ignore[union-attr]
     if not isinstance(expected, bytes):
         return Check(name, Outcome.FAIL, "messageDigest is not an OCTET STRING")
     actual = hashlib.new(digest_name, content).digest()
@@ -1086,13 +1107,18 @@ def _message_digest_check(
 
 def _content_type_check(attrs: _Attrs, econtent_type: str) -> Check:
     name = "content-type"
+    raw_attrs = isinstance(attrs, _RawAttributes)
     try:
-        value = _single_value(attrs, _OID_CONTENT_TYPE, cms.ContentType)
+        value = _single_value(attrs, _OID_CONTENT_TYPE, None if raw_attrs else cms.ContentType)
     except _SingleValueRule as e:
         return Check(name, Outcome.FAIL, str(e))
     if value is None:
         # RFC 5652 section 11.1: MUST be present when there are signed attributes.
         return Check(name, Outcome.FAIL, "contentType attribute missing")
+    if raw_attrs:
+        if value == der.oid(econtent_type):  # the very encoding of eContentType
+            return Check(name, Outcome.PASS, econtent_type)
+        value = cms.ContentType.load(value)
     if not isinstance(value, core.ObjectIdentifier):
         return Check(name, Outcome.FAIL, "contentType is not an OID")
     if value.dotted != econtent_type:
