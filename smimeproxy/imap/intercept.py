@@ -112,7 +112,7 @@ class Opener:
             data,
             keys=self.keys,
             validator=self.validator,
-            options=self.processor.open_options(),
+            options=self.processor.open_options(stored=True),
         )
         self.processor.harvest(opened)
         return opened
