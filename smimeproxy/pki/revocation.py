@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,6 +70,11 @@ def describe(cert: x509.Certificate) -> str:
         return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
     except DECODE_ERRORS:
         return "an unreadable certificate"
+
+
+#: :func:`describe` per certificate (they hash and compare by their DER): the same
+#: chains are checked for every message
+_described = functools.lru_cache(maxsize=1024)(describe)
 
 
 def _utc(value: datetime.datetime) -> datetime.datetime:
@@ -165,7 +171,7 @@ def crl_status(
     malformed input: unreadable CRLs are skipped, an unreadable certificate is unknown.
     """
     at = _utc(at)
-    name = describe(cert)
+    name = _described(cert)
     try:
         serial = cert.serial_number
         is_ca = _is_ca(cert)

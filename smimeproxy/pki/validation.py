@@ -128,8 +128,10 @@ def _as_utc(value: datetime.datetime) -> datetime.datetime:
 # --- addresses (RFC 8550 section 3) -------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _normalise_address(address: str) -> str | None:
-    """``local@domain`` lower-cased (casefolded), domain as IDNA A-label when possible."""
+    """``local@domain`` lower-cased (casefolded), domain as IDNA A-label when possible;
+    cached (the same senders and certificate addresses come back with every message)."""
     address = address.strip().strip("<>").strip()
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:

@@ -278,6 +278,10 @@ class _Envelope:
 def _parse_envelope(data: bytes | bytearray | memoryview) -> _Envelope:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedMessage("CMS input must be bytes")
+    if isinstance(data, bytes):
+        plain = _plain_envelope(data)
+        if plain is not None:
+            return plain
     reader = _BER(data)
     top = _expect(reader.node(0, len(reader.mv)), 0, 16, "a ContentInfo SEQUENCE")
     parts = list(islice(reader.children(top), 2))
@@ -322,6 +326,62 @@ def _parse_envelope(data: bytes | bytearray | memoryview) -> _Envelope:
         chunks=reader.octets(encrypted),
         aad=aad,
         mac=mac,
+    )
+
+
+def _plain_envelope(data: bytes) -> _Envelope | None:
+    """:func:`_parse_envelope` of a plain DER EnvelopedData (primitive encryptedContent),
+    read with :func:`der.element_at` instead of the BER walker; None for anything else
+    (BER, AuthEnvelopedData, constructed content, odd tags), which the walker reads."""
+    at = der.element_at
+    top = at(data, 0, len(data))
+    if top is None or top[0] != 0x30:
+        return None
+    oid = at(data, top[1], top[2])
+    if oid is None or oid[0] != 0x06:
+        return None
+    if _dotted(data[top[1] : oid[2]]) != _ENVELOPED:
+        return None
+    explicit = at(data, oid[2], top[2])
+    if explicit is None or explicit[0] != 0xA0:
+        return None
+    env = at(data, explicit[1], explicit[2])
+    if env is None or env[0] != 0x30:
+        return None
+    fields: list[tuple[int, int, int]] = []
+    starts: list[int] = []
+    pos = env[1]
+    while pos < env[2] and len(fields) < 8:
+        element = at(data, pos, env[2])
+        if element is None:
+            return None
+        fields.append(element)
+        starts.append(pos)
+        pos = element[2]
+    if not fields or fields[0][0] != 0x02:
+        return None
+    i = 2 if len(fields) > 1 and fields[1][0] == 0xA0 else 1  # originatorInfo
+    if i + 1 >= len(fields) or fields[i][0] != 0x31 or fields[i + 1][0] != 0x30:
+        return None
+    eci = fields[i + 1]
+    inner = at(data, eci[1], eci[2])
+    if inner is None or inner[0] != 0x06:
+        return None
+    algorithm = at(data, inner[2], eci[2])
+    if algorithm is None or algorithm[0] != 0x30:
+        return None
+    encrypted = at(data, algorithm[2], eci[2])
+    if encrypted is None or encrypted[0] != 0x80:
+        return None
+    inner_oid = _dotted(data[eci[1] : inner[2]])
+    return _Envelope(
+        content_type="enveloped_data",
+        recipient_infos=data[starts[i] : fields[i][2]],
+        inner_type=cms.ContentType._map.get(inner_oid, inner_oid),
+        algorithm=data[inner[2] : algorithm[2]],
+        chunks=[memoryview(data)[encrypted[1] : encrypted[2]]],
+        aad=None,
+        mac=None,
     )
 
 
