@@ -35,24 +35,7 @@ from smimeproxy.errors import SMIMEProxyError
 from smimeproxy.keystore import SyncStore
 from smimeproxy.metrics import MetricsResource, Registry
 from smimeproxy.processing import MessageProcessor, open_configured_store
-
-
-class ThreadPoolService(Service):
-    """Starts the pool with the application and joins it on shutdown, so blocking work
-    (CMS, database) never runs on the reactor."""
-
-    _log = Logger()
-
-    def __init__(self, pool: ThreadPool):
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
+from smimeproxy.threads import ThreadPoolService
 
 
 class OrderedServices(MultiService):

@@ -27,23 +27,9 @@ from smimeproxy.directory.publication import LivePublication, Publication
 from smimeproxy.errors import ConfigError
 from smimeproxy.keystore import SyncStore
 from smimeproxy.metrics import Registry
+from smimeproxy.threads import ThreadPoolService
 
 __all__ = ["ThreadPoolService", "make_service"]
-
-
-class ThreadPoolService(service.Service):
-    """Starts and stops a thread pool with the service tree."""
-
-    def __init__(self, pool: ThreadPool) -> None:
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
 
 
 def make_service(
