@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO, TypeVar
 
+from cryptography import x509
+
 from smimeproxy.config import Config, load_config
-from smimeproxy.errors import ConfigError, SMIMEProxyError
+from smimeproxy.errors import CertificateError, ConfigError, SMIMEProxyError
 
 T = TypeVar("T")
 
@@ -42,6 +44,17 @@ def read_file(path: str | Path) -> bytes:
         return Path(path).read_bytes()
     except OSError as e:
         raise SMIMEProxyError(f"{path}: {e.strerror}") from None
+
+
+def load_crl(path: str | Path) -> x509.CertificateRevocationList:
+    """The CRL (PEM or DER) in the file ``path``; a one-line error naming the file."""
+    data = read_file(path)
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError as e:
+        raise CertificateError(f"{path}: not a CRL: {e}") from None
 
 
 def require_config(args: argparse.Namespace) -> Config:

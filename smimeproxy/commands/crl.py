@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cryptography import x509
-
-from smimeproxy.commands.common import IO, print_json, read_file, table
+from smimeproxy.commands.common import IO, load_crl, print_json, table
 from smimeproxy.commands.store_ops import actor, configured_store, when
 from smimeproxy.errors import CertificateError
 
@@ -27,16 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ls = s.add_parser("list", help="the newest CRL of each issuer")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=list_command)
-
-
-def load_crl(path: str) -> x509.CertificateRevocationList:
-    data = read_file(path)
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_crl(data)
-        return x509.load_der_x509_crl(data)
-    except ValueError as e:
-        raise CertificateError(f"{path}: not a CRL: {e}") from None
 
 
 def add_command(args: argparse.Namespace, io: IO) -> int:

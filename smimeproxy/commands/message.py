@@ -14,9 +14,8 @@ from typing import Any
 
 from cryptography import x509
 
-from smimeproxy.commands.common import IO, print_json
-from smimeproxy.commands.common import read_file as _read_file
-from smimeproxy.commands.store_ops import configured_store
+from smimeproxy.commands.common import IO, load_crl, print_json, read_file
+from smimeproxy.commands.store_ops import configured_store, password_from
 from smimeproxy.errors import CertificateError, ConfigError, SMIMEProxyError
 from smimeproxy.pki.validation import PathValidator, RevocationPolicy
 from smimeproxy.processing import MessageProcessor
@@ -189,32 +188,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     se.set_defaults(func=seal_command)
 
 
-def _password(args: argparse.Namespace) -> bytes | None:
-    if not getattr(args, "password_file", None):
-        return None
-    data = _read_file(args.password_file)
-    return data.splitlines()[0] if data else b""
-
-
-def _load_crl(data: bytes) -> x509.CertificateRevocationList:
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_crl(data)
-        return x509.load_der_x509_crl(data)
-    except ValueError as e:
-        raise CertificateError(f"not a CRL: {e}") from None
-
-
 def _key_pairs(args: argparse.Namespace) -> list[KeyPair]:
-    password = _password(args)
+    password = password_from(args.password_file)
     pairs: list[KeyPair] = []
     for path in args.pkcs12:
-        key, cert, _ = load_pkcs12(_read_file(path), password)
+        key, cert, _ = load_pkcs12(read_file(path), password)
         if key is None or cert is None:
             raise CertificateError(f"{path}: PKCS#12 without a key and its certificate")
         pairs.append(KeyPair(cert, key))
-    keys: list[SoftwareKey] = [load_private_key(_read_file(p), password) for p in args.key]
-    certs = [c for p in args.cert for c in load_certificates(_read_file(p))]
+    keys: list[SoftwareKey] = [load_private_key(read_file(p), password) for p in args.key]
+    certs = [c for p in args.cert for c in load_certificates(read_file(p))]
     matched = pair_keys(keys, certs)
     if keys and len({id(p.key) for p in matched}) < len(keys):
         raise CertificateError("a --key has no matching --cert (give the certificate of every key)")
@@ -225,9 +208,9 @@ def _validator(args: argparse.Namespace) -> PathValidator:
     anchors: list[x509.Certificate] = []
     intermediates: list[x509.Certificate] = []
     for path in args.trust:
-        for cert in load_certificates(_read_file(path)):
+        for cert in load_certificates(read_file(path)):
             (anchors if cert.issuer == cert.subject else intermediates).append(cert)
-    crls = [_load_crl(_read_file(p)) for p in args.crl]
+    crls = [load_crl(p) for p in args.crl]
     return PathValidator(
         anchors, intermediates, crls, revocation=RevocationPolicy(args.revocation or "soft-fail")
     )
@@ -327,25 +310,25 @@ def seal_command(args: argparse.Namespace, io: IO) -> int:
         return 0
     signer: KeyPair | None = None
     if not args.no_sign:
-        password = _password(args)
+        password = password_from(args.password_file)
         if args.pkcs12:
-            key, cert, _ = load_pkcs12(_read_file(args.pkcs12), password)
+            key, cert, _ = load_pkcs12(read_file(args.pkcs12), password)
             if key is None or cert is None:
                 raise CertificateError(f"{args.pkcs12}: PKCS#12 without a key and certificate")
             signer = KeyPair(cert, key)
         elif args.sign_key and args.sign_cert:
-            key = load_private_key(_read_file(args.sign_key), password)
-            certs = load_certificates(_read_file(args.sign_cert))
+            key = load_private_key(read_file(args.sign_key), password)
+            certs = load_certificates(read_file(args.sign_cert))
             matched = pair_keys([key], certs)
             if not matched:
                 raise CertificateError("--sign-key does not belong to --sign-cert")
             signer = matched[0]
         else:
             raise SMIMEProxyError("give --sign-key and --sign-cert (or --pkcs12), or --no-sign")
-    recipients = [c for p in args.encrypt_to for c in load_certificates(_read_file(p))]
+    recipients = [c for p in args.encrypt_to for c in load_certificates(read_file(p))]
     if signer is None and not recipients:
         raise SMIMEProxyError("--no-sign without --encrypt-to leaves nothing to do")
-    chain = [c for p in args.chain for c in load_certificates(_read_file(p))]
+    chain = [c for p in args.chain for c in load_certificates(read_file(p))]
     options = SealOptions(
         detached=not args.opaque,
         digest=args.digest,

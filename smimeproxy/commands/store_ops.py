@@ -106,11 +106,12 @@ def certificates_in(path: str) -> list[x509.Certificate]:
 
 
 def password_from(path: str | None) -> bytes | None:
-    """The first line of a password file (``None`` without a file)."""
+    """The first line of a password file, as it is (``None`` without a file; an empty
+    file is the empty password)."""
     if not path:
         return None
     data = read_file(path)
-    return data.splitlines()[0] if data.strip() else b""
+    return data.splitlines()[0] if data else b""
 
 
 def write_private(path: str | Path, data: bytes) -> None:
