@@ -42,14 +42,9 @@ from smimeproxy.servers.dovecot import find_dovecot  # noqa: E402
 from smimeproxy.smime.sealer import seal  # noqa: E402
 from smimeproxy.testing import CertificateFactory  # noqa: E402
 from tests.integration.dovecot import start_dovecot  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 ALICE, DAVE = "alice@acme.test", "dave@partner.test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Sink:

@@ -5,19 +5,13 @@ from __future__ import annotations
 import datetime
 import io
 import json
-import socket
 
 from smimeproxy.cli import main
 from smimeproxy.config import load_config
 from smimeproxy.keystore import create_key_file
 from smimeproxy.processing import open_configured_store
 from smimeproxy.testing import CertificateFactory
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port as _free_port
 
 
 def _setup(tmp_path, *, expiring: bool = False):

@@ -4,7 +4,6 @@ loopback in the test's reactor, and ``dig`` run without blocking it."""
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,12 +109,6 @@ def dns_server(store: SyncStore, threadpool: ThreadPool) -> Iterator[Server]:
     yield Server(port, publication, live)
     pytest_twisted.blockon(udp.stopListening())
     pytest_twisted.blockon(tcp.stopListening())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import email.utils
 import imaplib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,10 @@ from smimeproxy.keystore.sealing import MasterSecret
 from smimeproxy.smime.sealer import seal
 from smimeproxy.testing import CertificateFactory, Issued
 from tests.integration.dovecot import Dovecot, start_dovecot
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def plain_message(subject: str, body: str, *, sender: str = "dave@partner.test") -> bytes:

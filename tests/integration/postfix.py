@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.conftest import require_tool
+from tests.ports import free_port, wait_port
 
 #: master.cf services Postfix needs besides ours (chroot "n" everywhere: no jail setup)
 _MASTER_BASE = """\
@@ -47,12 +46,6 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main_cf(base: Path, gateway_port: int, relay_port: int) -> str:
@@ -149,7 +142,7 @@ class SmtpSink:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_port(self.port)
+        wait_port(self.port)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -181,17 +174,6 @@ def _parse_dump(raw: bytes) -> SinkMessage:
         while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
             i += 1
     return SinkMessage(sender, rcpts, b"\n".join(lines[i:]))
-
-
-def _wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 @dataclass
@@ -238,8 +220,8 @@ class Postfix:
             done = self._postfix("start")
         if done.returncode != 0:
             raise RuntimeError(f"postfix start failed: {done.stderr}\n{self.log()}")
-        _wait_port(self.smtpd_port)
-        _wait_port(self.reinject_port)
+        wait_port(self.smtpd_port)
+        wait_port(self.reinject_port)
 
     def flush(self) -> None:
         self._postfix("flush")

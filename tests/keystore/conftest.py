@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -25,6 +24,7 @@ import pytest
 from smimeproxy.keystore import MasterSecret, SyncStore, open_store
 from smimeproxy.testing import CertificateFactory, Issued
 from tests.conftest import IN_CI
+from tests.ports import free_port as _free_port
 
 PG_BIN_DIRS = [Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15, 14, 13)]
 
@@ -41,12 +41,6 @@ def _pg_bin() -> Path | None:
             return d
     found = shutil.which("initdb")
     return Path(found).parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import smtplib
-import socket
 import tracemalloc
 
 import pytest
@@ -16,14 +15,9 @@ from twisted.internet.task import deferLater
 
 from smimeproxy.smime import mime
 from smimeproxy.smtp import make_service
+from tests.ports import free_port
 from tests.smtp.conftest import PLAIN
 from tests.smtp.sink import Sink
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Gateway:
