@@ -21,9 +21,9 @@ from smimeproxy.directory.service import make_service
 from smimeproxy.keystore import SyncStore
 from smimeproxy.pki.smimea import parse_smimea_presentation, smimea_for_certificate
 from smimeproxy.pki.smimea import smimea_owner_name as owner_of
-from tests.conftest import IN_CI
 from tests.directory.conftest import People, dig
 from tests.integration.bind import free_port
+from tests.modules import require_module
 
 
 @pytest.fixture
@@ -126,12 +126,7 @@ def test_publication_follows_aliases_and_expiry(store: SyncStore, people: People
 
 @pytest.fixture
 def ldap_running(tmp_path: Path, store: SyncStore) -> Iterator[int]:
-    try:
-        import ldaptor  # noqa: F401
-    except ImportError:
-        if IN_CI:
-            pytest.fail("ldaptor is required in CI (pip install ldaptor)")
-        pytest.skip("ldaptor is not installed")
+    require_module("ldaptor")
     port = free_port()
     path = tmp_path / "ldap.toml"
     path.write_text(
@@ -237,7 +232,7 @@ def test_ldap_garbage_closes_connection_quietly(ldap_running: int):
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_ldap_fuzz_never_raises(data: bytes):
-    pytest.importorskip("ldaptor")
+    require_module("ldaptor")
     from twisted.internet.testing import StringTransport
 
     from smimeproxy.directory.ldap import CertificateLDAPServer

@@ -20,6 +20,7 @@ import pytest
 from smimeproxy.smime.sealer import seal
 from tests.conftest import require_tool
 from tests.integration.imap_world import World, plain_message, start_world
+from tests.modules import require_module
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,6 @@ def test_plain_messages_pass_through_unchanged(world: World) -> None:
 
 
 def test_encrypted_message_is_answered_decrypted(world: World) -> None:
-    pytest.importorskip("smimeproxy.imap.cache")  # the same decryption across commands
     mailbox(world, "Enc", [world.encrypted("secret subject", "the hidden body text")])
     c, d = world.client(), world.direct()
     c.select("Enc")
@@ -104,7 +104,6 @@ def test_encrypted_message_is_answered_decrypted(world: World) -> None:
 
 def test_chunked_fetch_is_consistent(world: World) -> None:
     """Thunderbird-style: size first, then BODY.PEEK[]<n.m> chunks, then structure."""
-    pytest.importorskip("smimeproxy.imap.cache")
     mailbox(world, "Chunks", [world.encrypted("chunks", "line\r\n" * 3000)])
     c = world.client()
     c.select("Chunks")
@@ -186,7 +185,6 @@ def test_append_elsewhere_passes_through(world: World) -> None:
 
 
 def test_search_body_matches_encrypted(world: World) -> None:
-    pytest.importorskip("smimeproxy.imap.search")
     mailbox(
         world,
         "Search",
@@ -206,7 +204,7 @@ def test_search_body_matches_encrypted(world: World) -> None:
 
 
 def test_imapclient_library(world: World) -> None:
-    imapclient = pytest.importorskip("imapclient")
+    imapclient = require_module("imapclient")
     mailbox(
         world, "IMAPClient", [world.encrypted("lib", "via imapclient"), plain_message("p", "q")]
     )
