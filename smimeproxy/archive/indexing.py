@@ -35,6 +35,7 @@ from smimeproxy.archive.index import ArchiveIndex, IndexedMessage
 from smimeproxy.archive.originals import Originals, sha256_hex
 from smimeproxy.archive.sources import Mailbox, MailboxGone
 from smimeproxy.archive.state import IndexState
+from smimeproxy.bugs import log_bug
 from smimeproxy.errors import SMIMEProxyError, UpstreamError
 from smimeproxy.processing import MessageProcessor
 from smimeproxy.smime.keys import KeyPair
@@ -148,11 +149,7 @@ class Indexer:
             self._opening += self._clock() - t0
             return extract(opened.data, opened.status)
         except Exception as e:  # one bad message must never stop an archive run
-            self._log.failure(
-                "archive.extract.failed owner={owner} error={error}",
-                owner=owner,
-                error=type(e).__name__,
-            )
+            log_bug(self._log, "archive.extract.failed owner={owner}", e, owner=owner)
             try:
                 fields = extract(data)
             except Exception:

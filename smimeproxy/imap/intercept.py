@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
+from smimeproxy.bugs import log_bug
 from smimeproxy.errors import MalformedMessage, SMIMEProxyError
 from smimeproxy.imap import fetch
 from smimeproxy.imap.wire import (
@@ -195,7 +196,10 @@ class FetchRewrite:
         try:
             out = fetch.rewrite_response(message, view, self.items, failures)
         except (MalformedMessage, ValueError, LookupError) as exc:
-            _log.warn("imap.fetch.rewrite_failed {error}", error=str(exc))
+            if isinstance(exc, MalformedMessage):  # our own text: never message content
+                _log.warn("imap.fetch.rewrite_failed {error}", error=str(exc))
+            else:
+                log_bug(_log, "imap.fetch.rewrite_failed", exc)
             return message.encode()
         if failures:
             self.failures.extend(failures)

@@ -40,6 +40,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from smimeproxy.bugs import log_bug
 from smimeproxy.errors import MalformedMessage
 from smimeproxy.imap import intercept
 from smimeproxy.imap.upstream import (
@@ -467,7 +468,7 @@ class ProxySession(Protocol):
         d.addBoth(self._unbusy)
 
     def _intercept_failed(self, failure: Failure) -> None:
-        self._log.failure("imap.intercept.failed", failure)
+        log_bug(self._log, "imap.intercept.failed", failure)
         if not self._closed:
             self.send(b"* BYE internal error in proxy\r\n")
             self.close()

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from smimeproxy.bugs import log_bug
 from smimeproxy.config import SMTPConfig
 from smimeproxy.errors import KeystoreError
 from smimeproxy.metrics import Registry
@@ -361,7 +362,7 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
             self._log_message(queue_id, (), "tempfail", size, len(recipients), str(e))
             return R.LOCAL_ERROR
         except Exception:
-            self._log.failure("smtp.transform_failed queue_id={queue_id}", queue_id=queue_id)
+            log_bug(self._log, "smtp.transform_failed queue_id={queue_id}", queue_id=queue_id)
             self._log_message(queue_id, (), "tempfail", size, len(recipients), "internal error")
             return R.LOCAL_ERROR
         del data

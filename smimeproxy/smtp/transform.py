@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
+from smimeproxy.bugs import log_bug
 from smimeproxy.config import SMTPConfig
 from smimeproxy.errors import KeyNotFound, KeystoreError, SMIMEProxyError
 from smimeproxy.processing import MessageProcessor, RecipientCertificate
@@ -396,8 +397,8 @@ class MessageTransform:
             opened = self.processor.open_for(data, owners)
         except KeystoreError:
             raise
-        except Exception as e:  # a bug in the engine must not lose the message
-            self._log.failure("smtp.open_failed error={error}", error=type(e).__name__)
+        except Exception:  # a bug in the engine must not lose the message
+            log_bug(self._log, "smtp.open_failed")
             return None
         details = {"smime": str(opened.status.smime_result)}
         if opened.status.decryption is not None:
