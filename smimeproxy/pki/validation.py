@@ -614,6 +614,10 @@ def _static_checks(candidate: _Candidate, purpose: str) -> tuple[Check, ...]:
     )
 
 
+#: validations remembered per validator by the identity of their certificate objects
+_RECENT_LIMIT = 256
+
+
 # --- the validator ----------------------------------------------------------------------
 
 
@@ -655,6 +659,13 @@ class PathValidator:
         #: per validator (its anchors and intermediates are fixed): the time-independent
         #: part of a validation, keyed by the certificates (they hash by their DER)
         self._static = functools.lru_cache(maxsize=256)(self._static_uncached)
+        self._recent: dict[
+            tuple[object, ...],
+            tuple[
+                tuple[object, ...],
+                tuple[tuple[str, ...], tuple[tuple[_Candidate, tuple[Check, ...]], ...]],
+            ],
+        ] = {}
 
     @property
     def revocation(self) -> RevocationPolicy:
@@ -686,24 +697,9 @@ class PathValidator:
         if not isinstance(certificate, x509.Certificate):
             raise CertificateError(f"not a certificate: {type(certificate).__name__}")
         when = _as_utc(at if at is not None else self._clock())
-        try:
-            leaf_der = _der(certificate)
-        except DECODE_ERRORS as e:
-            raise CertificateError(f"unreadable certificate ({type(e).__name__})") from None
-        extras = tuple(
-            c
-            for c in (*self._intermediates, *extra_certificates)
-            if isinstance(c, x509.Certificate) and _der(c) != leaf_der
-        )
-        addresses, candidates = self._static(certificate, extras, purpose)
-        # the cached paths may hold equal certificates from an earlier call: show ours
-        ours = {leaf_der: certificate}
-        for cert in extras:
-            ours.setdefault(_der(cert), cert)
+        addresses, candidates = self._paths(certificate, extra_certificates, purpose)
         best: tuple[tuple[int, ...], _Candidate, tuple[Check, ...]] | None = None
-        for cached, static in candidates:
-            path = tuple(ours.get(_der(c), c) for c in cached.path)
-            candidate = _Candidate(path, cached.anchored, cached.problem)
+        for candidate, static in candidates:
             checks = self._checks(candidate, static, addresses, sender, when)
             score = (
                 0 if candidate.anchored and candidate.problem is None else 1,
@@ -722,6 +718,53 @@ class PathValidator:
             trusted=self._trusted(checks),
             addresses=addresses,
         )
+
+    def _paths(
+        self,
+        certificate: x509.Certificate,
+        extra_certificates: Sequence[x509.Certificate],
+        purpose: str,
+    ) -> tuple[tuple[str, ...], tuple[tuple[_Candidate, tuple[Check, ...]], ...]]:
+        """The certificate's addresses, and its candidate paths (made of the given
+        certificate objects) with their time-independent checks.
+
+        Remembered for the very same objects as well (by identity: the message layer
+        hands over the same certificate objects for the same DER), which spares hashing
+        each certificate's DER for the lookups below.
+        """
+        given = (certificate, *extra_certificates)
+        key = (purpose, *map(id, given))
+        hit = self._recent.get(key)
+        if hit is not None and len(hit[0]) == len(given):
+            if all(a is b for a, b in zip(hit[0], given, strict=True)):
+                return hit[1]
+        try:
+            leaf_der = _der(certificate)
+        except DECODE_ERRORS as e:
+            raise CertificateError(f"unreadable certificate ({type(e).__name__})") from None
+        extras = tuple(
+            c
+            for c in (*self._intermediates, *extra_certificates)
+            if isinstance(c, x509.Certificate) and _der(c) != leaf_der
+        )
+        addresses, cached = self._static(certificate, extras, purpose)
+        # the cached paths may hold equal certificates from an earlier call: show ours
+        ours = {leaf_der: certificate}
+        for cert in extras:
+            ours.setdefault(_der(cert), cert)
+        candidates = tuple(
+            (
+                _Candidate(
+                    tuple(ours.get(_der(c), c) for c in old.path), old.anchored, old.problem
+                ),
+                static,
+            )
+            for old, static in cached
+        )
+        if len(self._recent) >= _RECENT_LIMIT:
+            self._recent.clear()
+        self._recent[key] = (given, (addresses, candidates))
+        return addresses, candidates
 
     def _static_uncached(
         self,
