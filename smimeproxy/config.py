@@ -779,7 +779,8 @@ def _imap(t: _Table) -> IMAPConfig:
         sub = f"delegation.{login}"
         if not isinstance(value, list) or not all(isinstance(v, str) and "@" in v for v in value):
             raise t.error(sub, "must be a list of addresses")
-        delegation[login] = tuple(v.lower() for v in value)
+        # the session looks it up by the user's (lower-case) primary address
+        delegation[login.strip().lower()] = tuple(v.strip().lower() for v in value)
     cert, key = _tls_pair(t)
     return IMAPConfig(
         listen=listen,

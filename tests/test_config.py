@@ -509,3 +509,16 @@ def test_any_endpoint_string_is_accepted_or_a_config_error(description: str, rol
     except ConfigError:
         return
     assert endpoint.type in ("tcp", "tcp6", "ssl", "tls", "unix", "udp")
+
+
+def test_delegation_keys_compare_like_store_addresses(tmp_path: Path) -> None:
+    """The IMAP session looks delegation up by the user's lower-case primary address."""
+    config = load_config(
+        write(
+            tmp_path,
+            '[imap]\nlisten = []\nupstream = "tcp:h:143"\n'
+            '[imap.delegation]\n"Alice@ACME.test" = [" Sales@Acme.test"]\n',
+        )
+    )
+    assert config.imap is not None
+    assert dict(config.imap.delegation) == {"alice@acme.test": ("sales@acme.test",)}
