@@ -37,7 +37,7 @@ from smimeproxy.errors import CertificateError, KeyNotFound, KeystoreError, Seal
 from smimeproxy.keystore import audit
 from smimeproxy.keystore import certificates as certs
 from smimeproxy.keystore.interface import KeyState, TrustKind
-from smimeproxy.keystore.schema import Tx, from_text, to_text
+from smimeproxy.keystore.schema import Tx, bump_generation, from_text, to_text
 from smimeproxy.keystore.sealing import MasterSecret, Sealer, new_kdf_parameters
 from smimeproxy.keystore.store import SyncStore
 from smimeproxy.pki import ca as pki
@@ -199,6 +199,7 @@ class CAState:
                 certs.add_trust(tx, cert, TrustKind.ANCHOR if name == ROOT else None, now)
                 if name == ISSUING:
                     self._record(tx, cert, ROOT, cert.subject.rfc4514_string(), now)
+            bump_generation(tx)
             audit.append(
                 tx,
                 self._now,
@@ -279,6 +280,7 @@ class CAState:
         subject = (pki.certificate_addresses(cert) or [cert.subject.rfc4514_string()])[0]
         with self.store.db.transaction() as tx:
             self._record(tx, cert, issuer, subject, self._now())
+            bump_generation(tx)
             audit.append(
                 tx,
                 self._now,
@@ -325,6 +327,7 @@ class CAState:
                     " WHERE serial = ? AND revoked_at IS NULL",
                     (to_text(self._now()), pki.reason_name(flag), serial_text(serial)),
                 )
+                bump_generation(tx)
                 audit.append(
                     tx,
                     self._now,
@@ -500,6 +503,7 @@ def reseal(store: SyncStore, new_master: MasterSecret, *, actor: str = "system")
             count += 1
         tx.run("UPDATE meta SET value = ? WHERE name = 'kek_kdf'", (json.dumps(params),))
         tx.run("UPDATE meta SET value = ? WHERE name = 'kek_check'", (new.check_value().hex(),))
+        bump_generation(tx)
         audit.append(
             tx,
             store._now,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -231,6 +232,46 @@ def upsert(
     return get(tx, fp)
 
 
+#: what of a stored certificate an encryption lookup depends on (None: not stored)
+LookupFacts = tuple[str, str | None, str, int] | None
+
+
+def lookup_facts(tx: Tx, fp: str) -> LookupFacts:
+    """Capabilities, preference, last_seen and revoked of a stored certificate."""
+    row = tx.one(
+        "SELECT capabilities, encryption_key_preference, last_seen, revoked"
+        " FROM certificates WHERE fingerprint = ?",
+        (fp,),
+    )
+    return None if row is None else (str(row[0]), row[1], str(row[2]), int(row[3]))
+
+
+def refresh_changes_lookups(tx: Tx, fp: str, before: LookupFacts, after: LookupFacts) -> bool:
+    """Whether an upsert that turned ``before`` into ``after`` can change what
+    :func:`best_for_encryption` chooses for any address, at any time.
+
+    A new certificate, new capabilities or a new preference can. A later last_seen
+    alone matters only through the order by last_seen: among certificates naming a
+    preference (when this one names one and another sharing an address does too),
+    and as the tie-break between certificates with the same notBefore. Errs towards
+    True."""
+    if before is None or after is None or before[:2] != after[:2] or before[3] != after[3]:
+        return True
+    if before[2] == after[2]:
+        return False
+    mine = "me.encryption_key_preference IS NOT NULL AND " if after[1] is not None else "1 = 0 AND "
+    row = tx.one(
+        "SELECT 1 FROM certificate_addresses a"
+        " JOIN certificate_addresses b ON b.address = a.address AND b.fingerprint <> a.fingerprint"
+        " JOIN certificates c ON c.fingerprint = b.fingerprint"
+        " JOIN certificates me ON me.fingerprint = a.fingerprint"
+        " WHERE a.fingerprint = ? AND (c.not_before = me.not_before OR"
+        f" ({mine}c.encryption_key_preference IS NOT NULL)) LIMIT 1",
+        (fp,),
+    )
+    return row is not None
+
+
 def get(tx: Tx, fp: str) -> CertificateRecord:
     row = tx.one(f"SELECT {_COLS} FROM certificates WHERE fingerprint = ?", (fp.lower(),))
     if row is None:
@@ -251,6 +292,35 @@ def listing(tx: Tx, address: str | None = None) -> list[CertificateRecord]:
     return [to_record(tx, r) for r in rows]
 
 
+def _choose(
+    candidates: Sequence[tuple[x509.Certificate, str, str | None, str]], now: datetime.datetime
+) -> int | None:
+    """The index of the certificate to encrypt to among ``candidates`` (certificate,
+    last_seen as stored text, preferred fingerprint, own fingerprint), given in the
+    order notBefore descending, last_seen descending; None if none qualifies.
+
+    Unrevoked is the caller's filter. Here: inside its validity at ``now`` and fit for
+    encryption (:func:`usable_for_encryption`); the one the most recently seen signature
+    preferred (SMIMEEncryptionKeyPreference) if it qualifies, else the first (issued
+    last)."""
+    valid = [
+        i
+        for i, (cert, *_rest) in enumerate(candidates)
+        if cert.not_valid_before_utc <= now < cert.not_valid_after_utc
+    ]
+    usable = [i for i in valid if usable_for_encryption(candidates[i][0], now)]
+    if not usable:
+        return None
+    chosen = usable[0]
+    by_fp = {candidates[i][3]: i for i in usable}
+    # stored times are fixed-width text, so text order is time order
+    for i in sorted(valid, key=lambda i: candidates[i][1], reverse=True):
+        if candidates[i][2]:
+            chosen = by_fp.get(candidates[i][2], chosen)
+            break
+    return chosen
+
+
 def best_for_encryption(tx: Tx, address: str, now: datetime.datetime) -> CertificateRecord | None:
     """The certificate to encrypt to ``address`` among the stored ones: unrevoked,
     inside its validity and fit for encryption (:func:`usable_for_encryption`); the
@@ -265,17 +335,80 @@ def best_for_encryption(tx: Tx, address: str, now: datetime.datetime) -> Certifi
         (normalise(address), to_text(now), to_text(now)),
     )
     parsed = [(row, load_certificate(row[1])) for row in rows]
-    usable = [(row, cert) for row, cert in parsed if usable_for_encryption(cert, now)]
-    if not usable:
-        return None
-    chosen = usable[0]
-    by_fp = {row[0]: (row, cert) for row, cert in usable}
-    # stored times are fixed-width text, so text order is time order
-    for row, _ in sorted(parsed, key=lambda rc: str(rc[0][4]), reverse=True):
-        if row[6]:
-            chosen = by_fp.get(row[6], chosen)
-            break
-    return to_record(tx, chosen[0], chosen[1])
+    chosen = _choose([(cert, str(row[4]), row[6], row[0]) for row, cert in parsed], now)
+    return None if chosen is None else to_record(tx, parsed[chosen][0], parsed[chosen][1])
+
+
+@dataclass(frozen=True)
+class EncryptionCandidates:
+    """Everything the store holds that could answer "which certificate to encrypt to
+    ``address``", whatever the time: the local user's current certificate (if the
+    address is a user's) and every unrevoked external certificate for the address, in
+    the order :func:`best_for_encryption` ranks them.
+
+    It depends only on the store's contents, so it may be kept as long as the store
+    generation is unchanged; :meth:`best` then gives, at any ``now``, the answer
+    :meth:`SyncStore.encryption_certificate` would give at that time.
+    """
+
+    address: str
+    local: CertificateRecord | None
+    external: tuple[CertificateRecord, ...]
+
+    def best(self, now: datetime.datetime) -> CertificateRecord | None:
+        if self.local is not None and usable_for_encryption(self.local.certificate, now):
+            return self.local
+        chosen = _choose(
+            [
+                (r.certificate, to_text(r.last_seen), r.encryption_key_preference, r.fingerprint)
+                for r in self.external
+            ],
+            now,
+        )
+        return None if chosen is None else self.external[chosen]
+
+
+def external_candidates(tx: Tx, address: str) -> tuple[CertificateRecord, ...]:
+    """Every unrevoked stored certificate for ``address`` (any validity), ranked as
+    :func:`best_for_encryption` ranks them; two queries whatever their number."""
+    name = normalise(address)
+    rows = tx.all(
+        f"SELECT {QUALIFIED} FROM certificate_addresses a"
+        " JOIN certificates c ON c.fingerprint = a.fingerprint"
+        " WHERE a.address = ? AND c.revoked = 0"
+        " ORDER BY c.not_before DESC, c.last_seen DESC",
+        (name,),
+    )
+    if not rows:
+        return ()
+    names: dict[str, list[str]] = {}
+    for fp, other in tx.all(
+        "SELECT b.fingerprint, b.address FROM certificate_addresses a"
+        " JOIN certificate_addresses b ON b.fingerprint = a.fingerprint"
+        " WHERE a.address = ? ORDER BY b.address",
+        (name,),
+    ):
+        names.setdefault(fp, []).append(other)
+    out = []
+    for row in rows:
+        try:
+            capabilities = tuple(json.loads(row[5]))
+        except (TypeError, ValueError):
+            capabilities = ()
+        out.append(
+            CertificateRecord(
+                fingerprint=row[0],
+                addresses=tuple(names.get(row[0], ())),
+                certificate=load_certificate(row[1]),
+                source=CertificateSource(row[2]),
+                first_seen=from_text(row[3]),
+                last_seen=from_text(row[4]),
+                capabilities=capabilities,
+                encryption_key_preference=row[6],
+                revoked=bool(row[7]),
+            )
+        )
+    return tuple(out)
 
 
 # -- trust anchors and intermediates --------------------------------------------------------

@@ -215,6 +215,10 @@ class Keystore:
             verified=verified,
         )
 
+    def generation(self) -> Deferred[int]:
+        """See :meth:`SyncStore.generation`."""
+        return self._defer(self.store.generation)
+
     def trust_anchors(self) -> Deferred[list[x509.Certificate]]:
         return self._defer(self.store.trust_anchors)
 

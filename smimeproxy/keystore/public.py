@@ -26,7 +26,7 @@ from smimeproxy.keystore.interface import (
     TrustRecord,
     User,
 )
-from smimeproxy.keystore.schema import Database, to_text
+from smimeproxy.keystore.schema import Database, bump_generation, read_generation, to_text
 from smimeproxy.smime.status import fingerprint
 
 
@@ -55,6 +55,7 @@ class PublicRecords:
                 users.insert_address(tx, uid, certs.normalise(alias), "alias")
             for login in login_names:
                 users.insert_login(tx, uid, certs.normalise(login))
+            bump_generation(tx)
             audit.append(tx, self._now, actor, "user.add", primary)
             return users.user_by_id(tx, uid)
 
@@ -63,6 +64,7 @@ class PublicRecords:
         with self.db.transaction() as tx:
             uid = users.user_id(tx, address_or_login)
             users.insert_address(tx, uid, alias, "alias")
+            bump_generation(tx)
             audit.append(tx, self._now, actor, "user.alias.add", alias)
             return users.user_by_id(tx, uid)
 
@@ -75,6 +77,7 @@ class PublicRecords:
             if row is None:
                 raise KeyNotFound(f"no alias {alias}")
             tx.run("DELETE FROM addresses WHERE address = ?", (alias,))
+            bump_generation(tx)
             audit.append(tx, self._now, actor, "user.alias.remove", alias)
             return users.user_by_id(tx, row[0])
 
@@ -83,6 +86,7 @@ class PublicRecords:
         with self.db.transaction() as tx:
             uid = users.user_id(tx, address_or_login)
             users.insert_login(tx, uid, login)
+            bump_generation(tx)
             audit.append(tx, self._now, actor, "user.login.add", login)
             return users.user_by_id(tx, uid)
 
@@ -93,6 +97,7 @@ class PublicRecords:
             if row is None:
                 raise KeyNotFound(f"no login {login}")
             tx.run("DELETE FROM logins WHERE login = ?", (login,))
+            bump_generation(tx)
             audit.append(tx, self._now, actor, "user.login.remove", login)
             return users.user_by_id(tx, row[0])
 
@@ -103,6 +108,7 @@ class PublicRecords:
             if tx.one("SELECT 1 FROM keys WHERE owner = ? LIMIT 1", (uid,)):
                 raise KeystoreError(f"user {certs.normalise(address)} has keys; revoke them")
             tx.run("DELETE FROM users WHERE id = ?", (uid,))
+            bump_generation(tx)
             audit.append(tx, self._now, actor, "user.remove", certs.normalise(address))
 
     def user(self, address_or_login: str) -> User:
@@ -144,15 +150,27 @@ class PublicRecords:
         seen = seen_at or self._now()
         with self.db.transaction() as tx:
             preference = None
+            touched = [fingerprint(certificate)]
             if encryption_key_preference is not None:
                 preference = fingerprint(encryption_key_preference)
-                if preference != fingerprint(certificate):
-                    certs.upsert(
-                        tx, encryption_key_preference, CertificateSource.HARVESTED, seen, None, None
-                    )
-            return certs.upsert(
+                if preference != touched[0]:
+                    touched.append(preference)
+            before = [certs.lookup_facts(tx, fp) for fp in touched]
+            if len(touched) > 1:
+                certs.upsert(
+                    tx, encryption_key_preference, CertificateSource.HARVESTED, seen, None, None
+                )
+            record = certs.upsert(
                 tx, certificate, CertificateSource.HARVESTED, seen, tuple(capabilities), preference
             )
+            # harvesting is frequent (every verified inbound signature): move the
+            # generation only when what an encryption lookup would choose can differ
+            if any(
+                certs.refresh_changes_lookups(tx, fp, old, certs.lookup_facts(tx, fp))
+                for fp, old in zip(touched, before, strict=True)
+            ):
+                bump_generation(tx)
+            return record
 
     def import_certificate(
         self,
@@ -174,6 +192,7 @@ class PublicRecords:
                 None if capabilities is None else tuple(capabilities),
                 None,
             )
+            bump_generation(tx)
             if source is CertificateSource.IMPORTED:
                 audit.append(
                     tx,
@@ -203,6 +222,7 @@ class PublicRecords:
             tx.run(
                 "UPDATE certificates SET revoked = 1 WHERE fingerprint = ?", (record.fingerprint,)
             )
+            bump_generation(tx)
             audit.append(
                 tx,
                 self._now,
@@ -217,6 +237,7 @@ class PublicRecords:
         with self.db.transaction() as tx:
             record = certs.get(tx, fingerprint_hex)
             tx.run("DELETE FROM certificates WHERE fingerprint = ?", (record.fingerprint,))
+            bump_generation(tx)
             audit.append(
                 tx,
                 self._now,
@@ -234,6 +255,7 @@ class PublicRecords:
         """Add a trust anchor or intermediate (self-signed means anchor unless ``kind``)."""
         with self.db.transaction() as tx:
             record = certs.add_trust(tx, certificate, kind, self._now())
+            bump_generation(tx)
             audit.append(
                 tx,
                 self._now,
@@ -248,7 +270,16 @@ class PublicRecords:
         with self.db.transaction() as tx:
             if not tx.run("DELETE FROM trust WHERE fingerprint = ?", (fingerprint_hex.lower(),)):
                 raise KeyNotFound(f"no trust anchor or intermediate {fingerprint_hex}")
+            bump_generation(tx)
             audit.append(tx, self._now, actor, "trust.remove", fingerprint_hex.lower())
+
+    def generation(self) -> int:
+        """The store generation: a number that changes with every committed write that
+        can change a lookup's answer, on any node (see
+        :func:`smimeproxy.keystore.schema.bump_generation`). One indexed read; callers
+        holding lookups in memory compare it before reusing them."""
+        with self.db.transaction(write=False) as tx:
+            return read_generation(tx)
 
     def trust_records(self, kind: TrustKind | None = None) -> list[TrustRecord]:
         with self.db.transaction(write=False) as tx:
@@ -266,6 +297,7 @@ class PublicRecords:
         with self.db.transaction() as tx:
             kept = certs.add_crl(tx, crl, self._now())
             if kept:
+                bump_generation(tx)
                 audit.append(
                     tx,
                     self._now,

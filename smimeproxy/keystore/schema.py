@@ -231,6 +231,11 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         " published INTEGER NOT NULL DEFAULT 0,"
         " PRIMARY KEY (run, address))",
     ),
+    # the store generation (see bump_generation): one row, one counter
+    3: (
+        "CREATE TABLE generation ( id INTEGER PRIMARY KEY CHECK (id = 1), value {bigint} NOT NULL)",
+        "INSERT INTO generation (id, value) VALUES (1, 0)",
+    ),
 }
 
 LATEST = max(MIGRATIONS)
@@ -239,6 +244,32 @@ LATEST = max(MIGRATIONS)
 def current_version(tx: Tx) -> int:
     row = tx.one("SELECT MAX(version) FROM schema_version")
     return int(row[0]) if row and row[0] is not None else 0
+
+
+def bump_generation(tx: Tx) -> None:
+    """Count one more change that can alter a lookup's answer, inside ``tx``.
+
+    Every write that can change what a lookup returns (keys, users and their
+    addresses and logins, certificates, trust, CRLs, the CA's issued certificates)
+    calls this in the transaction that makes the change, so a reader that sees the
+    old generation has seen none of the change and one that sees the new generation
+    sees all of it. Caches on every node (:mod:`smimeproxy.processing`) read the
+    generation once per message and drop what they hold when it moved.
+
+    The row is locked until ``tx`` ends, so concurrent writers on any node take
+    turns here and each commit gets its own, larger value. Not guaranteed: that the
+    number grows by exactly one per write (a rolled-back transaction leaves no trace,
+    and one transaction may bump more than once); only that it changes.
+    """
+    tx.run("UPDATE generation SET value = value + 1 WHERE id = 1")
+
+
+def read_generation(tx: Tx) -> int:
+    """The current store generation (see :func:`bump_generation`)."""
+    row = tx.one("SELECT value FROM generation WHERE id = 1")
+    if row is None:
+        raise KeystoreError("the key store's generation row is missing")
+    return int(row[0])
 
 
 def migrate(db: Database, now: Callable[[], datetime.datetime]) -> int:

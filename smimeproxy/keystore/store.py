@@ -43,7 +43,15 @@ from smimeproxy.keystore.interface import (
     SigningIdentity,
 )
 from smimeproxy.keystore.public import PublicRecords
-from smimeproxy.keystore.schema import Database, Row, Tx, from_text, migrate, to_text
+from smimeproxy.keystore.schema import (
+    Database,
+    Row,
+    Tx,
+    bump_generation,
+    from_text,
+    migrate,
+    to_text,
+)
 from smimeproxy.keystore.sealing import MasterSecret, Sealer, new_kdf_parameters
 from smimeproxy.smime.keys import KeyPair, PrivateKey, SoftwareKey
 from smimeproxy.smime.status import fingerprint
@@ -347,6 +355,7 @@ class SyncStore(PublicRecords):
             detail["replaced"] = replaced
         if hsm_reference:
             detail["hsm"] = True
+        bump_generation(tx)
         audit.append(tx, self._now, actor, action, addresses[0], detail)
         return user_id, state, sealed
 
@@ -376,6 +385,7 @@ class SyncStore(PublicRecords):
                 "UPDATE keys SET state = 'revoked', revoked_reason = ? WHERE id = ?",
                 (reason, record.id),
             )
+            bump_generation(tx)
             owner = users.user_by_id(tx, record.owner).address
             audit.append(
                 tx,
@@ -523,6 +533,7 @@ class SyncStore(PublicRecords):
                 )
             tx.run("UPDATE meta SET value = ? WHERE name = 'kek_kdf'", (json.dumps(params),))
             tx.run("UPDATE meta SET value = ? WHERE name = 'kek_check'", (new.check_value().hex(),))
+            bump_generation(tx)
             audit.append(
                 tx,
                 self._now,
@@ -575,22 +586,40 @@ class SyncStore(PublicRecords):
         name = certs.normalise(address)
         now = self._now()
         with self.db.transaction(write=False) as tx:
-            row = tx.one(
-                "SELECT k.certificate, k.created FROM addresses a"
-                " JOIN keys k ON k.owner = a.user_id AND k.state = 'current'"
-                " WHERE a.address = ?",
-                (name,),
-            )
-            if row is not None:
-                cert = certs.load_certificate(row[0])
-                if certs.usable_for_encryption(cert, now):
-                    created = from_text(row[1])
-                    return CertificateRecord(
-                        fingerprint(cert),
-                        certs.certificate_addresses(cert),
-                        cert,
-                        CertificateSource.LOCAL,
-                        created,
-                        created,
-                    )
+            local = self._local_certificate(tx, name)
+            if local is not None and certs.usable_for_encryption(local.certificate, now):
+                return local
             return certs.best_for_encryption(tx, name, now)
+
+    def encryption_candidates(self, address: str) -> certs.EncryptionCandidates:
+        """What :meth:`encryption_certificate` chooses from, independent of the time:
+        ``encryption_candidates(a).best(now)`` is ``encryption_certificate(a)`` at
+        ``now`` for as long as :meth:`generation` is unchanged. For callers that keep
+        lookups in memory (one more query than :meth:`encryption_certificate`)."""
+        name = certs.normalise(address)
+        with self.db.transaction(write=False) as tx:
+            return certs.EncryptionCandidates(
+                name, self._local_certificate(tx, name), certs.external_candidates(tx, name)
+            )
+
+    @staticmethod
+    def _local_certificate(tx: Tx, name: str) -> CertificateRecord | None:
+        """The current certificate of the local user owning address ``name``."""
+        row = tx.one(
+            "SELECT k.certificate, k.created FROM addresses a"
+            " JOIN keys k ON k.owner = a.user_id AND k.state = 'current'"
+            " WHERE a.address = ?",
+            (name,),
+        )
+        if row is None:
+            return None
+        cert = certs.load_certificate(row[0])
+        created = from_text(row[1])
+        return CertificateRecord(
+            fingerprint(cert),
+            certs.certificate_addresses(cert),
+            cert,
+            CertificateSource.LOCAL,
+            created,
+            created,
+        )
