@@ -78,7 +78,10 @@ CSV_COLUMNS = (
 
 
 def _open_private(path: Path) -> IO[bytes]:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """A new owner-only (0600) file at ``path``. Exclusive: an existing file or a link
+    planted at the temporary name (the output directory may be shared) is refused,
+    never followed or truncated."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     return os.fdopen(fd, "wb")
 
 

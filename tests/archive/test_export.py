@@ -210,3 +210,20 @@ def test_bad_output_names(world: World, indexed: tuple[LocalArchive, dict[str, b
         export_matches(archive, world.processor, "", world.root / "x.tar", actor="t")
     with pytest.raises(ArchiveError, match="does not exist"):
         export_matches(archive, world.processor, "", world.root / "no" / "x.zip", actor="t")
+
+
+def test_planted_link_at_the_temporary_name_is_not_followed(
+    world: World, indexed: tuple[LocalArchive, dict[str, bytes]]
+) -> None:
+    """The plaintext export never writes through a link someone left in the output
+    directory; the export fails cleanly instead."""
+    archive, _ = indexed
+    victim = world.root / "victim.txt"
+    victim.write_bytes(b"untouched")
+    out = world.root / "case.zip"
+    planted = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    planted.symlink_to(victim)
+    with pytest.raises(ArchiveError, match="nothing was written"):
+        export_matches(archive, world.processor, QUERY, out, actor="t", form="both")
+    assert victim.read_bytes() == b"untouched"
+    assert not out.exists()
