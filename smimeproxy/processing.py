@@ -6,16 +6,26 @@ in one place, so the SMTP gateway, the IMAP proxy, the archive and the command l
 behave the same. Everything here is blocking (database reads and CMS work): Twisted
 faces call it through a thread pool, never on the reactor.
 
-Nothing is cached between calls: several nodes share one store, and a rotation or a
-new trust anchor made on one node must be used by the next message on every node.
+Several nodes share one store, and a rotation or a new trust anchor made on one node
+must be used by the next message on every node. So lookups are kept in memory only
+under the store generation (:mod:`smimeproxy.keystore.cache`): each call (or each
+:meth:`MessageProcessor.batch`) reads the generation once, and answers from memory
+only what was looked up under that same generation; any write on any node moves it.
+Kept this way: the path validator over the store's trust (so its per-certificate
+caches stay warm), signing identities and decryption keys (unsealed, in memory
+only), and the candidates for encryption certificates (chosen and validated at each
+use, never kept as a verdict). Certificates from the ``lookup`` (the directory) are
+never kept here.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +35,7 @@ from twisted.logger import Logger
 from smimeproxy.config import Config, KeystoreConfig, SMIMEConfig
 from smimeproxy.errors import CertificateError, ConfigError, KeyNotFound
 from smimeproxy.keystore import MasterSecret, SyncStore, open_store
+from smimeproxy.keystore.cache import DEFAULT_SIZE, LookupCache, LookupView
 from smimeproxy.metrics import Registry
 from smimeproxy.pki.validation import PathValidator, RevocationPolicy
 from smimeproxy.smime.keys import KeyPair, load_certificates
@@ -151,10 +162,14 @@ class MessageProcessor:
         lookup: CertificateLookup | None = None,
         clock: Callable[[], datetime.datetime] | None = None,
         registry: Registry | None = None,
+        cache_size: int = DEFAULT_SIZE,
     ):
         self.store = store
         self.lookup = lookup
         self.clock = clock
+        #: store lookups kept per store generation (``cache_size=0``: none kept)
+        self.cache = LookupCache(store, size=cache_size)
+        self._batch = threading.local()
         self.reload(settings)
         registry = registry or Registry()
         self._signatures = registry.counter(
@@ -192,15 +207,43 @@ class MessageProcessor:
         self._file_anchors = anchors
         self._file_intermediates = intermediates
         self._file_crls = crls
+        self.cache.clear()  # the kept validator was built from the old settings
+
+    # -- the store generation ---------------------------------------------------------------
+    def _view(self) -> LookupView:
+        """The calling thread's batch view, else a fresh one (one generation read)."""
+        view: LookupView | None = getattr(self._batch, "view", None)
+        return view if view is not None else self.cache.view()
+
+    @contextmanager
+    def batch(self) -> Iterator[LookupView]:
+        """Within the block, calls from this thread share one store generation read
+        (for callers that open many messages in a row: the IMAP proxy, the archive).
+        A change to the store made meanwhile is used from the next batch on. Nested
+        blocks share the outer one's view."""
+        if getattr(self._batch, "view", None) is not None:
+            yield self._batch.view
+            return
+        self._batch.view = view = self.cache.view()
+        try:
+            yield view
+        finally:
+            self._batch.view = None
 
     # -- trust ---------------------------------------------------------------------------
-    def validator(self) -> PathValidator:
-        """A validator over the store's current trust anchors, intermediates and CRLs."""
+    def validator(self, view: LookupView | None = None) -> PathValidator:
+        """A validator over the store's current trust anchors, intermediates and CRLs
+        (and the configured files); the same object while the store generation stays,
+        so its per-certificate caches stay warm. It judges time at each validation."""
+        view = view or self._view()
+        return view.memo("validator", lambda: self._new_validator(view.store))
+
+    def _new_validator(self, store: SyncStore) -> PathValidator:
         kwargs = {"clock": self.clock} if self.clock else {}
         return PathValidator(
-            [*self._file_anchors, *self.store.trust_anchors()],
-            [*self._file_intermediates, *self.store.intermediates()],
-            [*self._file_crls, *self.store.crls()],
+            [*self._file_anchors, *store.trust_anchors()],
+            [*self._file_intermediates, *store.intermediates()],
+            [*self._file_crls, *store.crls()],
             revocation=RevocationPolicy(str(self.settings.revocation)),
             **kwargs,  # type: ignore[arg-type]
         )
@@ -216,12 +259,13 @@ class MessageProcessor:
         )
 
     # -- opening -------------------------------------------------------------------------
-    def keys_for(self, owners: Sequence[str]) -> list[KeyPair]:
+    def keys_for(self, owners: Sequence[str], view: LookupView | None = None) -> list[KeyPair]:
         """Every key (all history) of each owner that is a user of the store."""
+        view = view or self._view()
         pairs: list[KeyPair] = []
         for owner in owners:
             try:
-                pairs.extend(self.store.decryption_keys(owner))
+                pairs.extend(view.decryption_keys(owner))
             except KeyNotFound:
                 continue
         return pairs
@@ -238,10 +282,11 @@ class MessageProcessor:
         and store the certificates of verified signers (never of unverified ones).
         ``stored``: see :meth:`open_options`."""
         started = time.monotonic()
+        view = self._view()
         opened = open_message(
             message,
-            keys=self.keys_for(owners),
-            validator=self.validator(),
+            keys=self.keys_for(owners, view),
+            validator=self.validator(view),
             options=self.open_options(stored=stored),
         )
         if harvest:
@@ -265,11 +310,12 @@ class MessageProcessor:
         return count
 
     # -- sealing -------------------------------------------------------------------------
-    def certificate_for(self, address: str) -> RecipientCertificate:
+    def certificate_for(self, address: str, view: LookupView | None = None) -> RecipientCertificate:
         """The certificate to encrypt to ``address``: the store first, then the lookup;
-        validated for encryption before use."""
-        validator = self.validator()
-        record = self.store.encryption_certificate(address)
+        validated for encryption (at this moment) before use."""
+        view = view or self._view()
+        validator = self.validator(view)
+        record = view.encryption_certificate(address)
         candidates: list[tuple[x509.Certificate, tuple[str, ...] | None, str]] = []
         if record is not None:
             candidates.append((record.certificate, record.capabilities or None, str(record.source)))
@@ -308,11 +354,12 @@ class MessageProcessor:
         """
         started = time.monotonic()
         known = {t.address: t for t in targets or ()}
-        signer = self.store.signing_key(sender) if sign else None
+        view = self._view()
+        signer = view.signing_key(sender) if sign else None
         chosen: list[EncryptionTarget] = []
         encrypted_to: list[str] = []
         if encrypt:
-            found = [known.get(r) or self.certificate_for(r) for r in recipients]
+            found = [known.get(r) or self.certificate_for(r, view) for r in recipients]
             missing = [f for f in found if f.target is None]
             if missing:
                 names = ", ".join(f"{m.address} ({m.reason})" for m in missing)
@@ -320,7 +367,7 @@ class MessageProcessor:
             chosen = [f.target for f in found if f.target is not None]
             encrypted_to = [f.address for f in found]
             if sender not in encrypted_to:
-                own = known.get(sender) or self.certificate_for(sender)
+                own = known.get(sender) or self.certificate_for(sender, view)
                 if own.target is not None:
                     chosen.append(own.target)
                     encrypted_to.append(sender)
