@@ -7,7 +7,7 @@ touched), the pure content layer ``views``/``cache``, and ``metrics``.
 
 The service (:class:`ImapService`) says ``* BYE`` to every open session when it stops,
 and its ``reload(config)`` gives sessions opened afterwards the new TLS certificate,
-Sent/Drafts folders, delegation and plaintext-login setting.  Not reloaded: listen
+Sent/Drafts folders, delegation, plaintext-login setting and idle timeout.  Not reloaded: listen
 endpoints, the upstream address and its TLS, the cache size (a restart is needed).
 """
 
@@ -109,6 +109,8 @@ def make_context(
         upstream_starttls=starttls,
         metrics=metrics,
         sessions=sessions if sessions is not None else set(),
+        idle_timeout=imap.idle_timeout,
+        call_later=getattr(reactor, "callLater", None),
     )
 
 
@@ -122,6 +124,7 @@ def reloaded_context(context: SessionContext, imap: Any) -> SessionContext:
         sent_folders=tuple(imap.sent_folders),
         drafts_folders=tuple(imap.drafts_folders) if imap.encrypt_drafts else (),
         delegation=dict(imap.delegation),
+        idle_timeout=imap.idle_timeout,
     )
 
 

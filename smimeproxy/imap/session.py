@@ -38,6 +38,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from smimeproxy.bugs import log_bug
@@ -106,15 +107,22 @@ class SessionContext:
     metrics: Any = None  # smimeproxy.imap.metrics.ImapMetrics | None
     #: the open sessions of the service (shared by its listeners: shutdown says BYE)
     sessions: set[Any] = field(default_factory=set)
+    #: seconds without a byte from either side before the session is closed with
+    #: ``* BYE`` (RFC 9051 5.4 autologout); None: never
+    idle_timeout: float | None = None
+    #: the reactor's ``callLater`` for the idle timer (None: the global reactor's)
+    call_later: Callable[..., Any] | None = None
 
 
-class ProxySession(Protocol):
+class ProxySession(Protocol, TimeoutMixin):
     """The client-facing protocol; see the module docstring."""
 
     _log = Logger()
 
     def __init__(self, context: SessionContext):
         self.ctx = context
+        if context.call_later is not None:
+            self.callLater = context.call_later  # TimeoutMixin's clock
         self.upstream: UpstreamProtocol | None = None
         self.secure = context.implicit_tls
         self.login: str | None = None
@@ -155,6 +163,7 @@ class ProxySession(Protocol):
     def connectionMade(self) -> None:
         self.ctx.sessions.add(self)
         _no_delay(self.transport)
+        self.setTimeout(self.ctx.idle_timeout)
         if self.ctx.metrics is not None:
             self.ctx.metrics.sessions.inc()
         d = self.ctx.connect_upstream(UpstreamProtocol(self))
@@ -184,7 +193,16 @@ class ProxySession(Protocol):
             self.send(b"* BYE upstream connection lost\r\n")
             self.close()
 
+    def timeoutConnection(self) -> None:
+        """Nothing from the client or the server for ``idle_timeout`` seconds (a client
+        in IDLE re-issues it within 29 minutes, RFC 2177; a server that stopped
+        answering is caught here too)."""
+        self._log.info("imap.session.idle_timeout")
+        self.send(b"* BYE autologout; idle for too long\r\n")
+        self.close()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self.setTimeout(None)
         if self in self.ctx.sessions:
             self.ctx.sessions.discard(self)
             if self.ctx.metrics is not None:
@@ -245,6 +263,7 @@ class ProxySession(Protocol):
 
     # -- client side -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
         self._queue.extend(self._client.feed(data))
         self._drain()
         if self.upstream is not None:
@@ -504,6 +523,7 @@ class ProxySession(Protocol):
         self._server = Splitter(1 << 20)
 
     def upstream_data(self, data: bytes) -> None:
+        self.resetTimeout()
         # what one read of the server produces for the client leaves as one write
         self._batch = []
         try:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from smimeproxy.imap.session import ProxySession, SessionContext
@@ -483,3 +484,22 @@ def test_fuzz_logged_in_user_never_raises(client: list[bytes], server: list[byte
     finally:
         globalLogPublisher.removeObserver(observe)
     assert not failures, formatEvent(failures[0])
+
+
+def test_idle_session_is_logged_out_and_traffic_keeps_it_open() -> None:
+    """``[imap] idle_timeout``: silence on both sides for that long ends the session
+    with ``* BYE`` (RFC 9051 5.4); a byte from either side restarts the clock."""
+    clock = Clock()
+    h = Harness(idle_timeout=60, call_later=clock.callLater)
+    h.to_client()
+    clock.advance(50)
+    h.send(b"a NOOP\r\n")  # the client speaks
+    clock.advance(50)
+    h.server(b"a OK done\r\n")  # the server answers
+    clock.advance(50)
+    assert not h.client.disconnecting and not h.up_transport.disconnecting
+    assert h.to_client() == b"a OK done\r\n"
+    clock.advance(11)
+    assert h.to_client() == b"* BYE autologout; idle for too long\r\n"
+    assert h.client.disconnecting and h.up_transport.disconnecting
+    assert clock.getDelayedCalls() == []
