@@ -127,10 +127,14 @@ class _Root(_NotFound):
         return _NotFound()
 
 
+#: seconds an idle HTTP connection is kept (Twisted's default is 12 hours)
+HTTP_IDLE_TIMEOUT = 60
+
+
 def make_site(live: LivePublication) -> server.Site:
     """A site serving ``/certs/``; anything else is 404."""
     root = _Root()
     root.putChild(b"certs", CertificatesRoot(live))  # type: ignore[arg-type]
-    site = server.Site(root)
+    site = server.Site(root, timeout=HTTP_IDLE_TIMEOUT)
     site.displayTracebacks = False
     return site

@@ -27,6 +27,7 @@ from ldaptor.protocols.ldap.ldapserver import BaseLDAPServer
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 
 from smimeproxy.directory.http import p7c_body
 from smimeproxy.directory.publication import LivePublication, Published
@@ -77,8 +78,13 @@ def _attributes(published: Published, wanted: list[bytes]) -> list[tuple[bytes, 
     return [(k, v) for k, v in every if k.lower() in names]
 
 
-class CertificateLDAPServer(BaseLDAPServer):
-    """One LDAP connection; see the module docstring."""
+#: seconds an LDAP connection may stay silent before it is closed
+LDAP_IDLE_TIMEOUT = 120
+
+
+class CertificateLDAPServer(BaseLDAPServer, TimeoutMixin):
+    """One LDAP connection; see the module docstring. A connection silent for
+    :data:`LDAP_IDLE_TIMEOUT` seconds is closed."""
 
     _log = Logger()
 
@@ -86,7 +92,16 @@ class CertificateLDAPServer(BaseLDAPServer):
         super().__init__()
         self.live = live
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.setTimeout(LDAP_IDLE_TIMEOUT)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.setTimeout(None)
+        super().connectionLost(reason)
+
     def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
         try:
             super().dataReceived(data)
         except (pureber.BERException, ValueError, TypeError, AssertionError, IndexError) as e:

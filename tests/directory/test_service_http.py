@@ -242,3 +242,33 @@ def test_ldap_fuzz_never_raises(data: bytes):
     search_prefix = b"\x30\x84"  # whatever follows, nothing may escape dataReceived
     for chunk in (data, search_prefix + data):
         server.dataReceived(chunk)
+    server.connectionLost(None)  # the idle timer goes with the connection
+
+
+def test_ldap_idle_connection_is_closed() -> None:
+    """A client that connects and says nothing does not hold the connection forever."""
+    require_module("ldaptor")
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from smimeproxy.directory.ldap import LDAP_IDLE_TIMEOUT, CertificateLDAPServer
+
+    clock = Clock()
+    server = CertificateLDAPServer(live=None)  # type: ignore[arg-type]  # never reached
+    server.callLater = clock.callLater
+    transport = StringTransport()
+    server.makeConnection(transport)
+    clock.advance(LDAP_IDLE_TIMEOUT - 1)
+    server.dataReceived(b"")  # a read restarts the clock
+    clock.advance(LDAP_IDLE_TIMEOUT - 1)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting or transport.disconnected
+
+
+def test_http_idle_timeout_is_short() -> None:
+    """Twisted's Site keeps an idle connection 12 hours unless told otherwise."""
+    from smimeproxy.directory.http import HTTP_IDLE_TIMEOUT, make_site
+
+    site = make_site(None)  # type: ignore[arg-type]  # no request is made
+    assert site.timeOut == HTTP_IDLE_TIMEOUT == 60
