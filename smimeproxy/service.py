@@ -141,7 +141,7 @@ def metrics_service(config: Config, registry: Registry, reactor: Any) -> MultiSe
     service = MultiService()
     service.setName("metrics")
     assert config.metrics is not None
-    site = Site(MetricsResource(registry))
+    site = Site(MetricsResource(registry), timeout=60)  # Twisted keeps idle ones 12 h
     for description in config.metrics.listen:
         StreamServerEndpointService(serverFromString(reactor, description), site).setServiceParent(
             service
