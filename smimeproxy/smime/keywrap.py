@@ -82,8 +82,16 @@ class CertificateId:
 
     @classmethod
     def of(cls, certificate: x509.Certificate) -> CertificateId:
-        """Cached per certificate (a key's certificate is asked for every message)."""
-        return _certificate_id(certificate)
+        """Cached per certificate (a key's certificate is asked for every message); the
+        same certificate object is found by identity, without hashing its DER."""
+        hit = _ids_by_object.get(id(certificate))
+        if hit is not None and hit[0] is certificate:
+            return hit[1]
+        found = _certificate_id(certificate)
+        if len(_ids_by_object) >= 256:
+            _ids_by_object.clear()
+        _ids_by_object[id(certificate)] = (certificate, found)
+        return found
 
     @classmethod
     def _build(cls, certificate: x509.Certificate) -> CertificateId:
@@ -114,6 +122,11 @@ class CertificateId:
             return bool(asn1_x509.Name.load(rid.issuer_der) == self.issuer)
         except (ValueError, TypeError, KeyError):
             return False
+
+
+#: id(certificate) -> (that certificate, its CertificateId); the entry keeps the object
+#: alive, so its id cannot be reused while the entry exists
+_ids_by_object: dict[int, tuple[x509.Certificate, CertificateId]] = {}
 
 
 @lru_cache(maxsize=256)
