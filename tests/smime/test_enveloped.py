@@ -20,7 +20,7 @@ from asn1crypto import x509 as asn1_x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, pkcs12
+from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +41,7 @@ from smimeproxy.smime.enveloped import (
 )
 from smimeproxy.smime.keys import KeyPair, load_certificates, load_pkcs12, load_private_key
 from smimeproxy.testing import CertificateFactory, Issued
+from tests.gpgsm import import_pkcs12
 
 CONTENT = b"Content-Type: text/plain\r\n\r\nMeet me at noon. \xc3\xa9\r\n"
 
@@ -501,33 +502,7 @@ def test_gpgsm_decrypts_ours(
     gpgsm: str, gpgsm_env: dict[str, str], users: Users, tmp_path: Path, cipher: str
 ) -> None:
     loopback = ["--pinentry-mode", "loopback", "--passphrase-fd", "0"]
-    p12 = tmp_path / "alice.p12"
-    # gpgsm 2.2 reads only PBES1/3DES PKCS#12, and now and then fails to decrypt one
-    # (about 1 in 12 salts here): a fresh salt on retry; this is setup, not the test.
-    for _attempt in range(5):
-        encryption = (
-            PrivateFormat.PKCS12.encryption_builder()
-            .kdf_rounds(2048)
-            .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
-            .hmac_hash(hashes.SHA1())
-            .build(b"pw")
-        )
-        p12.write_bytes(
-            pkcs12.serialize_key_and_certificates(
-                b"alice", users.rsa.private_key, users.rsa.certificate, None, encryption
-            )
-        )
-        imported = subprocess.run(
-            [gpgsm, "--batch", *loopback, "--import", str(p12)],
-            input=b"pw\n",
-            capture_output=True,
-            env=gpgsm_env,
-            check=False,
-            timeout=60,
-        )
-        if imported.returncode == 0:
-            break
-    assert imported.returncode == 0, imported.stderr.decode(errors="replace")
+    import_pkcs12(gpgsm, gpgsm_env, users.rsa.private_key, users.rsa.certificate)
     blob = tmp_path / "ours.der"
     blob.write_bytes(encrypt_data(CONTENT, [users.rsa.certificate], cipher=cipher))
     out = _gpgsm(gpgsm, gpgsm_env, *loopback, "--decrypt", str(blob), stdin=b"pw\n")

@@ -30,6 +30,7 @@ from smimeproxy.smime.signed import (
 )
 from smimeproxy.smime.status import Outcome
 from smimeproxy.testing import CertificateFactory, Issued
+from tests.gpgsm import import_pkcs12
 
 CONTENT = b"Content-Type: text/plain\r\n\r\nHello, signed world.\r\n"
 TB = Path("thunderbird-smime/mailnews/test/data/smime")
@@ -398,45 +399,9 @@ def gnupghome(gpgsm: str, tmp_path: Path, gpg_pki: CertificateFactory, openssl: 
     write(tmp_path, "u.key", user.key_pem)
     write(tmp_path, "u.crt", user.cert_pem)
     write(tmp_path, "root.pem", gpg_pki.root.cert_pem)
-    # gpgsm 2.2 cannot read OpenSSL 3's default (AES/PBKDF2) PKCS#12: use 3DES + SHA-1 MAC
-    proc = run(
-        openssl,
-        "pkcs12",
-        "-export",
-        "-inkey",
-        "u.key",
-        "-in",
-        "u.crt",
-        "-certfile",
-        "root.pem",
-        "-passout",
-        "pass:pw",
-        "-keypbe",
-        "PBE-SHA1-3DES",
-        "-certpbe",
-        "PBE-SHA1-3DES",
-        "-macalg",
-        "sha1",
-        "-out",
-        "u.p12",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
     env = {**os.environ, "GNUPGHOME": str(home)}
-    proc = run(
-        gpgsm,
-        "--batch",
-        "--pinentry-mode",
-        "loopback",
-        "--passphrase-fd",
-        "0",
-        "--import",
-        "u.p12",
-        cwd=tmp_path,
-        env=env,
-        input=b"pw\n",
-    )
-    assert proc.returncode == 0, proc.stderr
+    # a PKCS#12 gpgsm 2.2 can read, retried with a fresh salt (see tests/gpgsm.py)
+    import_pkcs12(gpgsm, env, user.private_key, user.certificate, [gpg_pki.root.certificate])
     fpr = gpg_pki.root.certificate.fingerprint(hashes.SHA1()).hex().upper()
     (home / "trustlist.txt").write_text(f"{fpr} S relax\n")
     yield env, user
