@@ -293,10 +293,11 @@ def listing(tx: Tx, address: str | None = None) -> list[CertificateRecord]:
 
 
 def _choose(
-    candidates: Sequence[tuple[x509.Certificate, str, str | None, str]], now: datetime.datetime
+    candidates: Sequence[tuple[x509.Certificate, Any, str | None, str]], now: datetime.datetime
 ) -> int | None:
     """The index of the certificate to encrypt to among ``candidates`` (certificate,
-    last_seen as stored text, preferred fingerprint, own fingerprint), given in the
+    last_seen as stored text or as datetime, all alike, preferred fingerprint, own
+    fingerprint), given in the
     order notBefore descending, last_seen descending; None if none qualifies.
 
     Unrevoked is the caller's filter. Here: inside its validity at ``now`` and fit for
@@ -360,7 +361,7 @@ class EncryptionCandidates:
             return self.local
         chosen = _choose(
             [
-                (r.certificate, to_text(r.last_seen), r.encryption_key_preference, r.fingerprint)
+                (r.certificate, r.last_seen, r.encryption_key_preference, r.fingerprint)
                 for r in self.external
             ],
             now,
