@@ -15,9 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.python.threadpool import ThreadPool
 
 from smimeproxy.errors import KeystoreError
-from smimeproxy.keystore import MasterSecret, SyncStore
+from smimeproxy.keystore import Keystore, MasterSecret, SyncStore
 from smimeproxy.keystore import ca_state as ca
 from smimeproxy.keystore.interface import CertificateSource, TrustKind
 from smimeproxy.smime.status import fingerprint
@@ -269,3 +272,18 @@ def test_processes_on_one_postgresql_see_each_others_generation(
         assert _node(pg_url, master, "read")["seen"] == store.generation() > other["after"]
     finally:
         store.db.close_all()  # type: ignore[attr-defined]
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_async_face_reads_the_generation_in_its_pool(store: SyncStore, people: People):
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="generation-test")
+    pool.start()
+    try:
+        keystore = Keystore(store, reactor, pool)
+        before = yield keystore.generation()
+        yield keystore.add_user("erin@acme.test")
+        after = yield keystore.generation()
+        assert after > before
+        assert after == store.generation()
+    finally:
+        pool.stop()
