@@ -5,7 +5,10 @@ services.
 Everything that must hold across nodes is held by the database: one owner per address
 (primary key), one current key per user (partial unique index), rotation as one
 transaction, the audit chain by sequence-number primary key. The object keeps no state
-but the database handle, the key-encryption key and the clock; nothing is cached.
+but the database handle, the key-encryption key and the clock; nothing is cached here.
+Every write that can change a lookup's answer moves the store generation in its own
+transaction (:meth:`generation`), which is what lets callers keep lookups in memory
+safely across nodes (:mod:`smimeproxy.keystore.cache`).
 
 Not guaranteed here: certificate *path* validation (chain to an anchor, CRL status).
 :meth:`SyncStore.encryption_certificate` checks only what the store can decide alone
