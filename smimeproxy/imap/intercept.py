@@ -104,7 +104,8 @@ class Opener:
 
     @classmethod
     def load(cls, processor: Any, owners: list[str]) -> Opener:
-        return cls(processor, processor.keys_for(owners), processor.validator())
+        with processor.batch():  # one store-generation read for keys and trust
+            return cls(processor, processor.keys_for(owners), processor.validator())
 
     def open(self, data: bytes) -> Any:
         from smimeproxy.smime.opener import open_message
