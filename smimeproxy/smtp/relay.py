@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from smimeproxy.smtp.replies import Reply
 from smimeproxy.smtp.transform import Copy
+from smimeproxy.smtp.writes import write_now
 
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$")
@@ -148,11 +149,11 @@ class RelayProtocol(Protocol):
         return d
 
     def command(self, line: bytes) -> defer.Deferred[Reply]:
-        self.transport.write(line + b"\r\n")
+        write_now(self.transport, line + b"\r\n")
         return self.reply()
 
     def send(self, data: bytes) -> defer.Deferred[Reply]:
-        self.transport.writeSequence([data, b".\r\n"])
+        write_now(self.transport, data + b".\r\n")
         return self.reply()
 
 
@@ -334,7 +335,7 @@ class NextHop:
         expected = [(250,), *((250, 251) for _ in copy.recipients), (354,)]
         if "PIPELINING" in extensions:
             # RFC 2920: the whole envelope in one write, the replies read in order
-            proto.transport.write(b"".join(c + b"\r\n" for c in commands))
+            write_now(proto.transport, b"".join(c + b"\r\n" for c in commands))
             replies = []
             for _ in commands:
                 replies.append((yield proto.reply()))

@@ -41,6 +41,7 @@ from smimeproxy.smtp.codec import BadLine, Command, DataChunk, DataEnd, ServerCo
 from smimeproxy.smtp.relay import NextHop
 from smimeproxy.smtp.replies import Reply, render
 from smimeproxy.smtp.transform import MessageTransform, TransformResult
+from smimeproxy.smtp.writes import write_now
 
 _PATH = re.compile(r"^(?P<kw>FROM|TO):\s*<(?P<addr>[^<>\s]*)>(?P<params>.*)$", re.IGNORECASE)
 #: more errors than this in one session and the client is sent away (Postfix: 20)
@@ -146,7 +147,7 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
 
     def _reply(self, reply: Reply) -> None:
         if not self.closing:
-            self.transport.write(render(reply))
+            write_now(self.transport, render(reply))
 
     def _close(self, reply: Reply) -> None:
         self._reply(reply)
