@@ -46,6 +46,13 @@ from smimeproxy.smtp.writes import write_now
 _PATH = re.compile(r"^(?P<kw>FROM|TO):\s*<(?P<addr>[^<>\s]*)>(?P<params>.*)$", re.IGNORECASE)
 #: more errors than this in one session and the client is sent away (Postfix: 20)
 MAX_ERRORS = 20
+#: how many messages the engine works on at once, whatever the thread pool's size. The
+#: engine is mostly Python holding the GIL: more concurrent jobs do not add CPU, they
+#: make the jobs and the reactor hand the GIL back and forth at every system call
+#: (measured with bench/smtp.py: 4 jobs ~10% slower than 1-2, the reactor's socket
+#: calls several times slower). Two, not one, so that one large message does not hold
+#: up every other session. Waiting messages wait in the reactor, costing nothing.
+ENGINE_CONCURRENCY = 2
 #: what a session still open when the gateway stops is told (RFC 5321 section 3.8)
 SHUTTING_DOWN = Reply(421, "4.3.2 Service shutting down, try again later")
 
@@ -87,6 +94,10 @@ class GatewaySettings:
     #: makes the server-side TLS context for STARTTLS; None: STARTTLS not offered
     tls_options: Callable[[], object] | None = None
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    #: bounds the messages in the engine at once (see :data:`ENGINE_CONCURRENCY`)
+    engine_slots: defer.DeferredSemaphore = field(
+        default_factory=lambda: defer.DeferredSemaphore(ENGINE_CONCURRENCY)
+    )
 
 
 class SMTPGatewayProtocol(Protocol, TimeoutMixin):
@@ -356,8 +367,14 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
             if transform.engine_free(sender, recipients):
                 result: TransformResult = transform.transform(sender, recipients, data)
             else:
-                result = yield deferToThreadPool(
-                    self.s.reactor, self.s.threadpool, transform.transform, sender, recipients, data
+                result = yield self.s.engine_slots.run(
+                    deferToThreadPool,
+                    self.s.reactor,
+                    self.s.threadpool,
+                    transform.transform,
+                    sender,
+                    recipients,
+                    data,
                 )
         except KeystoreError as e:
             self._log_message(queue_id, (), "tempfail", size, len(recipients), str(e))
