@@ -12,7 +12,9 @@ next hop: Postfix's ``smtp-sink``. Measured in the same run:
 - the engine's in-process seal rate (``MessageProcessor.seal_for`` on one thread, the
   same 4 KB message, the same key store);
 - the gateway process's resident memory after 10% and after 100% of
-  ``--memory-messages`` pass-through messages (flat means no growth per message).
+  ``--memory-messages`` pass-through messages (flat means no growth per message);
+- the gateway's CPU time per message, reactor thread and pool threads apart (from
+  ``/proc/PID/task``): with one GIL their sum bounds the rate.
 
 The gateway runs in a child process (its own reactor and thread pool), as deployed.
 Targets (issue 4): pass-through >= 30% of direct; sign + encrypt >= 60% of the
@@ -117,6 +119,31 @@ def source(port: int, messages: int, sessions: int, sender: str, rcpt: str) -> f
     return messages / (time.perf_counter() - start)
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(reactor thread, all other threads) CPU seconds of process ``pid`` so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main_thread = other = 0.0
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if stat.parent.name == str(pid):
+            main_thread += seconds
+        else:
+            other += seconds
+    return main_thread, other
+
+
+def measured(pid: int, run) -> tuple[float, tuple[float, float]]:  # type: ignore[no-untyped-def]
+    """``run()``'s rate and the gateway's (reactor, worker) CPU microseconds per message."""
+    before = cpu_seconds(pid)
+    rate, n = run()
+    after = cpu_seconds(pid)
+    return rate, tuple((a - b) / n * 1e6 for a, b in zip(after, before, strict=True))  # type: ignore[return-value]
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -161,9 +188,18 @@ def main() -> None:
         wait_port(gateway_port)
         n, s = args.messages, args.sessions
         direct = source(sink_port, n, s, "x@elsewhere.test", "y@partner.test")
-        passthrough = source(gateway_port, n, s, "x@elsewhere.test", "y@partner.test")
+        passthrough, pass_cpu = measured(
+            gateway.pid,
+            lambda: (source(gateway_port, n, s, "x@elsewhere.test", "y@partner.test"), n),
+        )
         sealed_n = max(n // 4, 100)
-        sealing = source(gateway_port, sealed_n, s, "alice@acme.test", "bob@partner.test")
+        sealing, seal_cpu = measured(
+            gateway.pid,
+            lambda: (
+                source(gateway_port, sealed_n, s, "alice@acme.test", "bob@partner.test"),
+                sealed_n,
+            ),
+        )
         engine = engine_rate(config_path, material, max(sealed_n // 4, 50))
         m = args.memory_messages
         source(gateway_port, m // 10, s, "x@elsewhere.test", "y@partner.test")
@@ -184,7 +220,10 @@ def main() -> None:
           f"= {passthrough / direct:.0%} of direct (target >= 30%)")  # fmt: skip
     print(f"  sign+encrypt via gateway       {sealing:9.0f} msg/s  "
           f"= {sealing / engine:.0%} of the engine's one-thread rate (target >= 60%)")  # fmt: skip
-    print(f"  engine seal_for, one thread    {engine:9.0f} msg/s")
+    print(f"  engine seal_for, one thread    {engine:9.0f} msg/s = {1e6 / engine:.0f} us/msg")
+    print("  gateway CPU per message (us)   reactor thread  pool threads")
+    print(f"    pass-through                 {pass_cpu[0]:9.0f}  {pass_cpu[1]:12.0f}")
+    print(f"    sign+encrypt                 {seal_cpu[0]:9.0f}  {seal_cpu[1]:12.0f}")
     print(f"  gateway RSS after {m // 10} msgs   {rss_early / 1024:9.1f} MiB")
     print(f"  gateway RSS after {m} msgs  {rss_late / 1024:9.1f} MiB  "
           f"(growth {(rss_late - rss_early) / 1024:+.1f} MiB)")  # fmt: skip
