@@ -24,25 +24,34 @@ from twisted.internet import tcp
 
 def write_now(transport: object, data: bytes) -> None:
     """Write ``data`` to ``transport``, sending at once when that is safe."""
-    t = transport
-    if (
-        type(t) in _PLAIN
-        and not t.TLS  # type: ignore[attr-defined]
-        and t.connected  # type: ignore[attr-defined]
-        and not t.disconnecting  # type: ignore[attr-defined]
-        and not t._writeDisconnected  # type: ignore[attr-defined]
-        and not t.dataBuffer  # type: ignore[attr-defined]
-        and not t._tempDataBuffer  # type: ignore[attr-defined]
-        and t.producer is None  # type: ignore[attr-defined]
-    ):
+    if _idle_plain_tcp(transport):
         try:
-            sent = t.socket.send(data)  # type: ignore[attr-defined]
+            sent = transport.socket.send(data)  # type: ignore[attr-defined]
         except OSError:
             sent = 0  # EAGAIN, or an error the reactor will report on its next turn
         if sent == len(data):
             return
         data = data[sent:]
-    t.write(data)  # type: ignore[attr-defined]
+    transport.write(data)  # type: ignore[attr-defined]
+
+
+def _idle_plain_tcp(t: object) -> bool:
+    """True only for the reactor's own plain TCP transport with nothing pending.
+
+    The attributes read here are Twisted internals: a version without one of them
+    simply gets ``transport.write`` (``getattr`` defaults mean "not safe")."""
+    if type(t) not in _PLAIN:
+        return False
+    return (
+        getattr(t, "TLS", True) is False
+        and bool(getattr(t, "connected", 0))
+        and not getattr(t, "disconnecting", True)
+        and not getattr(t, "_writeDisconnected", True)
+        and getattr(t, "dataBuffer", b"x") == b""
+        and getattr(t, "_tempDataBuffer", [b"x"]) == []
+        and getattr(t, "producer", object()) is None
+        and getattr(t, "socket", None) is not None
+    )
 
 
 #: the reactor's own TCP transports; subclasses may change writing, so exact types
