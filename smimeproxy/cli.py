@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import BinaryIO, TextIO
@@ -67,6 +68,15 @@ def main(
     except KeyboardInterrupt:
         io.error("interrupted")
         return 130
+    except BrokenPipeError:
+        # the reader went away (`... | head`): not an error worth a traceback; point
+        # stdout at /dev/null so the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
 
 
 if __name__ == "__main__":
