@@ -16,6 +16,10 @@ Weak digests: SHA-1 and MD5 still verify (old archives need them) but every such
 gets a ``digest-strength`` check with outcome ``FAIL``, so that
 ``SignerStatus.cryptographically_valid`` is false by default, as in Thunderbird. A
 caller whose policy accepts SHA-1 may drop that one check.
+
+Plain DER input is cut into its parts by :mod:`smimeproxy.smime.signed_der` (no
+asn1crypto objects, much faster); the per-signer checks here are shared by that fast
+path and the asn1crypto path, which reads everything the fast path declines.
 """
 
 from __future__ import annotations
@@ -54,6 +58,13 @@ from smimeproxy.smime.algorithms import (
     verify_signature,
 )
 from smimeproxy.smime.keys import KeyPair
+from smimeproxy.smime.signed_der import MAX_CERTIFICATES, MAX_SIGNERS
+from smimeproxy.smime.signed_der import PARSE_ERRORS as _PARSE_ERRORS
+from smimeproxy.smime.signed_der import SIGNED_DATA_OID as _SIGNED_DATA_OID
+from smimeproxy.smime.signed_der import SIGNED_DATA_OID_DER as _SIGNED_DATA_OID_DER
+from smimeproxy.smime.signed_der import PlainSignedData as _PlainSignedData
+from smimeproxy.smime.signed_der import RawAttributes as _RawAttributes
+from smimeproxy.smime.signed_der import plain_utc_time as _plain_utc_time
 from smimeproxy.smime.status import Check, Outcome
 
 __all__ = [
@@ -66,27 +77,21 @@ __all__ = [
     "verify_data",
 ]
 
-#: Bounds for hostile input: far above anything a mail client produces.
-MAX_SIGNERS = 1000
-MAX_CERTIFICATES = 1000
+#: Bounds for hostile input: far above anything a mail client produces (MAX_SIGNERS
+#: and MAX_CERTIFICATES live in signed_der, whose reader enforces them too).
 MAX_CRLS = 100
 MAX_SIGNED_ATTRIBUTES = 64
 MAX_SIGNED_ATTRIBUTES_BYTES = 64 * 1024
 
-#: id-signedData (RFC 5652 section 5.1), and the mistyped OID that web.de once sent
-#: (1.2.840.113546 instead of 113549; gpgsm accepts it, see its samplemsgs).
-_SIGNED_DATA_OID = "1.2.840.113549.1.7.2"
+#: The mistyped id-signedData OID that web.de once sent (1.2.840.113546 instead of
+#: 113549; gpgsm accepts it, see its samplemsgs); the right one is in signed_der.
 _WEBDE_SIGNED_DATA_OID = "1.2.840.113546.1.7.2"
-_SIGNED_DATA_OID_DER = der.oid(_SIGNED_DATA_OID)
 _DATA_OID_DER = der.oid("1.2.840.113549.1.7.1")  # id-data, RFC 5652 section 4
 
 _PEM_RE = re.compile(
     rb"-----BEGIN (PKCS7|CMS|SIGNED MESSAGE|PKCS #7 SIGNED DATA)-----(.*?)-----END \1-----",
     re.DOTALL,
 )
-
-# asn1crypto raises these (and only these, as far as fuzzing found) on bad encodings.
-_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
 
 
 @dataclass(frozen=True)
@@ -421,90 +426,6 @@ def _verify(
         crls=tuple(crls),
         errors=tuple(errors),
     )
-
-
-@dataclass(frozen=True)
-class _PlainSignedData:
-    """The parts of a plain DER ``ContentInfo(signedData)`` that verifying needs, cut
-    out with the small DER reader: building asn1crypto's SignedData and SignerInfo
-    objects cost three times the signature verification. Anything unusual (BER, the
-    web.de OID, a constructed eContent, CRLs, other certificate choices, too many
-    elements) is not read here: :meth:`read` says None and asn1crypto does it all."""
-
-    content_type: bytes  # the eContentType OID's DER
-    encapsulated: bytes | None
-    certificates: tuple[bytes, ...]
-    signers: tuple[bytes, ...]
-
-    @classmethod
-    def read(cls, data: bytes) -> _PlainSignedData | None:
-        at = der.element_at
-        top = at(data, 0, len(data))
-        if top is None or top[0] != 0x30 or top[2] != len(data):
-            return None
-        oid = at(data, top[1], top[2])
-        if oid is None or data[top[1] : oid[2]] != _SIGNED_DATA_OID_DER:
-            return None
-        explicit = at(data, oid[2], top[2])
-        if explicit is None or explicit[0] != 0xA0 or explicit[2] != top[2]:
-            return None
-        sd = at(data, explicit[1], explicit[2])
-        if sd is None or sd[0] != 0x30 or sd[2] != explicit[2]:
-            return None
-        _, pos, end = sd
-        version = at(data, pos, end)
-        if version is None or version[0] != 0x02 or version[1] == version[2]:
-            return None
-        digests = at(data, version[2], end)
-        if digests is None or digests[0] != 0x31:
-            return None
-        encap = at(data, digests[2], end)
-        if encap is None or encap[0] != 0x30 or data[encap[1] - 1] == 0x80:
-            return None
-        ctype = at(data, encap[1], encap[2])
-        if ctype is None or ctype[0] != 0x06:
-            return None
-        encapsulated = None
-        if ctype[2] != encap[2]:
-            wrapper = at(data, ctype[2], encap[2])
-            if wrapper is None or wrapper[0] != 0xA0 or wrapper[2] != encap[2]:
-                return None
-            octets = at(data, wrapper[1], wrapper[2])
-            if octets is None or octets[0] != 0x04 or octets[2] != wrapper[2]:
-                return None
-            encapsulated = data[octets[1] : octets[2]]
-        pos = encap[2]
-        element = at(data, pos, end)
-        certificates = []
-        if element is not None and element[0] == 0xA0:
-            certificates = cls._elements(data, element, MAX_CERTIFICATES)
-            if certificates is None:
-                return None
-            pos = element[2]
-            element = at(data, pos, end)
-        if element is None or element[0] != 0x31 or element[2] != end:
-            return None  # CRLs ([1]) or anything else: the full parser
-        signers = cls._elements(data, element, MAX_SIGNERS)
-        if signers is None:
-            return None
-        return cls(data[encap[1] : ctype[2]], encapsulated, tuple(certificates), tuple(signers))
-
-    @staticmethod
-    def _elements(data: bytes, outer: tuple[int, int, int], limit: int) -> list[bytes] | None:
-        """The DER SEQUENCEs in ``outer``; None for any other element, or too many."""
-        out = []
-        _, pos, end = outer
-        while pos < end:
-            element = der.element_at(data, pos, end)
-            if element is None or element[0] != 0x30 or len(out) >= limit:
-                return None
-            if data[element[1] - 1] == 0x80:
-                # asn1crypto takes a length ending in 0x80 for "indefinite" and
-                # re-encodes the element on dump(): leave such elements to it
-                return None
-            out.append(data[pos : element[2]])
-            pos = element[2]
-        return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -991,57 +912,6 @@ _OID_SMIME_CAPABILITIES = "1.2.840.113549.1.9.15"
 _OID_ENCRYPT_KEY_PREF = "1.2.840.113549.1.9.16.2.11"
 
 
-class _RawAttributes:
-    """Signed attributes read straight from their DER: for each attribute type, the
-    value TLVs of each instance. A value is parsed (with the class asn1crypto's
-    CMSAttribute would use) only when a check asks for it; building the whole
-    asn1crypto structure cost more than the signature verification."""
-
-    def __init__(self, by_oid: dict[str, list[list[bytes]]], count: int):
-        self.by_oid = by_oid
-        self.count = count
-
-    @classmethod
-    def read(cls, contents: bytes) -> _RawAttributes | None:
-        """None when ``contents`` is not a plain definite-length DER SET OF Attribute."""
-        by_oid: dict[str, list[list[bytes]]] = {}
-        count = 0
-        pos, end = 0, len(contents)
-        while pos < end:
-            attribute = der.element_at(contents, pos, end)
-            if attribute is None or attribute[0] != 0x30:
-                return None
-            _, body, pos = attribute
-            oid = der.element_at(contents, body, pos)
-            if oid is None or oid[0] != 0x06:
-                return None
-            value_set = der.element_at(contents, oid[2], pos)
-            if value_set is None or value_set[0] != 0x31 or value_set[2] != pos:
-                return None
-            values = []
-            at = value_set[1]
-            while at < pos:
-                value = der.element_at(contents, at, pos)
-                if value is None:
-                    return None
-                values.append(contents[at : value[2]])
-                at = value[2]
-            dotted = _oid_dotted(contents[body : oid[2]])
-            if dotted is None:
-                return None
-            by_oid.setdefault(dotted, []).append(values)
-            count += 1
-        return cls(by_oid, count)
-
-
-@functools.lru_cache(maxsize=256)
-def _oid_dotted(encoded: bytes) -> str | None:
-    try:
-        return str(core.ObjectIdentifier.load(encoded).dotted)
-    except _PARSE_ERRORS:
-        return None
-
-
 _Attrs = dict[str, list[cms.CMSAttribute]] | _RawAttributes
 
 
@@ -1140,34 +1010,6 @@ def _signing_time(attrs: _Attrs, errors: list[str]) -> datetime.datetime | None:
         errors.append("signingTime attribute unreadable")
         return None
     return native if isinstance(native, datetime.datetime) else None
-
-
-_UTC_TIME = re.compile(rb"\x17\x0d([0-9]{12})Z")
-
-
-def _plain_utc_time(instances: list[list[bytes]] | None) -> datetime.datetime | None:
-    """A single ``YYMMDDHHMMSSZ`` UTCTime read directly, as asn1crypto would read it
-    (RFC 5280 4.1.2.5.1: years 50-99 are 19xx); None for anything else, which then
-    goes through asn1crypto."""
-    if not instances or len(instances) != 1 or len(instances[0]) != 1:
-        return None
-    match = _UTC_TIME.fullmatch(instances[0][0])
-    if match is None:
-        return None
-    d = match.group(1)
-    year = int(d[0:2])
-    try:
-        return datetime.datetime(
-            year + (1900 if year >= 50 else 2000),
-            int(d[2:4]),
-            int(d[4:6]),
-            int(d[6:8]),
-            int(d[8:10]),
-            int(d[10:12]),
-            tzinfo=datetime.UTC,
-        )
-    except ValueError:
-        return None  # out of range: asn1crypto decides what that is
 
 
 def _capabilities(attrs: _Attrs, errors: list[str]) -> tuple[str, ...]:
