@@ -218,17 +218,12 @@ def _verify_clear_signed(entity: mime.Entity) -> tuple[bytes, SignedDataResult]:
     der = sig.decoded_body()
     canonical = mime.to_crlf(signed_bytes)
     result = verify_data(der, canonical)
-    if canonical != signed_bytes and not all(s_ok(s) for s in result.signers):
+    if canonical != signed_bytes and not all(s.valid for s in result.signers):
         # a signer that did not canonicalise (rare): try the bytes as they stand
         raw_result = verify_data(der, signed_bytes)
-        if all(s_ok(s) for s in raw_result.signers):
+        if all(s.valid for s in raw_result.signers):
             result = raw_result
     return signed_bytes, result
-
-
-def s_ok(info: object) -> bool:
-    checks = getattr(info, "checks", ())
-    return bool(checks) and all(c.outcome is Outcome.PASS for c in checks)
 
 
 def _scan_nested(
