@@ -38,9 +38,7 @@ from smimeproxy.archive.state import IndexState
 from smimeproxy.bugs import log_bug
 from smimeproxy.errors import SMIMEProxyError, UpstreamError
 from smimeproxy.processing import MessageProcessor
-from smimeproxy.smime.keys import KeyPair
 from smimeproxy.smime.opener import open_message
-from smimeproxy.smime.status import CertificateValidator
 
 #: messages indexed per commit: the most a crash re-does (whoosh merges segments on
 #: each commit; fewer, larger commits are faster)
@@ -125,27 +123,22 @@ class Indexer:
         self.actor = actor
         self.batch = batch
         self._clock = clock or time.perf_counter
-        self._keys: dict[str, list[KeyPair]] = {}
-        self._validator: CertificateValidator | None = None
         self._opening = 0.0  # seconds spent in open_message (decrypt + verify)
         self._options = replace(processor.open_options(stored=True), footer=False)
 
     # -- one message ------------------------------------------------------------------
-    def _keys_for(self, owner: str) -> list[KeyPair]:
-        if owner not in self._keys:
-            self._keys[owner] = self.processor.keys_for([owner])
-        return self._keys[owner]
-
     def fields(self, owner: str, data: bytes) -> ExtractedMessage:
         """The index fields of ``data`` opened with ``owner``'s keys. Never raises."""
         try:
             if not _SMIME_HINT.search(data):
                 return extract(data)
-            if self._validator is None:
-                self._validator = self.processor.validator()
-            keys = self._keys_for(owner)
+            # the processor keeps keys and trust under the store generation: a rotation
+            # or revocation made during a long run is used from the next message on
+            with self.processor.batch():
+                keys = self.processor.keys_for([owner])
+                validator = self.processor.validator()
             t0 = self._clock()
-            opened = open_message(data, keys=keys, validator=self._validator, options=self._options)
+            opened = open_message(data, keys=keys, validator=validator, options=self._options)
             self._opening += self._clock() - t0
             return extract(opened.data, opened.status)
         except Exception as e:  # one bad message must never stop an archive run
