@@ -51,6 +51,7 @@ class _AuthProtocol(Protocol):
         self.codec = AuthClientCodec(client.pid)
 
     def connectionMade(self) -> None:
+        self.client._made(self)
         self.transport.write(self.codec.hello())
 
     def dataReceived(self, data: bytes) -> None:
@@ -180,16 +181,18 @@ class DovecotAuthClient:
         except Exception:
             d = defer.fail()
 
-        def connected(protocol: _AuthProtocol) -> None:
-            self._pending_connect = False
-            self._connecting = protocol
-
         def failed(f: Failure) -> None:
             self._pending_connect = False
             self._log.warn("smtp.auth_unavailable error={error}", error=f.getErrorMessage())
             self._fail_all(lambda r: r.protocol is None)
 
-        d.addCallbacks(connected, failed)
+        d.addErrback(failed)
+
+    def _made(self, protocol: _AuthProtocol) -> None:
+        # registered here, not when connect()'s Deferred fires: the server's handshake
+        # may come at once, in the same call
+        self._pending_connect = False
+        self._connecting = protocol
 
     def _ready(self, protocol: _AuthProtocol, event: Ready) -> None:
         if protocol is not self._connecting:
