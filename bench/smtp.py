@@ -11,10 +11,14 @@ next hop: Postfix's ``smtp-sink``. Measured in the same run:
   a certificate: signed, encrypted to recipient and sender);
 - the engine's in-process seal rate (``MessageProcessor.seal_for`` on one thread, the
   same 4 KB message, the same key store);
-- the gateway process's resident memory after 10% and after 100% of
+- the gateway's resident memory (with its worker processes) after 10% and after 100% of
   ``--memory-messages`` pass-through messages (flat means no growth per message);
-- the gateway's CPU time per message, reactor thread and pool threads apart (from
-  ``/proc/PID/task``): with one GIL their sum bounds the rate.
+- the gateway's CPU time per message: reactor thread, pool threads and worker
+  processes apart (from ``/proc``).
+
+The gateway runs with ``[smtp] workers`` (``--workers``, default one per core but the
+reactor's): the engine in processes of its own, as deployed on a multi-core host. With
+``--workers 0`` the engine shares the gateway's process (and GIL) with the reactor.
 
 The gateway runs in a child process (its own reactor and thread pool), as deployed.
 Targets (issue 4): pass-through >= 30% of direct; sign + encrypt >= 60% of the
@@ -37,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smimeproxy.config import load_config
-from smimeproxy.keystore import MasterSecret, open_store
+from smimeproxy.keystore import MasterSecret, create_key_file, open_store
 from smimeproxy.processing import MessageProcessor
 from smimeproxy.testing import CertificateFactory
 
@@ -68,22 +72,24 @@ def tool(name: str) -> str:
     return path
 
 
-def setup(base: Path, gateway_port: int, sink_port: int) -> tuple[Path, bytes]:
+def setup(base: Path, gateway_port: int, sink_port: int, workers: int) -> tuple[Path, bytes]:
     """A config and a store: alice@acme.test (local, key), bob@partner.test (certificate)."""
     config_path = base / "smimeproxy.toml"
     config_path.write_text(
         f"""
 [keystore]
 url = "sqlite:store.db"
+master_key_file = "master.key"
 [smime]
 authserv_id = "mx.acme.test"
 [smtp]
 listen = ["tcp:{gateway_port}:interface=127.0.0.1"]
 next_hop = "tcp:127.0.0.1:{sink_port}"
 local_domains = ["acme.test"]
+workers = {workers}
 """
     )
-    material = os.urandom(32)
+    material = create_key_file(base / "master.key").material
     config = load_config(config_path)
     store = open_store(config.keystore.url, MasterSecret(material, "bench"), create=True)
     pki = CertificateFactory()
@@ -119,10 +125,11 @@ def source(port: int, messages: int, sessions: int, sender: str, rcpt: str) -> f
     return messages / (time.perf_counter() - start)
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(reactor thread, all other threads) CPU seconds of process ``pid`` so far."""
+def cpu_seconds(pid: int) -> tuple[float, float, float]:
+    """(reactor thread, all other threads, worker processes) CPU seconds of process
+    ``pid`` and its children so far."""
     tick = os.sysconf("SC_CLK_TCK")
-    main_thread = other = 0.0
+    main_thread = other = workers = 0.0
     for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -133,11 +140,19 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
             main_thread += seconds
         else:
             other += seconds
-    return main_thread, other
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == str(pid):  # a child: the engine's worker processes
+            workers += (int(fields[11]) + int(fields[12])) / tick
+    return main_thread, other, workers
 
 
-def measured(pid: int, run) -> tuple[float, tuple[float, float]]:  # type: ignore[no-untyped-def]
-    """``run()``'s rate and the gateway's (reactor, worker) CPU microseconds per message."""
+def measured(pid: int, run) -> tuple[float, tuple[float, ...]]:  # type: ignore[no-untyped-def]
+    """``run()``'s rate and the gateway's (reactor, threads, worker processes) CPU
+    microseconds per message."""
     before = cpu_seconds(pid)
     rate, n = run()
     after = cpu_seconds(pid)
@@ -145,10 +160,18 @@ def measured(pid: int, run) -> tuple[float, tuple[float, float]]:  # type: ignor
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    """Resident memory of process ``pid`` and its children (the worker processes)."""
+    total = 0
+    for status in [Path(f"/proc/{pid}/status"), *Path("/proc").glob("[0-9]*/status")]:
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in lines if ":" in line)
+        if status.parent.name != str(pid) and fields.get("PPid", "").strip() != str(pid):
+            continue
+        total += int(fields.get("VmRSS", "0 kB").split()[0])
+    return total
 
 
 def engine_rate(config_path: Path, material: bytes, n: int) -> float:
@@ -174,14 +197,20 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--memory-messages", type=int, default=10_000)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max((os.cpu_count() or 2) - 1, 1),
+        help="[smtp] workers: engine processes (default: one per core but the reactor's)",
+    )
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="smimeproxy-bench-smtp-"))
     sink_port, gateway_port = free_port(), free_port()
     sink = subprocess.Popen([tool("smtp-sink"), "-u", "nobody", f"127.0.0.1:{sink_port}", "256"])
-    config_path, material = setup(base, gateway_port, sink_port)
+    config_path, material = setup(base, gateway_port, sink_port, args.workers)
     ctx = multiprocessing.get_context("spawn")
-    gateway = ctx.Process(target=run_gateway, args=(str(config_path), material), daemon=True)
+    gateway = ctx.Process(target=run_gateway, args=(str(config_path), material))
     try:
         wait_port(sink_port)
         gateway.start()
@@ -221,9 +250,10 @@ def main() -> None:
     print(f"  sign+encrypt via gateway       {sealing:9.0f} msg/s  "
           f"= {sealing / engine:.0%} of the engine's one-thread rate (target >= 60%)")  # fmt: skip
     print(f"  engine seal_for, one thread    {engine:9.0f} msg/s = {1e6 / engine:.0f} us/msg")
-    print("  gateway CPU per message (us)   reactor thread  pool threads")
-    print(f"    pass-through                 {pass_cpu[0]:9.0f}  {pass_cpu[1]:12.0f}")
-    print(f"    sign+encrypt                 {seal_cpu[0]:9.0f}  {seal_cpu[1]:12.0f}")
+    print(f"  gateway: [smtp] workers = {args.workers} on {os.cpu_count()} cores")
+    print("  gateway CPU per message (us)   reactor thread  pool threads  worker processes")
+    for name, cpu in (("pass-through", pass_cpu), ("sign+encrypt", seal_cpu)):
+        print(f"    {name:<28} {cpu[0]:9.0f}  {cpu[1]:12.0f}  {cpu[2]:16.0f}")
     print(f"  gateway RSS after {m // 10} msgs   {rss_early / 1024:9.1f} MiB")
     print(f"  gateway RSS after {m} msgs  {rss_late / 1024:9.1f} MiB  "
           f"(growth {(rss_late - rss_early) / 1024:+.1f} MiB)")  # fmt: skip

@@ -91,6 +91,8 @@ ARCHIVE_SOURCE_KINDS: tuple[str, ...] = ("imap", "maildir", "mbox")
 DEFAULT_MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 #: RFC 5321 section 4.5.3.1.8 asks for at least 100; Postfix accepts 1000 by default.
 DEFAULT_MAX_RECIPIENTS = 1000
+#: upper bound of [smtp] workers: more processes than this only add memory
+MAX_SMTP_WORKERS = 64
 #: RFC 5321 section 4.5.3.2.7: a server SHOULD wait at least 5 minutes for a command.
 DEFAULT_SMTP_IDLE_TIMEOUT = 300
 #: RFC 5321 section 4.5.3.2.6: the client waits 10 minutes for the reply to end-of-data.
@@ -166,6 +168,8 @@ class SMTPConfig:
     recipient_policy: Mapping[str, OutboundPolicy]
     sender_policy: Mapping[str, OutboundPolicy]
     force_encrypt_keyword: str | None
+    #: worker processes running the engine (0: the gateway's own thread pool)
+    workers: int = 0
 
     def policy_for(self, sender: str, recipient: str) -> OutboundPolicy:
         """The outbound policy for one recipient of a message from ``sender``.
@@ -624,6 +628,7 @@ def _smtp(t: _Table, smime_authserv_id: str) -> SMTPConfig:
         recipient_policy=_policy_map(t, "recipient_policy", OUTBOUND_POLICIES),
         sender_policy=_policy_map(t, "sender_policy", OUTBOUND_POLICIES),
         force_encrypt_keyword=t.optional_string("force_encrypt_keyword"),
+        workers=t.integer("workers", 0, low=0, high=MAX_SMTP_WORKERS),
     )
 
 

@@ -79,3 +79,8 @@ class UpstreamError(SMIMEProxyError):
 class ArchiveError(SMIMEProxyError):
     """The archive could not do what was asked: an unreadable index, a bad query, a
     source that cannot be reached, an export that could not be written completely."""
+
+
+class WorkerError(SMIMEProxyError):
+    """A worker process running the engine died or could not start; the message it
+    held is answered with a temporary failure and the pool is started again."""

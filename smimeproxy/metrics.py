@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -169,6 +170,45 @@ class Registry:
         buckets: Sequence[float] = DEFAULT_BUCKETS,
     ) -> Histogram:
         return self._get(Histogram, name, help_text, labels, buckets=buckets)  # type: ignore[no-any-return]
+
+    def take(self) -> list[tuple[Any, ...]]:
+        """Every metric's values since the last take, and reset them to zero: what a
+        worker process sends back so that its parent's :meth:`add` counts them too."""
+        taken: list[tuple[Any, ...]] = []
+        with self._lock:
+            for metric in self._metrics.values():
+                if isinstance(metric, Histogram):
+                    if metric._data:
+                        shape = (metric.help, metric.label_names, metric.buckets)
+                        taken.append(("histogram", metric.name, shape, metric._data))
+                        metric._data = {}
+                elif isinstance(metric, Counter) and not isinstance(metric, Gauge):
+                    if metric._values:
+                        shape = (metric.help, metric.label_names)
+                        taken.append(("counter", metric.name, shape, metric._values))
+                        metric._values = {}
+        return taken
+
+    def add(self, taken: list[tuple[Any, ...]]) -> None:
+        """Count what another registry's :meth:`take` returned (gauges are not taken:
+        a worker's gauge says nothing about this process)."""
+        for kind, name, shape, values in taken:
+            if kind == "counter":
+                counter = self.counter(name, shape[0], shape[1])
+                with self._lock:
+                    for key, amount in values.items():
+                        counter._values[key] = counter._values.get(key, 0.0) + amount
+            elif kind == "histogram":
+                histogram = self.histogram(name, shape[0], shape[1], buckets=shape[2])
+                if histogram.buckets != tuple(shape[2]):
+                    raise ValueError(f"metric {name} has other buckets here")
+                with self._lock:
+                    for key, (counts, total, n) in values.items():
+                        mine, my_total, my_n = histogram._data.get(
+                            key, ([0] * len(histogram.buckets), 0.0, 0)
+                        )
+                        merged = [a + b for a, b in zip(mine, counts, strict=True)]
+                        histogram._data[key] = (merged, my_total + total, my_n + n)
 
     def render(self) -> bytes:
         with self._lock:

@@ -72,7 +72,7 @@ def master_secret(config: KeystoreConfig, environ: dict[str, str] | None = None)
     return MasterSecret.from_file(config.master_key_file)
 
 
-def _token_resolver(config: KeystoreConfig):  # type: ignore[no-untyped-def]
+def token_resolver(config: KeystoreConfig):  # type: ignore[no-untyped-def]
     """The PKCS#11 token's key resolver when the config names a module, else None."""
     if config.pkcs11_module is None:
         return None
@@ -99,7 +99,7 @@ def open_configured_store(config: Config, *, create: bool = False) -> SyncStore:
         master_secret(config.keystore),
         create=create,
         base=config.path.parent,
-        hsm=_token_resolver(config.keystore),
+        hsm=token_resolver(config.keystore),
     )
 
 

@@ -65,3 +65,22 @@ def test_served_over_http():
         assert missing.code == 404
     finally:
         yield port.stopListening()
+
+
+def test_take_and_add_carry_counts_from_one_registry_to_another():
+    """What a worker process counted is added to its parent's registry, once."""
+    worker, parent = Registry(), Registry()
+    worker.counter("jobs_total", "Jobs", ("result",)).inc(result="ok")
+    worker.counter("jobs_total", "Jobs", ("result",)).inc(2, result="failed")
+    worker.histogram("job_seconds", "Time", buckets=(0.1, 1.0)).observe(0.5)
+    worker.gauge("busy", "Busy now").set(3)
+    parent.counter("jobs_total", "Jobs", ("result",)).inc(result="ok")
+    parent.add(worker.take())
+    assert parent.counter("jobs_total", "Jobs", ("result",)).value(result="ok") == 2
+    assert parent.counter("jobs_total", "Jobs", ("result",)).value(result="failed") == 2
+    text = parent.render().decode()
+    assert 'job_seconds_bucket{le="0.1"} 0' in text and 'job_seconds_bucket{le="1"} 1' in text
+    assert "job_seconds_count 1" in text and "busy" not in text  # gauges are not taken
+    assert worker.take() == []  # taken once: nothing counted twice
+    parent.add(worker.take())
+    assert parent.counter("jobs_total", "Jobs", ("result",)).value(result="ok") == 2

@@ -2,7 +2,8 @@
 
 One message at a time per connection: the session state (EHLO, MAIL, RCPT) lives
 here, the wire rules live in the codec, what happens to the message in
-:mod:`.transform` (run in the thread pool) and the sending in :mod:`.relay`. The client
+:mod:`.transform` (run by :mod:`.engine`: the thread pool or worker processes) and
+the sending in :mod:`.relay`. The client
 gets 250 only after the next hop accepted every copy; while that happens no further
 input is read (pipelined commands wait in the codec and are answered in order).
 
@@ -34,10 +35,11 @@ from twisted.python.failure import Failure
 
 from smimeproxy.bugs import log_bug
 from smimeproxy.config import SMTPConfig
-from smimeproxy.errors import KeystoreError
+from smimeproxy.errors import KeystoreError, WorkerError
 from smimeproxy.metrics import Registry
 from smimeproxy.smtp import replies as R
 from smimeproxy.smtp.codec import BadLine, Command, DataChunk, DataEnd, ServerCodec
+from smimeproxy.smtp.engine import Engine, ThreadEngine
 from smimeproxy.smtp.relay import NextHop
 from smimeproxy.smtp.replies import Reply, render
 from smimeproxy.smtp.transform import MessageTransform, TransformResult
@@ -46,13 +48,6 @@ from smimeproxy.smtp.writes import write_now
 _PATH = re.compile(r"^(?P<kw>FROM|TO):\s*<(?P<addr>[^<>\s]*)>(?P<params>.*)$", re.IGNORECASE)
 #: more errors than this in one session and the client is sent away (Postfix: 20)
 MAX_ERRORS = 20
-#: how many messages the engine works on at once, whatever the thread pool's size. The
-#: engine is mostly Python holding the GIL: more concurrent jobs do not add CPU, they
-#: make the jobs and the reactor hand the GIL back and forth at every system call
-#: (measured with bench/smtp.py: 4 jobs ~10% slower than 1-2, the reactor's socket
-#: calls several times slower). Two, not one, so that one large message does not hold
-#: up every other session. Waiting messages wait in the reactor, costing nothing.
-ENGINE_CONCURRENCY = 2
 #: what a session still open when the gateway stops is told (RFC 5321 section 3.8)
 SHUTTING_DOWN = Reply(421, "4.3.2 Service shutting down, try again later")
 
@@ -94,10 +89,12 @@ class GatewaySettings:
     #: makes the server-side TLS context for STARTTLS; None: STARTTLS not offered
     tls_options: Callable[[], object] | None = None
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
-    #: bounds the messages in the engine at once (see :data:`ENGINE_CONCURRENCY`)
-    engine_slots: defer.DeferredSemaphore = field(
-        default_factory=lambda: defer.DeferredSemaphore(ENGINE_CONCURRENCY)
-    )
+    #: where :meth:`MessageTransform.transform` runs (default: ``threadpool``)
+    engine: Engine | None = None
+
+    def __post_init__(self) -> None:
+        if self.engine is None:
+            self.engine = ThreadEngine(self.reactor, self.threadpool)
 
 
 class SMTPGatewayProtocol(Protocol, TimeoutMixin):
@@ -367,16 +364,9 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
             if transform.engine_free(sender, recipients):
                 result: TransformResult = transform.transform(sender, recipients, data)
             else:
-                result = yield self.s.engine_slots.run(
-                    deferToThreadPool,
-                    self.s.reactor,
-                    self.s.threadpool,
-                    transform.transform,
-                    sender,
-                    recipients,
-                    data,
-                )
-        except KeystoreError as e:
+                assert self.s.engine is not None
+                result = yield self.s.engine.transform(transform, sender, recipients, data)
+        except (KeystoreError, WorkerError) as e:
             self._log_message(queue_id, (), "tempfail", size, len(recipients), str(e))
             return R.LOCAL_ERROR
         except Exception:

@@ -8,7 +8,8 @@ Only wiring: each ``listen`` endpoint string becomes a ``StreamServerEndpointSer
 Stopping waits (bounded by ``shutdown_timeout``) for the transactions in flight: their
 clients get the final reply, idle sessions get 421, the listeners stop accepting.
 :meth:`GatewayService.reload` swaps the policy and the STARTTLS certificate without
-dropping a connection; listen endpoints and the next hop are read at start only.
+dropping a connection (worker processes, if any, are started again from the new file);
+listen endpoints, the next hop and the number of workers are read at start only.
 
 Not done here: opening the key store (the caller passes a ready
 :class:`~smimeproxy.processing.MessageProcessor`), and checking that the TLS files are
@@ -31,7 +32,8 @@ from twisted.logger import Logger
 from smimeproxy.config import Config, SMTPConfig, parse_endpoint
 from smimeproxy.errors import ConfigError
 from smimeproxy.metrics import Registry
-from smimeproxy.processing import MessageProcessor
+from smimeproxy.processing import MessageProcessor, master_secret
+from smimeproxy.smtp.engine import Engine, ProcessEngine, WorkerSpec
 from smimeproxy.smtp.relay import NextHop, TLSPolicy
 from smimeproxy.smtp.server import GatewayMetrics, GatewaySettings, SMTPGatewayFactory
 from smimeproxy.smtp.transform import MessageTransform
@@ -100,10 +102,22 @@ class GatewayService(MultiService):
         self.processor = processor
         self.shutdown_timeout = shutdown_timeout
 
+    @property
+    def engine(self) -> Engine:
+        engine = self.factory.settings.engine
+        assert engine is not None
+        return engine
+
+    def startService(self) -> None:
+        super().startService()
+        self.engine.start()
+
     def stopService(self) -> defer.Deferred[None]:
-        # the listeners stop accepting at once; the sessions in a transaction finish
+        # the listeners stop accepting at once; the sessions in a transaction finish,
+        # then the engine's workers (if any) stop
         stopped = super().stopService()
         drained = self.factory.drain(self.shutdown_timeout)
+        drained.addCallback(lambda _: self.engine.close())
         return defer.gatherResults([stopped, drained]).addCallback(lambda _: None)
 
     def reload(self, config: Config) -> None:
@@ -119,9 +133,12 @@ class GatewayService(MultiService):
         transform = MessageTransform(self.processor, smtp)
         if smtp.listen != settings.config.listen or smtp.next_hop != settings.config.next_hop:
             self._log.warn("smtp.reload_needs_restart fields=listen,next_hop")
+        if smtp.workers != settings.config.workers:
+            self._log.warn("smtp.reload_needs_restart fields=workers")
         settings.config = smtp
         settings.transform = transform
         settings.tls_options = tls_options
+        self.engine.reload()  # worker processes read the new file
         self._log.info("smtp.reloaded")
 
 
@@ -146,8 +163,12 @@ def make_service(
     hostname: str | None = None,
     registry: Registry | None = None,
     shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+    engine: Engine | None = None,
 ) -> GatewayService:
-    """The gateway's listeners as one service (``config.smtp`` must be present)."""
+    """The gateway's listeners as one service (``config.smtp`` must be present).
+
+    ``engine``: where messages are transformed; by default ``[smtp] workers``
+    processes, or the thread pool when it is 0."""
     if config.smtp is None:
         raise ConfigError("the [smtp] section is missing", key="smtp")
     if reactor is None:
@@ -162,6 +183,9 @@ def make_service(
         def next_hop_endpoint() -> IStreamClientEndpoint:
             return clientFromString(reactor, smtp.next_hop)
 
+    if engine is None and smtp.workers > 0:
+        spec = WorkerSpec(str(config.path), master_secret(config.keystore))
+        engine = ProcessEngine(spec, smtp.workers, reactor, registry)
     name = hostname or smtp.authserv_id or processor.settings.authserv_id or "localhost"
     settings = GatewaySettings(
         config=smtp,
@@ -178,6 +202,7 @@ def make_service(
         hostname=name,
         tls_options=server_tls_options(smtp),
         metrics=GatewayMetrics(registry),
+        engine=engine,
     )
     factory = SMTPGatewayFactory(settings)
     service = GatewayService(factory, processor, shutdown_timeout)

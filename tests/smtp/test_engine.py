@@ -1,0 +1,231 @@
+"""The gateway with ``[smtp] workers``: the engine in worker processes of its own.
+
+Real processes (spawned), a real SQLite store opened by each worker from the
+configuration file and the master key, real loopback SMTP in and out; what arrives is
+read with ``openssl cms``. Also: worker logs and metrics reach the gateway's, a killed
+worker costs at most the message it held, a wrong master key is named, a reload
+restarts the workers from the new file, stopping ends them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+
+from smimeproxy.config import load_config
+from smimeproxy.errors import MasterKeyError, WorkerError
+from smimeproxy.keystore import MasterSecret, create_key_file, open_store
+from smimeproxy.metrics import Registry
+from smimeproxy.processing import MessageProcessor
+from smimeproxy.smime import mime
+from smimeproxy.smtp import make_service
+from smimeproxy.smtp.engine import ProcessEngine, WorkerSpec
+from tests.ports import free_port
+from tests.smtp.conftest import PLAIN, write_config
+from tests.smtp.sink import Sink
+from tests.smtp.test_relay import Gateway
+from tests.smtp.test_transform import _openssl_decrypt, _openssl_verify
+
+
+class WorkerGateway(Gateway):
+    """The loopback gateway of test_relay, with the master key in its file (workers
+    open the store themselves) and ``workers`` processes."""
+
+    def __init__(self, tmp_path, pki, sink: Sink, workers: int = 2, extra: str = ""):
+        self.tmp_path = tmp_path
+        self.sink = sink
+        self.sink_port = reactor.listenTCP(0, sink.factory(), interface="127.0.0.1")
+        self.port = free_port()
+        self.extra = extra
+        config = self.write(f"workers = {workers}\n{extra}")
+        secret = create_key_file(tmp_path / "master.key")
+        store = open_store(config.keystore.url, secret, create=True, base=tmp_path)
+        store.add_trust(pki["factory"].root.certificate)
+        store.import_key(pki["alice"].private_key, pki["alice"].certificate)
+        store.import_certificate(pki["bob"].certificate)
+        self.registry = Registry()
+        self.processor = MessageProcessor(store, config.smime, registry=self.registry)
+        self.service = make_service(config, self.processor, reactor, registry=self.registry)
+        self.service.startService()
+
+    def write(self, smtp_extra: str):
+        return write_config(
+            self.tmp_path,
+            smtp_extra,
+            next_hop=f"tcp:127.0.0.1:{self.sink_port.getHost().port}",
+            listen=f"tcp:{self.port}:interface=127.0.0.1",
+        )
+
+    @property
+    def engine(self) -> ProcessEngine:
+        engine = self.service.engine
+        assert isinstance(engine, ProcessEngine)
+        return engine
+
+
+@pytest.fixture
+def workers(tmp_path, pki):
+    made = []
+
+    def make(sink: Sink, **kwargs):
+        g = WorkerGateway(tmp_path, pki, sink, **kwargs)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        pytest_twisted.blockon(g.stop())
+
+
+@pytest.fixture
+def events():
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+def _ready(g: WorkerGateway):
+    """Fires once every worker answered its start-up ping."""
+    return g.engine.start()
+
+
+@pytest_twisted.inlineCallbacks
+def test_outbound_sealed_by_workers_reads_with_openssl(workers, openssl, tmp_path, pki):
+    sink = Sink()
+    g = workers(sink)
+    yield _ready(g)
+    assert len(g.engine.pids()) == 2 and os.getpid() not in g.engine.pids()
+    code, text = yield g.send("alice@acme.test", ["bob@partner.test"], PLAIN)
+    assert code == 250 and "queued as" in text
+    [got] = sink.received
+    assert mime.parse_entity(got.data).mime_type == "application/pkcs7-mime"
+    inner = _openssl_decrypt(openssl, tmp_path, got.data, pki["bob"])
+    verified = _openssl_verify(openssl, tmp_path, inner, pki)
+    assert verified.returncode == 0, verified.stderr.decode()
+    assert b"The figures are attached." in verified.stdout
+
+
+@pytest_twisted.inlineCallbacks
+def test_worker_metrics_and_logs_reach_the_gateway(workers, events):
+    sink = Sink()
+    g = workers(sink)
+    yield _ready(g)
+    forged = b"X-SMIMEProxy-Decryption: forged\r\n" + PLAIN
+    code, _ = yield g.send("alice@acme.test", ["bob@partner.test"], forged)
+    assert code == 250
+    text = g.registry.render().decode()
+    # counted in the worker's processor, added to the gateway's registry
+    assert "smimeproxy_seal_seconds_count 1" in text
+    assert 'smimeproxy_messages_total{direction="outbound",outcome="relayed"} 1' in text
+    removed = [e for e in events if "smtp.status_headers_removed" in str(e.get("text", ""))]
+    assert removed and removed[0]["worker_pid"] in g.engine.pids()
+    assert b"forged" not in sink.received[0].data
+
+
+@pytest_twisted.inlineCallbacks
+def test_killed_workers_cost_at_most_one_message_and_nothing_is_lost(workers, events):
+    sink = Sink()
+    g = workers(sink)
+    yield _ready(g)
+    for pid in g.engine.pids():
+        os.kill(pid, signal.SIGKILL)
+    yield deferLater(reactor, 0.5, lambda: None)
+    answers = []
+    for i in range(4):
+        code, _ = yield g.send(
+            "alice@acme.test", ["bob@partner.test"], PLAIN.replace(b"q3@", b"k%d@" % i)
+        )
+        answers.append(code)
+    assert set(answers) <= {250, 451} and answers.count(451) <= 1 and answers[-1] == 250
+    assert len(sink.received) == answers.count(250)  # every 250 arrived, once
+    assert len(g.engine.pids()) >= 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_restarts_workers_from_the_new_file(workers):
+    sink = Sink()
+    g = workers(sink)
+    yield _ready(g)
+    before = set(g.engine.pids())
+    config = g.write('workers = 2\noutbound_policy = "sign-only"')
+    g.service.reload(config)
+    yield g.engine.start()
+    code, _ = yield g.send("alice@acme.test", ["bob@partner.test"], PLAIN)
+    assert code == 250
+    top = mime.parse_entity(sink.received[0].data)
+    assert top.mime_type == "multipart/signed"  # the new policy, applied in the workers
+    assert not before & set(g.engine.pids())
+
+
+@pytest_twisted.inlineCallbacks
+def test_stopping_the_gateway_ends_the_workers(tmp_path, pki):
+    g = WorkerGateway(tmp_path, pki, Sink())
+    yield _ready(g)
+    pids = g.engine.pids()
+    assert pids
+    yield g.stop()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        yield deferLater(reactor, 0.1, lambda: None)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie not yet reaped counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest_twisted.inlineCallbacks
+def test_wrong_master_key_is_named_at_start_and_per_message(tmp_path, pki, events):
+    config = write_config(tmp_path, "workers = 1")
+    secret = create_key_file(tmp_path / "master.key")
+    open_store(config.keystore.url, secret, create=True, base=tmp_path)
+    wrong = MasterSecret(os.urandom(32), "the wrong key")
+    engine = ProcessEngine(WorkerSpec(str(config.path), wrong), 1, reactor)
+    try:
+        yield engine.start()
+        critical = [e for e in events if e.get("log_format", "").startswith("smtp.workers_failed")]
+        assert critical and "the wrong key" in critical[0]["error"]
+        with pytest.raises(MasterKeyError, match="the wrong key"):
+            yield engine.transform(None, "alice@acme.test", ["bob@partner.test"], PLAIN)
+    finally:
+        yield engine.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_that_kills_its_worker_gets_a_temporary_failure(tmp_path, pki):
+    config = write_config(tmp_path, "workers = 1")
+    secret = create_key_file(tmp_path / "master.key")
+    open_store(config.keystore.url, secret, create=True, base=tmp_path)
+    engine = ProcessEngine(WorkerSpec(str(config.path), secret), 1, reactor)
+    try:
+        yield engine.start()
+        [pid] = engine.pids()
+        d = engine._call(os.kill, pid, signal.SIGKILL)  # the job kills its own process
+        with pytest.raises(WorkerError):
+            yield d
+        yield engine.start()  # a fresh pool answers again
+        assert engine.pids() and pid not in engine.pids()
+    finally:
+        yield engine.close()
+
+
+def test_workers_key_is_checked(tmp_path):
+    with pytest.raises(Exception, match="workers"):
+        write_config(tmp_path, "workers = -1")
+    assert load_config(write_config(tmp_path, "workers = 3").path).smtp.workers == 3
