@@ -44,6 +44,14 @@ class Command:
 
 
 @dataclass(frozen=True)
+class Response:
+    """The line after a ``334`` challenge (RFC 4954 section 4): a SASL response in base64
+    or ``*``, exactly as sent (without CRLF), never upper-cased or split."""
+
+    line: str
+
+
+@dataclass(frozen=True)
 class BadLine:
     """A command line that cannot be a command: too long, bare CR/LF, NUL, not ASCII."""
 
@@ -64,7 +72,7 @@ class DataEnd:
     bare_line_end: bool
 
 
-Event = Command | BadLine | DataChunk | DataEnd
+Event = Command | Response | BadLine | DataChunk | DataEnd
 
 
 class ServerCodec:
@@ -85,6 +93,7 @@ class ServerCodec:
         self._bare = False
         self._at_line_start = True
         self._discarding = False  # inside an over-long command line
+        self._response = False  # the next line answers a 334 (AUTH)
 
     @property
     def in_data(self) -> bool:
@@ -113,6 +122,11 @@ class ServerCodec:
         """The server refused DATA: what follows is commands again."""
         self._held = False
 
+    def expect_response(self) -> None:
+        """The server sent ``334``: the next line is a :class:`Response`, not a command
+        (it has the same rules: CRLF only, ASCII, bounded length)."""
+        self._response = True
+
     def next_event(self) -> Event | None:
         """The next event, or None when more input (or a DATA decision) is needed."""
         if self._held:
@@ -140,6 +154,7 @@ class ServerCodec:
                 del buf[:-1]
                 if not self._discarding:
                     self._discarding = True
+                    self._response = False
                     return BadLine("line too long")
             return None
         line = bytes(buf[: i + 1])
@@ -147,6 +162,7 @@ class ServerCodec:
         if self._discarding:
             self._discarding = False
             return self._command_step()
+        response, self._response = self._response, False
         if len(line) > MAX_COMMAND_LINE:
             return BadLine("line too long")
         if not line.endswith(CRLF) or b"\r" in line[:-2]:
@@ -155,6 +171,8 @@ class ServerCodec:
         if b"\0" in text or not text.isascii():
             return BadLine("NUL or non-ASCII octet in a command line")
         decoded = text.decode("ascii")
+        if response:
+            return Response(decoded)
         verb, _, argument = decoded.partition(" ")
         return Command(verb.upper(), argument)
 

@@ -12,6 +12,7 @@ from smimeproxy.smtp.codec import (
     Command,
     DataChunk,
     DataEnd,
+    Response,
     ServerCodec,
 )
 
@@ -156,3 +157,23 @@ def test_fuzz_any_bytes_only_yield_codec_events(data, step):
             assert isinstance(event, Command | BadLine | DataChunk | DataEnd)
             if isinstance(event, Command) and event.verb == "DATA":
                 codec.start_data()
+
+
+def test_a_sasl_response_line_is_passed_as_sent():
+    # after a 334 the next line is a base64 response: case and all, never a command
+    codec = ServerCodec()
+    assert codec.feed(b"AUTH LOGIN\r\n") == [Command("AUTH", "LOGIN")]
+    codec.expect_response()
+    assert codec.feed(b"YWxpY2U=\r\nyWxp Y2U\r\n") == [
+        Response("YWxpY2U="),
+        Command("YWXP", "Y2U"),
+    ]
+    codec.expect_response()
+    assert codec.feed(b"*\r\n") == [Response("*")]
+    # a bad line in its place ends the expectation: what follows is commands
+    codec.expect_response()
+    assert isinstance(codec.feed(b"a\nb\r\n")[0], BadLine)
+    assert codec.feed(b"NOOP\r\n") == [Command("NOOP", "")]
+    codec.expect_response()
+    assert codec.feed(b"x" * 3000) == [BadLine("line too long")]
+    assert codec.feed(b"\r\nNOOP\r\n") == [Command("NOOP", "")]
