@@ -1,8 +1,9 @@
 """Every reply the gateway gives, in one table (like aiosmtpd's ``statuscodes.py``).
 
-Codes are RFC 5321 section 4.2; enhanced status codes RFC 3463 (and the registry of
-RFC 5248). A reply is a code and one or more text lines; :func:`render` puts them on
-the wire with the continuation markers of RFC 5321 section 4.2.1.
+Codes are RFC 5321 section 4.2 (AUTH: RFC 4954 section 6); enhanced status codes
+RFC 3463 (and the registry of RFC 5248). A reply is a code and one or more text lines;
+:func:`render` puts them on the wire with the continuation markers of RFC 5321
+section 4.2.1.
 
 Not guaranteed: texts are for humans; operators' scripts should match codes only.
 """
@@ -47,6 +48,13 @@ def render(reply: Reply) -> bytes:
     return "".join(out).encode("ascii")
 
 
+def challenge(data: str) -> bytes:
+    """A ``334`` continuation of AUTH (RFC 4954 section 4: ``"334" SP [base64]``): unlike
+    :func:`render` it keeps the space when the challenge is empty. ``data`` is base64
+    (the Dovecot codec checked it)."""
+    return b"334 " + data.encode("ascii") + b"\r\n"
+
+
 def _clean(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)[:480]
 
@@ -60,6 +68,7 @@ VRFY_NO = Reply(252, "2.5.0 Cannot VRFY; send some mail and it will be tried")
 START_DATA = Reply(354, "End data with <CR><LF>.<CR><LF>")
 READY_TLS = Reply(220, "2.0.0 Ready to start TLS")
 BYE = Reply(221, "2.0.0 Bye")
+AUTH_OK = Reply(235, "2.7.0 Authentication successful")
 
 SHUTTING_DOWN = Reply(421, "4.3.2 Service shutting down, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2 Idle for too long, closing connection")
@@ -67,6 +76,8 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0 Too many errors, closing connection")
 LOCAL_ERROR = Reply(451, "4.3.0 Local error in processing, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3 Too many recipients")
 TLS_UNAVAILABLE = Reply(454, "4.7.0 TLS not available")
+AUTH_TEMPORARY = Reply(454, "4.7.0 Temporary authentication failure")
+AUTH_TOO_MANY = Reply(421, "4.7.0 Too many failed authentication attempts, closing connection")
 
 SYNTAX_ERROR = Reply(500, "5.5.2 Syntax error, command unrecognised")
 LINE_TOO_LONG = Reply(500, "5.5.6 Line too long")
@@ -83,3 +94,13 @@ UNKNOWN_PARAMETER = Reply(555, "5.5.4 MAIL FROM/RCPT TO parameter not recognised
 TOO_BIG = Reply(552, "5.3.4 Message size exceeds the fixed limit")
 BARE_LINE_END = Reply(550, "5.5.2 Bare CR or LF in the message content refused (RFC 5321 2.3.8)")
 TLS_REQUIRED = Reply(530, "5.7.0 Must issue a STARTTLS command first")
+AUTH_CANCELLED = Reply(501, "5.7.0 Authentication cancelled")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2 Cannot decode the base64 response")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1 Authentication not enabled")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1 Already authenticated")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4 Unrecognized authentication type")
+AUTH_REQUIRED = Reply(530, "5.7.0 Authentication required")
+AUTH_FAILED = Reply(535, "5.7.8 Authentication credentials invalid")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11 Encryption required for requested authentication mechanism")
+NOT_OWNED = Reply(553, "5.7.1 Sender address not owned by the authenticated user")
+FROM_NOT_OWNED = Reply(550, "5.7.1 From address not owned by the authenticated user")
