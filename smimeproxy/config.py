@@ -170,6 +170,12 @@ class SMTPConfig:
     force_encrypt_keyword: str | None
     #: worker processes running the engine (0: the gateway's own thread pool)
     workers: int = 0
+    #: listeners where AUTH is required before MAIL (mail clients submit here); () = none
+    submission_listen: tuple[str, ...] = ()
+    #: Dovecot's auth-client socket (a client endpoint); set whenever submission_listen is
+    auth_dovecot: str | None = None
+    #: offer AUTH on submission listeners before STARTTLS (a trusted loopback listener only)
+    submission_plaintext: bool = False
 
     def policy_for(self, sender: str, recipient: str) -> OutboundPolicy:
         """The outbound policy for one recipient of a message from ``sender``.
@@ -607,6 +613,16 @@ def _smtp(t: _Table, smime_authserv_id: str) -> SMTPConfig:
             raise t.error(sub, f"must be a string, not {_describe(value)}")
         storage_map[_domain(t, sub, name)] = t.check_choice(sub, value, INBOUND_STORAGE_MODES)
     cert, key = _tls_pair(t)
+    submission = t.endpoints("submission_listen", "server", [])
+    auth_dovecot = t.string("auth_dovecot", "")
+    if auth_dovecot:
+        auth_dovecot = t.check_endpoint("auth_dovecot", auth_dovecot, "client")
+    elif submission:
+        raise t.error(
+            "auth_dovecot",
+            "is required when submission_listen is set: Dovecot's auth-client socket, "
+            'e.g. "unix:/run/dovecot/auth-client" (the gateway keeps no passwords)',
+        )
     return SMTPConfig(
         listen=listen,
         next_hop=next_hop,
@@ -629,6 +645,9 @@ def _smtp(t: _Table, smime_authserv_id: str) -> SMTPConfig:
         sender_policy=_policy_map(t, "sender_policy", OUTBOUND_POLICIES),
         force_encrypt_keyword=t.optional_string("force_encrypt_keyword"),
         workers=t.integer("workers", 0, low=0, high=MAX_SMTP_WORKERS),
+        submission_listen=submission,
+        auth_dovecot=auth_dovecot or None,
+        submission_plaintext=t.boolean("submission_plaintext", False),
     )
 
 
