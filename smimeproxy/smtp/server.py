@@ -9,8 +9,8 @@ input is read (pipelined commands wait in the codec and are answered in order).
 
 Announced (RFC 5321 EHLO keywords): PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME
 (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034), STARTTLS (RFC 3207, when a certificate is
-configured). Not implemented: AUTH (no submission listener yet), DSN, SMTPUTF8,
-CHUNKING, XFORWARD; VRFY answers 252.
+configured), AUTH PLAIN LOGIN (RFC 4954, on submission listeners only: see
+:mod:`.submission`). Not implemented: DSN, SMTPUTF8, CHUNKING, XFORWARD; VRFY answers 252.
 
 Errors become replies, never tracebacks: a key store failure or a bug while
 processing is 451 (the client retries); a client that vanishes mid-DATA leaves nothing
@@ -38,10 +38,12 @@ from smimeproxy.config import SMTPConfig
 from smimeproxy.errors import KeystoreError, WorkerError
 from smimeproxy.metrics import Registry
 from smimeproxy.smtp import replies as R
-from smimeproxy.smtp.codec import BadLine, Command, DataChunk, DataEnd, ServerCodec
+from smimeproxy.smtp.codec import BadLine, Command, DataChunk, DataEnd, Response, ServerCodec
 from smimeproxy.smtp.engine import Engine, ThreadEngine
 from smimeproxy.smtp.relay import NextHop
 from smimeproxy.smtp.replies import Reply, render
+from smimeproxy.smtp.sasl import MECHANISMS
+from smimeproxy.smtp.submission import Submission, SubmissionMixin
 from smimeproxy.smtp.transform import MessageTransform, TransformResult
 from smimeproxy.smtp.writes import write_now
 
@@ -97,13 +99,14 @@ class GatewaySettings:
             self.engine = ThreadEngine(self.reactor, self.threadpool)
 
 
-class SMTPGatewayProtocol(Protocol, TimeoutMixin):
-    """One client session."""
+class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
+    """One client session (of a submission listener when ``submission`` is given)."""
 
     _log = Logger()
 
-    def __init__(self, settings: GatewaySettings):
+    def __init__(self, settings: GatewaySettings, submission: Submission | None = None):
         self.s = settings
+        self.submission = submission
         self.codec = ServerCodec()
         self.callLater = settings.reactor.callLater  # TimeoutMixin's clock
         self.helo: str | None = None
@@ -127,6 +130,7 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self.closing = True
         self._chunks = []  # a message cut off mid-DATA is simply forgotten
+        self.auth_abandon()  # an AUTH exchange cut off: Dovecot forgets it too
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory.session_ended(self)
@@ -179,7 +183,10 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
                 self._data_chunk(event.data)
             elif isinstance(event, DataEnd):
                 self._data_end(event)
+            elif isinstance(event, Response):
+                self.auth_response(event.line)
             elif isinstance(event, BadLine):
+                self.auth_abandon()  # a bad line in place of a SASL response ends AUTH
                 self._error(R.LINE_TOO_LONG if "long" in event.reason else R.BAD_LINE)
             else:
                 self._command(event)
@@ -211,6 +218,8 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
         ]
         if self.s.tls_options is not None and not self.tls:
             lines.append("STARTTLS")
+        if self.auth_offered():
+            lines.append("AUTH " + " ".join(MECHANISMS))
         return lines
 
     def smtp_EHLO(self, arg: str) -> None:
@@ -240,6 +249,7 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
         self.transport.startTLS(self.s.tls_options())
         self.tls = True
         self.helo = None
+        self.auth_reset()
         self._reset()
 
     def smtp_NOOP(self, arg: str) -> None:
@@ -260,6 +270,8 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
             return self._error(R.NEED_EHLO)
         if self.sender is not None:
             return self._error(R.BAD_SEQUENCE)
+        if self.submission is not None and self.auth_user is None:
+            return self._error(R.AUTH_REQUIRED)
         m = _PATH.match(arg)
         if m is None or m["kw"].upper() != "FROM":
             return self._error(R.BAD_ADDRESS)
@@ -273,6 +285,9 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
                 pass
             else:
                 return self._error(R.UNKNOWN_PARAMETER)
+        refusal = self.auth_mail_refusal(m["addr"])
+        if refusal is not None:
+            return self._error(refusal)
         self.sender = m["addr"]
         self._reply(R.SENDER_OK)
 
@@ -337,6 +352,10 @@ class SMTPGatewayProtocol(Protocol, TimeoutMixin):
             self._reset()
             return self._reply(R.BARE_LINE_END)
         data = b"".join(self._chunks)
+        refusal = self.auth_data_refusal(data)
+        if refusal is not None:
+            self._reset()
+            return self._reply(refusal)
         sender, recipients = self.sender or "", list(self.recipients)
         self._reset()
         self.busy = True
@@ -438,7 +457,11 @@ class SMTPGatewayFactory(Factory):
         self._drained: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: object) -> SMTPGatewayProtocol:
-        proto = SMTPGatewayProtocol(self.settings)
+        return self.build(None)
+
+    def build(self, submission: Submission | None) -> SMTPGatewayProtocol:
+        """A session; of a submission listener when ``submission`` is given."""
+        proto = SMTPGatewayProtocol(self.settings, submission)
         proto.factory = self
         return proto
 
@@ -483,4 +506,16 @@ class SMTPGatewayFactory(Factory):
             d.callback(None)
 
 
-__all__ = ["GatewaySettings", "SMTPGatewayFactory", "SMTPGatewayProtocol"]
+class SubmissionListener(Factory):
+    """The factory of a submission listener: sessions of the gateway's factory (so that
+    stopping drains them too) that must authenticate before MAIL."""
+
+    def __init__(self, gateway: SMTPGatewayFactory, submission: Submission):
+        self.gateway = gateway
+        self.submission = submission
+
+    def buildProtocol(self, addr: object) -> SMTPGatewayProtocol:
+        return self.gateway.build(self.submission)
+
+
+__all__ = ["GatewaySettings", "SMTPGatewayFactory", "SMTPGatewayProtocol", "SubmissionListener"]

@@ -2,7 +2,9 @@
 
 Only wiring: each ``listen`` endpoint string becomes a ``StreamServerEndpointService``
 (as ``twisted.mail.tap`` does) in one ``MultiService``, all sharing one
-:class:`~smimeproxy.smtp.server.GatewaySettings`. Every collaborator can be injected
+:class:`~smimeproxy.smtp.server.GatewaySettings`; each ``submission_listen`` one too,
+with sessions that authenticate against Dovecot's ``auth_dovecot`` socket (one
+connection for all of them, see :mod:`.dovecot_client`). Every collaborator can be injected
 (reactor, thread pool, the next hop's endpoint factory) so tests need no patching.
 
 Stopping waits (bounded by ``shutdown_timeout``) for the transactions in flight: their
@@ -33,9 +35,16 @@ from smimeproxy.config import Config, SMTPConfig, parse_endpoint
 from smimeproxy.errors import ConfigError
 from smimeproxy.metrics import Registry
 from smimeproxy.processing import MessageProcessor, master_secret
+from smimeproxy.smtp.dovecot_client import DovecotAuthClient
 from smimeproxy.smtp.engine import Engine, ProcessEngine, WorkerSpec
 from smimeproxy.smtp.relay import NextHop, TLSPolicy
-from smimeproxy.smtp.server import GatewayMetrics, GatewaySettings, SMTPGatewayFactory
+from smimeproxy.smtp.server import (
+    GatewayMetrics,
+    GatewaySettings,
+    SMTPGatewayFactory,
+    SubmissionListener,
+)
+from smimeproxy.smtp.submission import Submission, store_senders
 from smimeproxy.smtp.transform import MessageTransform
 
 
@@ -135,11 +144,25 @@ class GatewayService(MultiService):
             self._log.warn("smtp.reload_needs_restart fields=listen,next_hop")
         if smtp.workers != settings.config.workers:
             self._log.warn("smtp.reload_needs_restart fields=workers")
+        submission = ("submission_listen", "auth_dovecot", "submission_plaintext")
+        if any(getattr(smtp, f) != getattr(settings.config, f) for f in submission):
+            self._log.warn("smtp.reload_needs_restart fields={fields}", fields=",".join(submission))
         settings.config = smtp
         settings.transform = transform
         settings.tls_options = tls_options
         self.engine.reload()  # worker processes read the new file
         self._log.info("smtp.reloaded")
+
+
+class _AuthConnection(Service):
+    """Closes the connection to Dovecot's auth service when the gateway stops."""
+
+    def __init__(self, authenticator: DovecotAuthClient):
+        self.authenticator = authenticator
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.authenticator.close()
 
 
 class _IdleConnections(Service):
@@ -212,4 +235,16 @@ def make_service(
         StreamServerEndpointService(
             serverFromString(reactor, description), factory
         ).setServiceParent(service)
+    if smtp.submission_listen and smtp.auth_dovecot:
+        auth_endpoint = smtp.auth_dovecot
+        authenticator = DovecotAuthClient(lambda: clientFromString(reactor, auth_endpoint), reactor)
+        _AuthConnection(authenticator).setServiceParent(service)
+        submission = Submission(
+            authenticator, store_senders(processor.store), plaintext=smtp.submission_plaintext
+        )
+        listener = SubmissionListener(factory, submission)
+        for description in smtp.submission_listen:
+            StreamServerEndpointService(
+                serverFromString(reactor, description), listener
+            ).setServiceParent(service)
     return service
