@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor, threads
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
@@ -585,3 +588,30 @@ def test_real_dovecot_with_swaks(world):
     bad = yield in_thread(lambda: run("wrong"))
     assert bad.returncode != 0 and b"535 5.7.8" in bad.stdout
     assert len(world.sink.received) == 1
+
+
+_LINES = st.lists(
+    st.one_of(
+        st.sampled_from(
+            ["AUTH PLAIN", "AUTH LOGIN", "*", "=", "AUTH PLAIN =", "MAIL FROM:<alice@acme.test>",
+             plain("alice", PASSWORD), plain("alice", "x"), b64("alice"), b64(PASSWORD), "RSET",
+             "EHLO c", "AUTH X", "DATA", "."]
+        ),
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
+    ),
+    max_size=12,
+)  # fmt: skip
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(lines=_LINES)
+def test_any_dialogue_gets_only_well_formed_replies(sub, lines):
+    s = sub()
+    s.send(b"EHLO c\r\n")
+    out = s.send("".join(f"{line}\r\n" for line in lines).encode())
+    s.reactor.advance(5)
+    out += s.take()
+    for reply in out.splitlines():
+        assert re.fullmatch(r"[2-5]\d\d([ -].*)?", reply), reply
