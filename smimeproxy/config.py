@@ -623,6 +623,16 @@ def _smtp(t: _Table, smime_authserv_id: str) -> SMTPConfig:
             "is required when submission_listen is set: Dovecot's auth-client socket, "
             'e.g. "unix:/run/dovecot/auth-client" (the gateway keeps no passwords)',
         )
+    plaintext = t.boolean("submission_plaintext", False)
+    for endpoint in submission:
+        implicit_tls = endpoint.split(":", 1)[0].lower() == "ssl"
+        if not (implicit_tls or cert is not None or plaintext):
+            raise t.error(
+                "submission_listen",
+                f"AUTH would never be offered on {endpoint!r}: it is offered over TLS only; "
+                "set tls_certificate and tls_key (STARTTLS), use an ssl: endpoint, or "
+                "submission_plaintext = true for a trusted loopback listener",
+            )
     return SMTPConfig(
         listen=listen,
         next_hop=next_hop,
@@ -647,7 +657,7 @@ def _smtp(t: _Table, smime_authserv_id: str) -> SMTPConfig:
         workers=t.integer("workers", 0, low=0, high=MAX_SMTP_WORKERS),
         submission_listen=submission,
         auth_dovecot=auth_dovecot or None,
-        submission_plaintext=t.boolean("submission_plaintext", False),
+        submission_plaintext=plaintext,
     )
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -118,6 +119,9 @@ class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
 
     # -- connection -----------------------------------------------------------------------
     def connectionMade(self) -> None:
+        # an implicit-TLS listener ("ssl:" endpoint; submissions on 465, RFC 8314) is
+        # TLS from the first byte: no STARTTLS to offer, AUTH may be
+        self.tls = ISSLTransport.providedBy(self.transport)
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory.sessions.add(self)

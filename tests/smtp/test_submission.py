@@ -391,14 +391,29 @@ def test_config_submission_needs_auth_dovecot(tmp_path):
     with pytest.raises(ConfigError) as e:
         write_config(tmp_path, 'submission_listen = ["tcp:0:interface=127.0.0.1"]')
     assert e.value.key == "smtp.auth_dovecot" and str(tmp_path) in str(e.value)
+    # AUTH is offered over TLS only: a listener that could never offer it is an error
+    with pytest.raises(ConfigError) as e:
+        write_config(
+            tmp_path,
+            'submission_listen = ["tcp:0:interface=127.0.0.1"]\n'
+            'auth_dovecot = "unix:/run/dovecot/auth-client"',
+        )
+    assert e.value.key == "smtp.submission_listen" and "tls_certificate" in str(e.value)
     config = write_config(
         tmp_path,
         'submission_listen = ["tcp:0:interface=127.0.0.1"]\n'
-        'auth_dovecot = "unix:/run/dovecot/auth-client"',
+        'auth_dovecot = "unix:/run/dovecot/auth-client"\nsubmission_plaintext = true',
     )
     assert config.smtp.submission_listen == ("tcp:0:interface=127.0.0.1",)
     assert config.smtp.auth_dovecot == "unix:/run/dovecot/auth-client"
-    assert config.smtp.submission_plaintext is False
+    assert config.smtp.submission_plaintext is True
+    (tmp_path / "k.pem").write_text("")
+    config = write_config(  # implicit TLS (RFC 8314) needs no STARTTLS certificate
+        tmp_path,
+        'submission_listen = ["ssl:0:privateKey=k.pem:certKey=k.pem"]\n'
+        'auth_dovecot = "unix:auth-client"',
+    )
+    assert config.smtp.auth_dovecot == f"unix:{tmp_path / 'auth-client'}"
     with pytest.raises(ConfigError) as e:
         write_config(tmp_path, 'auth_dovecot = "udp:1"')
     assert e.value.key == "smtp.auth_dovecot"
@@ -428,10 +443,13 @@ class RealWorld:
         self.sink = Sink()
         self.sink_port = reactor.listenTCP(0, self.sink.factory(), interface="127.0.0.1")
         self.port = free_port()
+        self.implicit_port = free_port()  # submissions, implicit TLS (RFC 8314)
         self.plain_port = free_port()
+        pem, key = tls_pair / "gw.pem", tls_pair / "gw.key"
+        implicit = f"ssl:{self.implicit_port}:interface=127.0.0.1:privateKey={key}:certKey={pem}"
         processor = make_processor(
             f'tls_certificate = "{tls_pair / "gw.pem"}"\ntls_key = "{tls_pair / "gw.key"}"\n'
-            f'submission_listen = ["tcp:{self.port}:interface=127.0.0.1"]\n'
+            f'submission_listen = ["tcp:{self.port}:interface=127.0.0.1", "{implicit}"]\n'
             f'auth_dovecot = "unix:{self.socket}"',
             next_hop=f"tcp:127.0.0.1:{self.sink_port.getHost().port}",
             listen=f"tcp:{self.plain_port}:interface=127.0.0.1",
@@ -615,3 +633,19 @@ def test_any_dialogue_gets_only_well_formed_replies(sub, lines):
     out += s.take()
     for reply in out.splitlines():
         assert re.fullmatch(r"[2-5]\d\d([ -].*)?", reply), reply
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_dovecot_over_implicit_tls(world):
+    def run():
+        with smtplib.SMTP_SSL(
+            "localhost", world.implicit_port, context=world.context, timeout=30
+        ) as c:
+            c.ehlo("client.test")
+            assert not c.has_extn("starttls")  # TLS already: nothing to start
+            assert c.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+            assert c.login("alice", PASSWORD)[0] == 235
+            c.sendmail("alice@acme.test", ["bob@partner.test"], PLAIN)
+
+    yield in_thread(run)
+    assert [m.sender for m in world.sink.received] == ["alice@acme.test"]
