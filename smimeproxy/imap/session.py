@@ -18,9 +18,11 @@ An APPEND whose mailbox is a literal is read up to the end of that literal befor
 session decides (a Sent folder named by a literal is still encrypted).  A synchronising
 literal the server answers with a tagged NO/BAD instead of ``+`` ends that command.
 
-Latency: what one read event produces is written at its end as one write and flushed
-to the socket at once (:func:`flush`), so a pass-through command costs one reactor turn
-per direction; both sockets have TCP_NODELAY.
+Latency: what one read event produces is written at its end as one write, sent on the
+socket at once (:mod:`~smimeproxy.imap.sockets`: no epoll registration round when
+nothing is buffered; a read that passes through unchanged is written as it was read,
+not joined again), so a pass-through command costs one reactor turn per direction;
+both sockets have TCP_NODELAY.
 
 Not guaranteed: a SASL mechanism other than PLAIN is not offered (the proxy must read the
 login name).
@@ -44,6 +46,7 @@ from twisted.python.failure import Failure
 from smimeproxy.bugs import log_bug
 from smimeproxy.errors import MalformedMessage
 from smimeproxy.imap import intercept
+from smimeproxy.imap.sockets import flush, no_delay, write_now
 from smimeproxy.imap.upstream import (
     UpstreamProtocol,
     capabilities_in,
@@ -162,7 +165,7 @@ class ProxySession(Protocol, TimeoutMixin):
     # -- connection lifecycle ----------------------------------------------------------
     def connectionMade(self) -> None:
         self.ctx.sessions.add(self)
-        _no_delay(self.transport)
+        no_delay(self.transport)
         self.setTimeout(self.ctx.idle_timeout)
         if self.ctx.metrics is not None:
             self.ctx.metrics.sessions.inc()
@@ -176,7 +179,7 @@ class ProxySession(Protocol, TimeoutMixin):
 
     def upstream_connected(self, upstream: UpstreamProtocol) -> None:
         self.upstream = upstream
-        _no_delay(upstream.transport)
+        no_delay(upstream.transport)
         if self._closed:
             upstream.transport.loseConnection()
 
@@ -249,13 +252,13 @@ class ProxySession(Protocol, TimeoutMixin):
             if self._batch is not None:
                 self._batch.append(data)
             else:
-                self.transport.write(data)
+                write_now(self.transport, data)
 
     def _send_batch(self) -> None:
         """Write what :meth:`upstream_data` gathered, as one write."""
         batch, self._batch = self._batch, None
         if batch and not self._closed and self.transport is not None:
-            self.transport.write(b"".join(batch))
+            write_now(self.transport, batch[0] if len(batch) == 1 else b"".join(batch))
 
     def send_upstream(self, data: bytes) -> None:
         if self.upstream is not None and not self._upstream_lost:
@@ -525,11 +528,17 @@ class ProxySession(Protocol, TimeoutMixin):
     def upstream_data(self, data: bytes) -> None:
         self.resetTimeout()
         # what one read of the server produces for the client leaves as one write
-        self._batch = []
+        self._batch = batch = []
+        splitter = self._upstream_split()
+        whole = not splitter.line_pending  # the events will cover exactly ``data``
+        events = splitter.feed(data)
+        whole = whole and not splitter.line_pending
         try:
-            for event in self._upstream_split().feed(data):
+            for event in events:
                 self._server_event(event)
         finally:
+            if whole and _verbatim(batch, events):
+                batch[:] = [data]  # all of it passed through unchanged: no join, no copy
             self._send_batch()
         flush(self.transport)
 
@@ -692,36 +701,12 @@ class ProxySession(Protocol, TimeoutMixin):
         self._maybe_start_intercept()
 
 
-def flush(transport: Any) -> None:
-    """Send what this read event made us write now, not one reactor turn later.
-
-    Twisted buffers ``write`` until the reactor sees the socket writable; for a relay
-    that is one more epoll round per hop, twice per command.  A TCP transport with
-    buffered data and no pending close gets its ``doWrite`` (IWriteDescriptor) called
-    here; whatever the socket does not take stays buffered for the reactor as usual.
-    Under TLS the TCP transport below it is flushed.  Anything else: nothing happens.
-    """
-    while transport is not None and not hasattr(transport, "doWrite"):
-        transport = getattr(transport, "transport", None)
-    if transport is None or not getattr(transport, "connected", False):
-        return
-    if transport.disconnecting or getattr(transport, "_writeDisconnecting", True):
-        return  # a finished write would have to close the connection: the reactor's job
-    if not getattr(transport, "_tempDataLen", 0):
-        return
-    result = transport.doWrite()
-    if result is not None:  # an error: let the reactor find it on its next write attempt
-        transport.startWriting()
-
-
-def _no_delay(transport: Any) -> None:
-    """Small command/response exchanges must not wait for Nagle's algorithm."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except OSError:
-            pass
+def _verbatim(out: list[bytes], events: list[Event]) -> bool:
+    """Whether ``out`` is the events' own octets, each passed on unchanged, in order."""
+    if len(out) != len(events) or len(out) < 2:
+        return False
+    pairs = zip(out, events, strict=True)
+    return all(piece is getattr(event, "data", None) for piece, event in pairs)
 
 
 _QUOTABLE_NAME = re.compile(rb"[\x20-\x7e]{0,1000}\Z")

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from smimeproxy.imap.sockets import write_now
+
 if TYPE_CHECKING:  # pragma: no cover
     from smimeproxy.imap.session import ProxySession
 
@@ -109,4 +111,4 @@ class UpstreamProtocol(Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
-            self.transport.write(data)
+            write_now(self.transport, data)

@@ -98,6 +98,12 @@ class Splitter:
         """True between logical lines (nothing partial buffered, no literal pending)."""
         return self._first and not self._buffer and not self._literal_left and not self._skipping
 
+    @property
+    def line_pending(self) -> bool:
+        """Part of a physical line is buffered (or being skipped): the next event's
+        octets do not all come from the next feed."""
+        return bool(self._buffer) or self._skipping
+
     def cancel_literal(self) -> None:
         """The literal just announced will not come (its command was refused)."""
         self._literal_left = 0
@@ -116,7 +122,10 @@ class Splitter:
             if self._literal_left:
                 take = min(self._literal_left, len(view) - pos)
                 self._literal_left -= take
-                events.append(LiteralData(bytes(view[pos : pos + take]), self._literal_left == 0))
+                # a read that is all literal passes on as it is (no copy of the octets)
+                whole = take == len(data) and type(data) is bytes
+                chunk = data if whole else bytes(view[pos : pos + take])
+                events.append(LiteralData(chunk, self._literal_left == 0))
                 pos += take
                 continue
             end = data.find(b"\n", pos)

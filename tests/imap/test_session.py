@@ -162,6 +162,23 @@ def test_server_literal_streams_to_client() -> None:
     assert h.to_client() == b"z" * 30000 + b")\r\nf OK done\r\n"
 
 
+def test_pass_through_responses_cut_anywhere_arrive_unchanged() -> None:
+    """Reads that pass through whole are written as they came; reads that start or end
+    inside a line are not mistaken for them (every cut point of a response stream)."""
+    stream = (
+        b"* 1 FETCH (UID 4 BODY[] {12}\r\nhello\r\nworld)\r\n* 2 EXISTS\r\n"
+        b"* 2 FETCH (BODY[] {0}\r\n)\r\nf OK done\r\n"
+    )
+    for i in range(len(stream) + 1):
+        for j in range(i, len(stream) + 1):
+            h = Harness()
+            h.to_client()
+            h.send(b"f FETCH 1:2 BODY.PEEK[]\r\n")
+            for part in (stream[:i], stream[i:j], stream[j:]):
+                h.server(part)
+            assert h.to_client() == stream, (i, j)
+
+
 def test_upstream_drop_mid_literal_sends_bye() -> None:
     h = Harness()
     h.to_client()
@@ -503,3 +520,76 @@ def test_idle_session_is_logged_out_and_traffic_keeps_it_open() -> None:
     assert h.to_client() == b"* BYE autologout; idle for too long\r\n"
     assert h.client.disconnecting and h.up_transport.disconnecting
     assert clock.getDelayedCalls() == []
+
+
+def _logged_in_and_selected(uidvalidity: int = 7) -> Harness:
+    h = Harness(processor=Processor({"alice": "alice@acme.test"}))
+    h.send(b"a LOGIN alice pw\r\n")
+    h.server(b"a OK in\r\n")
+    h.server(b"smp1 OK listed\r\n")
+    h.send(b"b SELECT INBOX\r\n")
+    h.server(b"* 2 EXISTS\r\n* OK [UIDVALIDITY %d] ok\r\nb OK [READ-WRITE] done\r\n" % uidvalidity)
+    h.to_client()
+    h.to_server()
+    return h
+
+
+CT_QUERY = b" (UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])\r\n"
+PLAIN_CT = b"BODY[HEADER.FIELDS (CONTENT-TYPE)] {26}\r\nContent-Type: text/plain\r\n)\r\n"
+SMIME_HEADER = b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data\r\n"
+SMIME_CT = b"BODY[HEADER.FIELDS (CONTENT-TYPE)] {%d}\r\n%s)\r\n" % (len(SMIME_HEADER), SMIME_HEADER)
+
+
+def test_non_uid_fetch_without_smime_messages_costs_no_extra_round_trip() -> None:
+    """The first non-UID FETCH classifies the mailbox alongside its own Content-Type
+    query (one round trip); once no message is S/MIME, the next goes straight on, until
+    new mail arrives."""
+    h = _logged_in_and_selected()
+    h.send(b"c FETCH 1:2 (BODY.PEEK[])\r\n")
+    # both proxy commands leave at once (pipelined), the client's waits for their answers
+    assert h.to_server() == b"smp2 UID FETCH 1:*" + CT_QUERY + b"smp3 FETCH 1:2" + CT_QUERY
+    for seq in (1, 2):
+        h.server(b"* %d FETCH (UID %d " % (seq, seq + 10) + PLAIN_CT)
+    h.server(b"smp2 OK done\r\n")
+    for seq in (1, 2):
+        h.server(b"* %d FETCH (UID %d " % (seq, seq + 10) + PLAIN_CT)
+    h.server(b"smp3 OK done\r\n")
+    assert h.to_server() == b"c FETCH 1:2 (BODY.PEEK[])\r\n"
+    assert h.to_client() == b""  # the proxy's own answers stay with the proxy
+    h.server(b"* 1 FETCH (BODY[] {2}\r\nhi)\r\nc OK done\r\n")
+    assert h.to_client() == b"* 1 FETCH (BODY[] {2}\r\nhi)\r\nc OK done\r\n"
+    # classified, nothing S/MIME: forwarded at once (and pipelined)
+    h.send(b"d FETCH 2 (BODY.PEEK[])\r\ne FETCH 1 (RFC822)\r\n")
+    assert h.to_server() == b"d FETCH 2 (BODY.PEEK[])\r\ne FETCH 1 (RFC822)\r\n"
+    h.server(b"d OK done\r\n* 3 EXISTS\r\ne OK done\r\n")
+    # new mail: the next FETCH of content asks again (only the messages not classified)
+    h.send(b"f FETCH 3 (BODY.PEEK[])\r\n")
+    assert h.to_server() == b"smp4 UID FETCH 13:*" + CT_QUERY + b"smp5 FETCH 3" + CT_QUERY
+
+
+def test_non_uid_fetch_in_a_classified_mailbox_asks_only_for_uids() -> None:
+    h = _logged_in_and_selected()
+    # message 12 is S/MIME but could not be opened before: the proxy answers it as stored
+    h.session.undecryptable.add(("alice@acme.test", "INBOX", 7, 12))
+    h.send(b"c UID FETCH 11:12 (FLAGS)\r\n")  # no content: forwarded, nothing classified
+    assert h.to_server() == b"c UID FETCH 11:12 (FLAGS)\r\n"
+    h.server(b"c OK done\r\n")
+    h.send(b"d UID FETCH 12 (BODY.PEEK[])\r\n")  # classifies
+    assert h.to_server() == b"smp2 UID FETCH 1:*" + CT_QUERY
+    h.server(b"* 1 FETCH (UID 11 " + PLAIN_CT + b"* 2 FETCH (UID 12 " + SMIME_CT)
+    h.server(b"smp2 OK done\r\n")
+    assert h.to_server() == b"d UID FETCH 12 (BODY.PEEK[])\r\n"
+    h.server(b"d OK done\r\n")
+    h.to_client()
+    h.send(b"e FETCH 1 (BODY.PEEK[])\r\n")
+    assert h.to_server() == b"smp3 FETCH 1 (UID)\r\n"
+    h.server(b"* 1 FETCH (UID 11)\r\nsmp3 OK done\r\n")
+    assert h.to_server() == b"e FETCH 1 (BODY.PEEK[])\r\n"  # message 1 is not S/MIME
+    h.server(b"* 1 FETCH (BODY[] {2}\r\nhi)\r\ne OK done\r\n")
+    assert h.to_client() == b"* 1 FETCH (BODY[] {2}\r\nhi)\r\ne OK done\r\n"
+    # a UID the classification does not cover yet: the Content-Type query decides
+    h.send(b"f FETCH 1:* (BODY.PEEK[])\r\n")
+    assert h.to_server() == b"smp4 FETCH 1:* (UID)\r\n"
+    h.server(b"* 1 FETCH (UID 11)\r\n* 2 FETCH (UID 12)\r\n* 3 FETCH (UID 13)\r\n")
+    h.server(b"smp4 OK done\r\n")
+    assert h.to_server() == b"smp5 FETCH 1:*" + CT_QUERY
