@@ -20,9 +20,15 @@ same mailbox, flags and internal date.  A message that cannot be encrypted is re
 with NO (it is never stored in plaintext by mistake); a client that disconnects before
 the end sends nothing upstream.
 
+A FETCH by sequence number needs the server to map numbers to UIDs: one round trip
+(the mailbox's classification is brought up to date in the same one), except in a
+mailbox whose classification is current and holds no S/MIME message, where it is
+forwarded at once like a UID FETCH that names no S/MIME message.
+
 Not guaranteed: a message of more than ``max_append`` octets appended to Sent is refused
 with NO [TOOBIG]; message sets whose S/MIME messages are not yet cached cost one extra
-round trip per 50 messages.
+round trip per 50 messages; a non-UID FETCH in a mailbox with S/MIME messages costs one
+extra round trip (the proxy keeps no sequence-number map).
 """
 
 from __future__ import annotations
@@ -222,9 +228,11 @@ def plan(
             return None
         if not content:
             return None
-        if word == b"UID FETCH" and not session.mailbox_changed:
+        if not session.mailbox_changed:
             known = session.classification()
-            if not in_uid_set(seqset, known.smime, known.upto - 1):
+            if not known.smime:
+                return None  # no S/MIME message in the mailbox: forward, keep pipelining
+            if word == b"UID FETCH" and not in_uid_set(seqset, known.smime, known.upto - 1):
                 return None  # nothing to decrypt: forward at once, keep pipelining
         return lambda: Deferred.fromCoroutine(
             fetch_intercept(session, tag, word, message, seqset, content, modifiers)
@@ -450,6 +458,41 @@ async def smime_uids(
     return found
 
 
+async def seq_smime_uids(session: ProxySession, seqset: bytes, mods: bytes) -> dict[int, int]:
+    """``{uid: seq}`` of the S/MIME messages a non-UID FETCH names (sequence numbers
+    need the server to map them to UIDs: one round trip).
+
+    With the mailbox's classification current only the UIDs are asked for; a UID it
+    does not cover (new mail in the meantime) falls back to the Content-Type query.
+    Otherwise that query runs, and the classification is brought up to date in the
+    same round trip (pipelined), so the next non-UID FETCH of a mailbox without S/MIME
+    messages is forwarded at once (see :func:`plan`)."""
+    if session.mailbox_changed:
+        updating = Deferred.fromCoroutine(classify(session))  # sent now, awaited below
+        try:
+            found = await smime_uids(session, b"FETCH ", seqset, mods)
+        except BaseException:
+            updating.addErrback(lambda _: None)  # given up (upstream lost): nobody waits
+            raise
+        await updating
+        return found
+    known = session.classification()
+    result = await session.command(b"FETCH " + seqset + b" (UID)" + mods)
+    found: dict[int, int] = {}
+    for message in result.untagged:
+        try:
+            pairs = _pairs(message)
+            uid = int(bytes(pairs[b"UID"]))  # type: ignore[arg-type]
+            seq = int(bytes(pairs[b"*SEQ"]))  # type: ignore[arg-type]
+        except (MalformedMessage, KeyError, ValueError, TypeError):
+            continue
+        if uid >= known.upto:
+            return await smime_uids(session, b"FETCH ", seqset, mods)
+        if uid in known.smime:
+            found[uid] = seq
+    return found
+
+
 @dataclass
 class Classification:
     """Which messages of one mailbox (user, name, UIDVALIDITY) are S/MIME; shared by the
@@ -520,7 +563,7 @@ async def fetch_intercept(
         for i, mod in enumerate(modifiers[:-1]):
             if isinstance(mod, Atom) and bytes(mod).upper() == b"CHANGEDSINCE":
                 mods = b" (CHANGEDSINCE " + encode_token(modifiers[i + 1]) + b")"
-        found = await smime_uids(session, b"FETCH ", seqset, mods)
+        found = await seq_smime_uids(session, seqset, mods)
         views = await views_for(session, sorted(found), needs_tree(content)) if found else {}
         rewrite = FetchRewrite(views, {seq: uid for uid, seq in found.items()}, content)
     if not views:
