@@ -232,8 +232,12 @@ def plan(
             known = session.classification()
             if not known.smime:
                 return None  # no S/MIME message in the mailbox: forward, keep pipelining
-            if word == b"UID FETCH" and not in_uid_set(seqset, known.smime, known.upto - 1):
-                return None  # nothing to decrypt: forward at once, keep pipelining
+            if word == b"UID FETCH":
+                wanted = in_uid_set(seqset, known.smime, known.upto - 1)
+                if not wanted:
+                    return None  # nothing to decrypt: forward at once, keep pipelining
+                if cached_fetch(session, tag, message, seqset, content, wanted):
+                    return HANDLED
         return lambda: Deferred.fromCoroutine(
             fetch_intercept(session, tag, word, message, seqset, content, modifiers)
         )
@@ -244,6 +248,44 @@ def plan(
     if word == b"APPEND":
         return lambda: Deferred.fromCoroutine(append_intercept(session, tag, message))
     return None
+
+
+#: what :func:`plan` returns when it has dealt with the command itself
+HANDLED: Callable[[], Awaitable[Any]] = lambda: Deferred()  # noqa: E731
+
+
+def cached_fetch(
+    session: ProxySession,
+    tag: bytes,
+    message: Message,
+    uidset: bytes,
+    content: list[fetch.ContentItem],
+    wanted: set[int],
+) -> bool:
+    """A UID FETCH whose S/MIME messages are all in the cache, with nothing else in
+    flight: the command goes upstream in this same turn with its rewrite in place (no
+    coroutine, no waiting for a turn of the intercept machinery).  What it sends and
+    answers is what :func:`fetch_intercept` would; False when it does not apply."""
+    cache = session.ctx.cache
+    if cache is None or not session.can_rewrite_now():
+        return False
+    keys = [(uid, cache_key(session, uid)) for uid in wanted]
+    if not all(key in cache for _uid, key in keys):
+        return False
+    views = {}
+    for uid, key in keys:
+        view = cache.get(key)
+        if view is None:  # evicted meanwhile by another session's thread: the slow path
+            return False
+        views[uid] = view
+    metrics = session.ctx.metrics
+    if metrics is not None:
+        for _ in views:
+            metrics.cache_lookup(True)
+    rewrite = FetchRewrite(views, {}, content)
+    upstream = _without_content(tag, message, uidset, set(views), content) or message
+    session.forward_rewritten(tag, b"UID FETCH", upstream, rewrite)
+    return True
 
 
 _FETCH_LINE = re.compile(rb"[^ ]+ (?:UID )?FETCH ([^ ]+) ([^\r\n]*)\r\n\Z", re.IGNORECASE)
@@ -594,6 +636,10 @@ def _without_content(
         uids.update(range(lo, hi + 1))
     if not uids <= opened:
         return None
+    match = _FETCH_LINE.match(message.lines[0]) if len(message.lines) == 1 else None
+    items = _OWN_MEMO.get(match.group(2)) if match is not None else None
+    if items is not None:  # this item list was turned into the server's part before
+        return Message([tag + b" UID FETCH " + uidset + b" " + items + b"\r\n"])
     try:
         tokens = tokenize(message)
         _set, item_tokens, modifiers = fetch.fetch_arguments(tokens[3:])
@@ -605,7 +651,16 @@ def _without_content(
     if any(item.sets_seen for item in content):
         own.append(Atom(b"BODY[HEADER.FIELDS (MESSAGE-ID)]"))
     rest: list[Token] = [own, modifiers] if modifiers else [own]
-    return build_message(tag + b" UID FETCH " + uidset + b" ", rest)
+    built = build_message(tag + b" UID FETCH " + uidset, rest)  # one space (RFC 3501 9)
+    if match is not None and len(built.lines) == 1:
+        if len(_OWN_MEMO) >= _ITEM_MEMO_MAX:
+            _OWN_MEMO.clear()
+        _OWN_MEMO[match.group(2)] = build_message(b"", rest).lines[0][:-2]
+    return built
+
+
+#: the server's part of a client's item list (``rest`` of the line -> encoded items)
+_OWN_MEMO: dict[bytes, bytes] = {}
 
 
 def _append_parts(tokens: list[Token]) -> tuple[bytes, list[tuple[list[bytes], bytes]]]:

@@ -159,7 +159,7 @@ async def search_intercept(
         if head.upper().startswith(b"* SEARCH"):
             uids.extend(int(u) for u in head.split()[2:] if u.isdigit())
     views = await views_for(session, uids) if uids else {}
-    prefix = tag + (b" UID SEARCH " if word == b"UID SEARCH" else b" SEARCH ")
+    prefix = tag + (b" UID SEARCH" if word == b"UID SEARCH" else b" SEARCH")  # one space follows
     message = build_message(prefix, args)
     if views:
         try:

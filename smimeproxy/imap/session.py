@@ -421,10 +421,34 @@ class ProxySession(Protocol, TimeoutMixin):
             self.mailbox_changed = True
         if self.user is not None:
             action = intercept.plan(self, tag, word, message)
+            if action is intercept.HANDLED:
+                return
             if action is not None:
                 self._intercept(action)
                 return
         self.forward(tag, word, message)
+
+    def can_rewrite_now(self) -> bool:
+        """Whether a FETCH rewrite may start in this turn: the session is past its
+        greeting and nothing else is in flight (the responses to come are all its own)."""
+        return (
+            self._greeted
+            and not self._outstanding
+            and not self._injected
+            and self._pending_intercept is None
+            and self.rewrite is None
+            and not self._busy
+        )
+
+    def forward_rewritten(
+        self, tag: bytes, word: bytes, message: Message, rewrite: intercept.FetchRewrite
+    ) -> None:
+        """Forward a FETCH whose responses ``rewrite`` answers; later client commands
+        wait until it has completed, as behind an intercept."""
+        self._busy = True
+        rewrite.done.addBoth(self._unbusy)
+        self.rewrite = rewrite
+        self.forward(tag, word, message, rewrite.done)
 
     def forward(self, tag: bytes, word: bytes, message: Message, state: Any = None) -> None:
         """Send a whole client command upstream under its own tag."""

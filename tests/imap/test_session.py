@@ -593,3 +593,59 @@ def test_non_uid_fetch_in_a_classified_mailbox_asks_only_for_uids() -> None:
     h.server(b"* 1 FETCH (UID 11)\r\n* 2 FETCH (UID 12)\r\n* 3 FETCH (UID 13)\r\n")
     h.server(b"smp4 OK done\r\n")
     assert h.to_server() == b"smp5 FETCH 1:*" + CT_QUERY
+
+
+def _with_cached_view() -> tuple[Harness, bytes]:
+    from smimeproxy.imap.cache import DecryptedCache
+    from smimeproxy.imap.views import MessageView
+
+    cache = DecryptedCache(1 << 20)
+    h = Harness(processor=Processor({"alice": "alice@acme.test"}), cache=cache)
+    h.send(b"a LOGIN alice pw\r\n")
+    h.server(b"a OK in\r\n")
+    h.server(b"smp1 OK listed\r\n")
+    h.send(b"b SELECT INBOX\r\n")
+    h.server(b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\nb OK done\r\n")
+    h.send(b"c UID FETCH 1:* (FLAGS BODY.PEEK[HEADER])\r\n")  # classifies: UID 2 is S/MIME
+    h.server(b"* 1 FETCH (UID 1 " + PLAIN_CT + b"* 2 FETCH (UID 2 " + SMIME_CT)
+    decrypted = b"Subject: secret\r\n\r\nthe plaintext\r\n"
+    cache.put(("alice@acme.test", "INBOX", 7, 2), MessageView(decrypted))
+    h.server(b"smp2 OK done\r\n")
+    h.server(b"* 1 FETCH (UID 1 FLAGS ())\r\n* 2 FETCH (UID 2 FLAGS ())\r\nc OK done\r\n")
+    h.to_client()
+    h.to_server()
+    return h, decrypted
+
+
+def test_cached_uid_fetch_goes_upstream_in_the_same_turn_and_holds_later_commands() -> None:
+    h, decrypted = _with_cached_view()
+    h.send(b"t UID FETCH 2 (BODY.PEEK[])\r\nu NOOP\r\n")
+    assert h.to_server() == b"t UID FETCH 2 (UID)\r\n"  # no ciphertext asked for
+    h.server(b"* 2 FETCH (UID 2)\r\nt OK done\r\n")
+    assert h.to_client() == (
+        b"* 2 FETCH (UID 2 BODY[] {%d}\r\n%s)\r\nt OK done\r\n" % (len(decrypted), decrypted)
+    )
+    assert h.to_server() == b"u NOOP\r\n"  # held until the FETCH completed
+    assert h.session.rewrite is None
+
+
+def test_cached_uid_fetch_behind_another_command_answers_the_same() -> None:
+    """With a command in flight the same FETCH takes the intercept path: same bytes."""
+    h, decrypted = _with_cached_view()
+    h.send(b"s NOOP\r\nt UID FETCH 2 (BODY.PEEK[])\r\n")
+    assert h.to_server() == b"s NOOP\r\n"
+    h.server(b"s OK done\r\n")
+    assert h.to_server() == b"t UID FETCH 2 (UID)\r\n"
+    h.server(b"* 2 FETCH (UID 2)\r\nt OK done\r\n")
+    assert h.to_client() == (
+        b"s OK done\r\n* 2 FETCH (UID 2 BODY[] {%d}\r\n%s)\r\nt OK done\r\n"
+        % (len(decrypted), decrypted)
+    )
+
+
+def test_search_intercept_sends_the_command_with_single_spaces() -> None:
+    h = _logged_in_and_selected()
+    h.send(b"s UID SEARCH BODY foo\r\n")
+    assert h.to_server() == b"smp2 UID SEARCH HEADER Content-Type pkcs7-mime\r\n"
+    h.server(b"* SEARCH\r\nsmp2 OK done\r\n")
+    assert h.to_server() == b"s UID SEARCH BODY foo\r\n"
