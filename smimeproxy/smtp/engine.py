@@ -20,8 +20,9 @@ Faults: a worker that dies (killed, out of memory) fails the messages handed to 
 with :class:`~smimeproxy.errors.WorkerError` (their clients get 451 and retry: nothing
 is lost) and a new worker is started for the next message. A worker that cannot open
 the store does not die: it answers every message with the error that stopped it (a
-wrong master key is named as such), and the start of the service logs it. A reload (SIGHUP) starts new
-workers from the new file; the old ones finish what they hold and exit.
+wrong master key is named as such), and the start of the service logs it. A reload
+(SIGHUP) starts new workers from the new file; the old ones finish what they hold and
+exit.
 """
 
 from __future__ import annotations
