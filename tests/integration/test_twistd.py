@@ -111,7 +111,9 @@ def self_signed(directory: Path, name: str) -> bytes:
 class Node:
     """One ``twistd -n smimeproxy`` subprocess with a config it can rewrite."""
 
-    def __init__(self, directory: Path, next_hop: int, policy: str = "pass-through"):
+    def __init__(
+        self, directory: Path, next_hop: int, policy: str = "pass-through", extra: str = ""
+    ):
         from smimeproxy.config import load_config
         from smimeproxy.keystore import create_key_file
         from smimeproxy.processing import open_configured_store
@@ -123,7 +125,7 @@ class Node:
         self.certs = {name: self_signed(directory, name) for name in ("first", "second")}
         create_key_file(directory / "master.key")
         self.conf = directory / "smimeproxy.toml"
-        self.write(policy=policy, cert="first")
+        self.write(policy=policy, cert="first", extra=extra)
         open_configured_store(load_config(self.conf), create=True).close()
         self.log = directory / "twistd.log"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -305,3 +307,55 @@ def test_metrics_count_real_traffic(node: Node, sink: Sink):
     assert 'smimeproxy_smtp_seconds_count{direction="outbound"} 1' in text
     # the inbound message was opened by the engine (unsigned: no signature counted)
     assert "smimeproxy_open_seconds_count 1" in text
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if f"\nPPid:\t{pid}\n" in text and "\nState:\tZ" not in text:
+            found.add(int(status.parent.name))
+    return found
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""
+
+
+def test_engine_worker_processes_under_twistd(tmp_path: Path, sink: Sink):
+    """``workers = 1``: the engine runs in a child of twistd; its work shows in the
+    metrics, SIGHUP replaces it, SIGTERM ends it with twistd."""
+    n = Node(tmp_path, sink.port, extra="workers = 1\n")
+    try:
+        deadline = time.monotonic() + 30
+        while "smtp.workers_ready" not in n.log_text():
+            assert time.monotonic() < deadline, n.log_text()
+            time.sleep(0.1)
+        [worker] = _children(n.proc.pid)
+        with n.smtp() as client:
+            client.sendmail("carol@partner.test", ["bob@acme.test"], MESSAGE)
+        assert "smimeproxy_open_seconds_count 1" in n.metrics()  # counted in the worker
+        n.write(policy="pass-through", cert="first", extra="workers = 1\n")
+        n.hup_and_wait("smtp.reloaded")
+        deadline = time.monotonic() + 30
+        while worker in _children(n.proc.pid) or not _children(n.proc.pid):
+            assert time.monotonic() < deadline, "the worker was not replaced on SIGHUP"
+            time.sleep(0.1)
+        [fresh] = _children(n.proc.pid)
+        with n.smtp() as client:
+            client.sendmail("carol@partner.test", ["bob@acme.test"], MESSAGE)
+        assert len(sink.received) == 2
+        n.proc.send_signal(signal.SIGTERM)
+        assert n.proc.wait(timeout=40) in (0, -signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while _status(fresh) and "State:\tZ" not in _status(fresh):
+            assert time.monotonic() < deadline, "the worker outlived twistd"
+            time.sleep(0.1)
+    finally:
+        n.stop()
