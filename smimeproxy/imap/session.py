@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from smimeproxy.bugs import log_bug
 from smimeproxy.errors import MalformedMessage
 from smimeproxy.imap import intercept
-from smimeproxy.imap.sockets import flush, no_delay, write_now
+from smimeproxy.imap.sockets import UPSTREAM_READ, flush, no_delay, read_size, write_now
 from smimeproxy.imap.upstream import (
     UpstreamProtocol,
     capabilities_in,
@@ -180,6 +180,7 @@ class ProxySession(Protocol, TimeoutMixin):
     def upstream_connected(self, upstream: UpstreamProtocol) -> None:
         self.upstream = upstream
         no_delay(upstream.transport)
+        read_size(upstream.transport, UPSTREAM_READ)
         if self._closed:
             upstream.transport.loseConnection()
 

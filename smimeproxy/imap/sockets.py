@@ -83,6 +83,22 @@ def flush(transport: Any) -> None:
         transport.startWriting()
 
 
+#: octets read from the server per read: one whole message of up to this size is one
+#: read and one write to the client, instead of a reactor pass per 64 KiB (Twisted's
+#: default ``bufferSize``)
+UPSTREAM_READ = 1 << 18
+
+
+def read_size(transport: Any, size: int) -> None:
+    """Read up to ``size`` octets per read on the socket below ``transport`` (also under
+    TLS).  ``bufferSize`` is also the threshold at which a registered producer would be
+    paused; the session registers none."""
+    while transport is not None and not hasattr(transport, "doRead"):
+        transport = getattr(transport, "transport", None)
+    if transport is not None and isinstance(getattr(transport, "bufferSize", None), int):
+        transport.bufferSize = size
+
+
 def no_delay(transport: Any) -> None:
     """Small command/response exchanges must not wait for Nagle's algorithm."""
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
