@@ -3,12 +3,16 @@
 ``python -m tests.imap.runner CONFIG`` starts the ``[imap]`` face with a
 MessageProcessor over the configured store and prints ``READY`` once listening.  With
 ``SMIMEPROXY_IMAP_METRICS_PORT`` set it serves ``/metrics`` on that loopback port.  On
-SIGTERM the service is stopped (sessions get ``* BYE``) before the process exits.
+SIGTERM the service is stopped (sessions get ``* BYE``) before the process exits.  On
+SIGHUP the config file is read again and handed to the service's ``reload`` on the
+reactor thread, as ``twistd smimeproxy`` does; ``RELOADED`` (or ``RELOAD FAILED``) is
+printed when done.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from twisted.internet import reactor
@@ -35,6 +39,16 @@ def main(path: str) -> None:
     if "-v" in sys.argv:
         log.startLogging(sys.stderr)
     reactor.getThreadPool().adjustPoolsize(4, 8)
+
+    def reload() -> None:
+        try:
+            service.reload(load_config(path))
+        except Exception as exc:  # the test reads this line
+            print(f"RELOAD FAILED {type(exc).__name__}: {exc}", flush=True)
+            return
+        print("RELOADED", flush=True)
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
     service.startService()
     reactor.callWhenRunning(lambda: print("READY", flush=True))
     profile_to = os.environ.get("SMIMEPROXY_IMAP_PROFILE")

@@ -447,6 +447,59 @@ def test_starttls_and_implicit_tls_listeners(tmp_path_factory: pytest.TempPathFa
         w.stop()
 
 
+def test_sighup_swaps_the_tls_certificate_for_new_handshakes_only(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A reload that names a new certificate: the next STARTTLS handshake presents it;
+    a session that negotiated TLS before the reload stays up and keeps working."""
+    import signal
+    import ssl
+
+    base = tmp_path_factory.mktemp("imaptls-reload")
+    (base / "old").mkdir()
+    (base / "new").mkdir()
+    cert, key, old_pem = tls_files(base / "old")
+    new_cert, new_key, new_pem = tls_files(base / "new")
+    w = start_world(
+        base, plaintext_login=False, extra=f'tls_certificate = "{cert}"\ntls_key = "{key}"\n'
+    )
+    try:
+        before = imaplib.IMAP4("127.0.0.1", w.proxy_port)
+        before.starttls(ssl_context=ssl.create_default_context(cadata=old_pem.decode()))
+        before.login("alice", "alice-pw")
+        before.create("Reload")
+        before.append("Reload", None, None, w.encrypted("reload", "still readable"))
+        before.select("Reload")
+        old_der = before.sock.getpeercert(binary_form=True)
+
+        w.config.write_text(
+            w.config.read_text().replace(str(cert), str(new_cert)).replace(str(key), str(new_key))
+        )
+        w.proxy.send_signal(signal.SIGHUP)
+        assert w.proxy.stdout is not None
+        assert w.proxy.stdout.readline().strip() == b"RELOADED"
+
+        after = imaplib.IMAP4("127.0.0.1", w.proxy_port)
+        after.starttls(ssl_context=ssl.create_default_context(cadata=new_pem.decode()))
+        new_der = after.sock.getpeercert(binary_form=True)
+        assert new_der != old_der
+        assert ssl.DER_cert_to_PEM_cert(new_der).encode().strip() == new_pem.strip()
+        after.login("alice", "alice-pw")
+        assert after.noop()[0] == "OK"
+        after.logout()
+        # the old certificate is no longer presented to new handshakes
+        refused = imaplib.IMAP4("127.0.0.1", w.proxy_port)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            refused.starttls(ssl_context=ssl.create_default_context(cadata=old_pem.decode()))
+        refused.sock.close()
+        # the session from before the reload: same TLS connection, still served
+        assert before.sock.getpeercert(binary_form=True) == old_der
+        assert b"still readable" in body_of(fetch(before, "1", "(BODY.PEEK[])"))
+        before.logout()
+    finally:
+        w.stop()
+
+
 def test_upstream_starttls_verifies_the_server(tmp_path_factory: pytest.TempPathFactory) -> None:
     """upstream_tls = "starttls": the proxy upgrades its link to Dovecot and checks the
     certificate against upstream_ca_file; a certificate it does not trust fails closed."""
