@@ -36,8 +36,10 @@ from smimeproxy.config import Config, KeystoreConfig, SMIMEConfig
 from smimeproxy.errors import CertificateError, ConfigError, KeyNotFound
 from smimeproxy.keystore import MasterSecret, SyncStore, open_store
 from smimeproxy.keystore.cache import DEFAULT_SIZE, LookupCache, LookupView
+from smimeproxy.keystore.interface import CertificateSource
 from smimeproxy.metrics import Registry
 from smimeproxy.pki.validation import PathValidator, RevocationPolicy
+from smimeproxy.smime.algorithms import DEFAULT_CAPABILITIES
 from smimeproxy.smime.keys import KeyPair, load_certificates
 from smimeproxy.smime.opener import OpenedMessage, OpenOptions, open_message
 from smimeproxy.smime.sealer import EncryptionTarget, SealOptions, seal
@@ -318,7 +320,12 @@ class MessageProcessor:
         record = view.encryption_certificate(address)
         candidates: list[tuple[x509.Certificate, tuple[str, ...] | None, str]] = []
         if record is not None:
-            candidates.append((record.certificate, record.capabilities or None, str(record.source)))
+            caps = record.capabilities or None
+            if caps is None and record.source is CertificateSource.LOCAL:
+                # one of our users: mail to them is read through this engine (gateway,
+                # IMAP proxy, archive), which reads everything it advertises
+                caps = DEFAULT_CAPABILITIES
+            candidates.append((record.certificate, caps, str(record.source)))
         self._lookups.inc(source="store", outcome="found" if record is not None else "missing")
         if not candidates and self.lookup is not None:
             candidates.extend((cert, None, "lookup") for cert in self.lookup(address))
