@@ -1,6 +1,6 @@
 """IMAP proxy benchmark: the proxy against direct Dovecot access, measured in one run.
 
-    python bench/imap.py [--messages 2000] [--encrypted 0.2]
+    python bench/imap.py [--messages 2000] [--encrypted 0.2] [--rounds 5]
 
 Two mailboxes of ``--messages`` messages (4 KB to 100 KB): ``Plain`` (no S/MIME) and
 ``Mixed`` (``--encrypted`` of them encrypted to alice).  For each: the first sync
@@ -11,6 +11,10 @@ the engine's own decryption time for those messages (measured here too); a secon
 cached, sync and body fetch follow.  Proxy memory (RSS) is read from /proc.  The plain
 cases are also run through a do-nothing Twisted TCP relay (``portforward``) in the same
 run: the floor any Python proxy in front of Dovecot starts from on this host.
+
+Every case runs once untimed, then ``--rounds`` times with direct, relay and proxy
+interleaved (the same client code and work for each); the minimum and the median of
+each are printed, and the ratios of both.  The cold first sync runs once by nature.
 
 Prints ratios; it is not a test and asserts nothing.
 """
@@ -125,14 +129,45 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def best(fn, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
-    return min(timed(fn) for _ in range(repeat))
+def cpu_seconds(pid: int) -> float:
+    """CPU time of all threads of ``pid`` so far (scheduler nanoseconds, not ticks)."""
+    return (
+        sum(
+            int(stat.read_text().split()[0])
+            for stat in Path(f"/proc/{pid}/task").glob("*/schedstat")
+        )
+        / 1e9
+    )
+
+
+def rounds(fns: dict[str, object], count: int) -> dict[str, list[float]]:
+    """Each of ``fns`` once untimed (warm-up), then ``count`` rounds in which each runs
+    once, interleaved (direct, relay, proxy, direct, ...), so drift on a shared host
+    hits all of them alike."""
+    for fn in fns.values():
+        fn()  # type: ignore[operator]
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(count):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    return times
+
+
+def per_command_cpu(pid: int, fn, count: int = 5) -> float:  # type: ignore[no-untyped-def]
+    """The proxy's CPU seconds per command of ``fn`` (500 commands), median of runs."""
+    spent = []
+    for _ in range(count):
+        before = cpu_seconds(pid)
+        fn()
+        spent.append((cpu_seconds(pid) - before) / 500)
+    return statistics.median(spent)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--encrypted", type=float, default=0.2)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-imap-"))
     world = start_world(base, cache_bytes=256 << 20)
@@ -160,34 +195,85 @@ def main() -> None:
             return c
 
         rows = []
+
+        def row(label: str, times: dict[str, list[float]], note: str) -> None:
+            d, p = times["direct"], times["proxy"]
+            ratio_min = min(p) / min(d)
+            ratio_med = statistics.median(p) / statistics.median(d)
+            if "relay" in times:
+                r = times["relay"]
+                note += f" (relay {min(r) / min(d):.2f}x min, "
+                note += f"{statistics.median(r) / statistics.median(d):.2f}x median)"
+            rows.append(
+                (
+                    label,
+                    min(d),
+                    statistics.median(d),
+                    min(p),
+                    statistics.median(p),
+                    ratio_min,
+                    ratio_med,
+                    note,
+                )
+            )
+
+        n = args.rounds
         for label, fn in (
             ("Plain first sync", lambda c: sync(c, "Plain")),
             ("Plain BODY.PEEK[] x500", lambda c: bodies(c, "Plain")),
             ("Plain 20 concurrent syncs", lambda c: concurrent(c, "Plain")),
         ):
-            d = best(lambda fn=fn: fn(direct))
-            r = best(lambda fn=fn: fn(relayed))
-            p = best(lambda fn=fn: fn(proxy))
-            rows.append((label, d, p, p / d, f"target 1.5x (relay {r / d:.2f}x)"))
+            times = rounds(
+                {
+                    "direct": lambda fn=fn: fn(direct),
+                    "relay": lambda fn=fn: fn(relayed),
+                    "proxy": lambda fn=fn: fn(proxy),
+                },
+                n,
+            )
+            row(label, times, "target 1.5x")
+        plain_cpu = per_command_cpu(world.proxy.pid, lambda: bodies(proxy, "Plain"))
         relay.terminate()
         relay.wait(10)
-        d = best(lambda: sync(direct, "Mixed"))
+        d = min(timed(lambda: sync(direct, "Mixed")) for _ in range(n))
         p_first = timed(lambda: sync(proxy, "Mixed"))
         budget = d + 1.2 * decrypt
         rows.append(
-            ("Mixed first sync (cold)", d, p_first, p_first / budget, "vs direct+1.2*decrypt")
+            (
+                "Mixed first sync (cold)",
+                d,
+                d,
+                p_first,
+                p_first,
+                p_first / budget,
+                p_first / budget,
+                "vs direct+1.2*decrypt, one run",
+            )
         )
-        p_cached = best(lambda: sync(proxy, "Mixed"))
-        rows.append(("Mixed sync (cached)", d, p_cached, p_cached / d, "target 1.5x"))
-        d = best(lambda: bodies(direct, "Mixed"))
-        p = best(lambda: bodies(proxy, "Mixed"))
-        rows.append(("Mixed BODY.PEEK[] x500 (cached)", d, p, p / d, "target 1.5x"))
-        d = best(lambda: concurrent(direct, "Mixed"))
-        p = best(lambda: concurrent(proxy, "Mixed"))
-        rows.append(("Mixed 20 concurrent syncs", d, p, p / d, "target 1.5x"))
-        print(f"\n{'case':34} {'direct s':>9} {'proxy s':>9} {'ratio':>7}")
-        for label, d, p, ratio, note in rows:
-            print(f"{label:34} {d:9.3f} {p:9.3f} {ratio:7.2f}  {note}")
+        for label, fn in (
+            ("Mixed sync (cached)", lambda c: sync(c, "Mixed")),
+            ("Mixed BODY.PEEK[] x500 (cached)", lambda c: bodies(c, "Mixed")),
+            ("Mixed 20 concurrent syncs", lambda c: concurrent(c, "Mixed")),
+        ):
+            times = rounds(
+                {"direct": lambda fn=fn: fn(direct), "proxy": lambda fn=fn: fn(proxy)}, n
+            )
+            row(label, times, "target 1.5x")
+        print(f"\n{n} interleaved rounds after a warm-up; times in seconds")
+        print(
+            f"{'case':32} {'direct min':>10} {'med':>6} {'proxy min':>10} {'med':>6}"
+            f" {'ratio min':>9} {'med':>5}"
+        )
+        for label, dmin, dmed, pmin, pmed, rmin, rmed, note in rows:
+            print(
+                f"{label:32} {dmin:10.3f} {dmed:6.3f} {pmin:10.3f} {pmed:6.3f}"
+                f" {rmin:9.2f} {rmed:5.2f}  {note}"
+            )
+        mixed_cpu = per_command_cpu(world.proxy.pid, lambda: bodies(proxy, "Mixed"))
+        print(
+            f"proxy CPU per BODY.PEEK[] (all threads, median of {n}):"
+            f" plain {plain_cpu * 1e6:.0f} us, mixed cached {mixed_cpu * 1e6:.0f} us"
+        )
         print(f"\nproxy RSS at end: {rss_mb(world.proxy.pid):.0f} MB (cache limit 256 MB)")
         sizes = [len(m) for m in secrets]
         if sizes:
