@@ -78,3 +78,25 @@ def test_bad_config_names_the_key(tmp_path):
     code, out = run(["--config", str(conf), "doctor"])
     assert code == 1
     assert "keystore.url" in out
+
+
+def test_dovecot_auth_socket_checked_with_a_real_dovecot(tmp_path):
+    """``auth_dovecot`` (the submission listener's SASL backend): a real Dovecot's
+    auth-client socket completes the handshake; a missing socket is a FAIL with a fix."""
+    from tests.integration.dovecot import start_dovecot
+
+    dovecot = start_dovecot(tmp_path, {"alice": "secret"})
+    try:
+        conf = _setup(tmp_path)
+        socket_path = dovecot.base / "run" / "auth-client"
+        text = conf.read_text()
+        conf.write_text(text + f'auth_dovecot = "unix:{socket_path}"\n')
+        _, out = run(["--config", str(conf), "doctor", "--json", "--timeout", "2"])
+        found = {f["check"]: f for f in json.loads(out)}["Dovecot auth socket"]
+        assert found["status"] == "ok" and "PLAIN" in found["detail"], found
+        conf.write_text(text + f'auth_dovecot = "unix:{tmp_path / "nowhere"}"\n')
+        code, out = run(["--config", str(conf), "doctor", "--json", "--timeout", "2"])
+        found = {f["check"]: f for f in json.loads(out)}["Dovecot auth socket"]
+        assert code == 1 and found["status"] == "FAIL" and found["fix"], found
+    finally:
+        dovecot.stop()

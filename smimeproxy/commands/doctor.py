@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import socket
 import ssl
 import stat
@@ -76,7 +77,19 @@ def _reach(name: str, description: str, timeout: float, tls_hint: bool) -> Findi
     host = endpoint.params.get("host", "")
     port = int(endpoint.params.get("port", "0") or 0)
     if endpoint.type == "unix":
-        return Finding(name, "ok", f"unix socket {endpoint.params.get('path')} (not probed)")
+        path = endpoint.params.get("path", "")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(path)
+        except OSError as e:
+            return Finding(
+                name,
+                "FAIL",
+                f"unix socket {path}: {e.strerror or e}",
+                "start the server, or fix the path and the socket's permissions",
+            )
+        return Finding(name, "ok", f"unix socket {path} accepts connections")
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             if endpoint.type in ("ssl", "tls"):
@@ -195,7 +208,55 @@ def diagnose(config_path: str, timeout: float = 3.0) -> list[Finding]:
         findings.append(_reach("IMAP upstream", config.imap.upstream, timeout, True))
     if config.smtp is not None:
         findings.append(_reach("SMTP next hop", config.smtp.next_hop, timeout, True))
+        if config.smtp.auth_dovecot:
+            findings.append(_dovecot_auth(config.smtp.auth_dovecot, timeout))
     return findings
+
+
+def _dovecot_auth(description: str, timeout: float) -> Finding:
+    """The submission listener's Dovecot auth socket: reachable, and it completes the
+    handshake offering PLAIN (what the gateway hands every AUTH on as)."""
+    name = "Dovecot auth socket"
+    reached = _reach(name, description, timeout, False)
+    if reached.status != "ok":
+        return reached
+    from smimeproxy.smtp.dovecot_auth import AuthClientCodec, AuthProtocolError, Ready
+
+    endpoint = parse_endpoint(description, "client")
+    codec = AuthClientCodec(os.getpid())
+    try:
+        if endpoint.type == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(endpoint.params.get("path", ""))
+        else:
+            address = (endpoint.params.get("host", ""), int(endpoint.params.get("port", "0")))
+            sock = socket.create_connection(address, timeout=timeout)
+        with sock:
+            sock.sendall(codec.hello())
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    raise AuthProtocolError("the server closed the connection")
+                ready = [e for e in codec.receive(data) if isinstance(e, Ready)]
+                if ready:
+                    break
+    except (OSError, AuthProtocolError) as e:
+        return Finding(
+            name,
+            "FAIL",
+            f"{description}: no Dovecot auth handshake ({e})",
+            "point auth_dovecot at Dovecot's auth-client unix_listener",
+        )
+    mechanisms = ready[0].mechanisms
+    if "PLAIN" not in {m.upper() for m in mechanisms}:
+        return Finding(
+            name,
+            "FAIL",
+            f"Dovecot offers {', '.join(mechanisms) or 'no mechanism'}, not PLAIN",
+            "add plain to auth_mechanisms in Dovecot's 10-auth.conf",
+        )
+    return Finding(name, "ok", f"{description}: Dovecot offers {', '.join(mechanisms)}")
 
 
 def doctor_command(args: argparse.Namespace, io: IO) -> int:
