@@ -6,9 +6,12 @@ Modules: ``wire`` (sans-I/O codec), ``upstream`` (server link, capabilities), ``
 touched), the pure content layer ``views``/``cache``, and ``metrics``.
 
 The service (:class:`ImapService`) says ``* BYE`` to every open session when it stops,
-and its ``reload(config)`` gives sessions opened afterwards the new TLS certificate,
-Sent/Drafts folders, delegation, plaintext-login setting and idle timeout.  Not reloaded: listen
-endpoints, the upstream address and its TLS, the cache size (a restart is needed).
+and its ``reload(config)`` gives sessions opened afterwards the new TLS certificate
+(STARTTLS ``tls_certificate``/``tls_key``, and the files an ``ssl:`` listener names, read
+again), Sent/Drafts folders, delegation, plaintext-login setting and idle timeout.  Not
+reloaded: listen endpoints themselves (an ``ssl:`` listener keeps its file names as it
+was started with), the upstream address and its TLS, the cache size (a restart is
+needed).
 """
 
 from __future__ import annotations
@@ -24,10 +27,17 @@ from twisted.internet.endpoints import clientFromString, connectProtocol, server
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from smimeproxy.imap.metrics import ImapMetrics
 from smimeproxy.imap.session import ProxySession, SessionContext
-from smimeproxy.imap.tls import client_tls_options, server_tls_options, upstream_starttls
+from smimeproxy.imap.tls import (
+    ReloadableServerTLS,
+    client_tls_options,
+    implicit_tls_listener,
+    server_tls_options,
+    upstream_starttls,
+)
 
 __all__ = [
     "ImapService",
@@ -140,6 +150,8 @@ class ImapService(MultiService):
         self.metrics = metrics
         self.sessions = sessions
         self.factories: list[ProxyFactory] = []
+        #: per listener: its listen string and, for ``ssl:``, its replaceable TLS
+        self.listeners: list[tuple[str, ReloadableServerTLS | None]] = []
 
     def stopService(self) -> Deferred[Any]:
         """Stop listening, then ``* BYE`` every open session; fires once all are closed
@@ -171,8 +183,15 @@ class ImapService(MultiService):
             return
         # all or nothing: a TLS file that does not load leaves every listener as it was
         contexts = [reloaded_context(f.context, config.imap) for f in self.factories]
+        implicit = [
+            (tls, implicit_tls_listener(listen)[1])
+            for listen, tls in self.listeners
+            if tls is not None
+        ]
         for factory, context in zip(self.factories, contexts, strict=True):
             factory.context = context
+        for tls, options in implicit:
+            tls.options = options
         self._log.info("imap.service.reloaded")
 
 
@@ -206,7 +225,13 @@ def make_service(
     service = ImapService(reactor, metrics, sessions)
     service.setName("imap")
     for listen in imap.listen:
+        original = listen
         implicit = listen.split(":", 1)[0] in ("ssl", "tls")
+        tls = None
+        if listen.split(":", 1)[0] == "ssl":
+            # TCP wrapped in TLS here (not Twisted's ssl: endpoint) so reload can swap it
+            listen, options = implicit_tls_listener(listen)
+            tls = ReloadableServerTLS(options)
         context = make_context(
             imap,
             processor=processor,
@@ -221,6 +246,10 @@ def make_service(
         endpoint = serverFromString(reactor, listen)
         factory = ProxyFactory(context)
         service.factories.append(factory)
-        child = StreamServerEndpointService(endpoint, factory)
+        service.listeners.append((original, tls))
+        served: Factory = factory
+        if tls is not None:
+            served = TLSMemoryBIOFactory(tls, False, factory)
+        child = StreamServerEndpointService(endpoint, served)
         child.setServiceParent(service)
     return service

@@ -500,6 +500,60 @@ def test_sighup_swaps_the_tls_certificate_for_new_handshakes_only(
         w.stop()
 
 
+def test_sighup_reloads_the_files_of_an_implicit_tls_listener(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``ssl:`` listener: certificate files replaced in place, SIGHUP, and the next
+    handshake presents the new certificate; the session from before stays up."""
+    import signal
+    import ssl
+
+    base = tmp_path_factory.mktemp("imaps-reload")
+    cert, key, old_pem = tls_files(base)
+    w = start_world(
+        base,
+        plaintext_login=False,
+        listen=f"ssl:{{port}}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+    )
+    try:
+        before = imaplib.IMAP4_SSL(
+            "127.0.0.1",
+            w.proxy_port,
+            ssl_context=ssl.create_default_context(cadata=old_pem.decode()),
+        )
+        before.login("alice", "alice-pw")
+        (base / "next").mkdir()
+        new_cert, new_key, new_pem = tls_files(base / "next")
+        cert.write_bytes(new_cert.read_bytes())
+        key.write_bytes(new_key.read_bytes())
+        w.proxy.send_signal(signal.SIGHUP)
+        assert w.proxy.stdout is not None
+        assert w.proxy.stdout.readline().strip() == b"RELOADED"
+        after = imaplib.IMAP4_SSL(
+            "127.0.0.1",
+            w.proxy_port,
+            ssl_context=ssl.create_default_context(cadata=new_pem.decode()),
+        )
+        assert after.sock.getpeercert(binary_form=True) != before.sock.getpeercert(binary_form=True)
+        after.login("alice", "alice-pw")
+        after.logout()
+        assert before.noop()[0] == "OK"
+        before.logout()
+        # a key that does not load: the reload is refused, the listener keeps serving
+        key.write_bytes(b"not a key")
+        w.proxy.send_signal(signal.SIGHUP)
+        assert w.proxy.stdout.readline().startswith(b"RELOAD FAILED ConfigError")
+        again = imaplib.IMAP4_SSL(
+            "127.0.0.1",
+            w.proxy_port,
+            ssl_context=ssl.create_default_context(cadata=new_pem.decode()),
+        )
+        again.login("alice", "alice-pw")
+        again.logout()
+    finally:
+        w.stop()
+
+
 def test_upstream_starttls_verifies_the_server(tmp_path_factory: pytest.TempPathFactory) -> None:
     """upstream_tls = "starttls": the proxy upgrades its link to Dovecot and checks the
     certificate against upstream_ca_file; a certificate it does not trust fails closed."""
