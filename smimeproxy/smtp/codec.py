@@ -16,7 +16,11 @@ buffers the whole message in its own way. Here the rules are ours and tested:
   ``\\n.\\n``, ``\\r.\\r``, ``\\r\\n.\\n`` and friends can never become a second message
   at the next hop, whatever that hop's parser believes;
 * dot-stuffing is removed (RFC 5321 section 4.5.2); a line longer than
-  :data:`MAX_COMMAND_LINE` in command mode is reported, not buffered without bound.
+  :data:`MAX_COMMAND_LINE` in command mode is reported, not buffered without bound;
+* a command line is UTF-8 (RFC 6531 section 3.3 allows it in MAIL and RCPT once
+  SMTPUTF8 is announced); an octet sequence that is not UTF-8, or NUL, makes it a
+  ``BadLine``. Which commands may carry non-ASCII is the server's decision. A SASL
+  response line stays ASCII (base64).
 
 The content is delivered in chunks (``DataChunk``) so the caller can enforce the size
 limit while the message streams in. Not guaranteed: command arguments are not
@@ -37,7 +41,8 @@ CRLF = b"\r\n"
 
 @dataclass(frozen=True)
 class Command:
-    """One command line: the verb upper-cased and the rest as given (without CRLF)."""
+    """One command line: the verb upper-cased and the rest as given (without CRLF),
+    decoded as UTF-8 (the server refuses non-ASCII where it is not allowed)."""
 
     verb: str
     argument: str
@@ -53,7 +58,7 @@ class Response:
 
 @dataclass(frozen=True)
 class BadLine:
-    """A command line that cannot be a command: too long, bare CR/LF, NUL, not ASCII."""
+    """A command line that cannot be a command: too long, bare CR/LF, NUL, not UTF-8."""
 
     reason: str
 
@@ -168,9 +173,12 @@ class ServerCodec:
         if not line.endswith(CRLF) or b"\r" in line[:-2]:
             return BadLine("bare CR or LF in a command line (RFC 5321 2.3.8)")
         text = line[:-2]
-        if b"\0" in text or not text.isascii():
+        if b"\0" in text or (response and not text.isascii()):
             return BadLine("NUL or non-ASCII octet in a command line")
-        decoded = text.decode("ascii")
+        try:
+            decoded = text.decode("utf-8")
+        except UnicodeDecodeError:
+            return BadLine("an octet that is not UTF-8 in a command line")
         if response:
             return Response(decoded)
         verb, _, argument = decoded.partition(" ")

@@ -17,6 +17,25 @@ verifies the server's identity (service-identity, through Twisted's
 ``optionsForClientTLS``) against ``next_hop_tls_hostname`` or the host of the endpoint;
 ``opportunistic`` uses it when offered, without verification (RFC 7435).
 
+SMTPUTF8 (RFC 6531): a copy is sent with ``SMTPUTF8`` on MAIL when it needs it (the
+client's MAIL had SMTPUTF8, and an address or a header field of the copy is not ASCII:
+:func:`~.extensions.needs_smtputf8`) and the next hop announced it. When it needs it
+and the next hop did not announce it, the copy is not sent (RFC 6531 section 3.2: an
+SMTP client MUST NOT send such a message there; a relay rejects it or returns it):
+the client gets ``553 5.6.7`` (non-ASCII addresses) or ``554 5.6.9`` (UTF-8 header
+fields only), and its MTA bounces the message. Nothing is downgraded: the gateway is
+not the originator (RFC 6530 section 7). 8BITMIME is sent for an 8-bit copy as before.
+
+DSN (RFC 3461), a decision: when the next hop announced DSN, every copy carries the
+client's ``RET`` and ``ENVID`` on MAIL and each recipient its own ``NOTIFY`` and
+``ORCPT`` on RCPT, whichever copy it lands in (recipients split into separate copies
+keep theirs). When the next hop did not announce DSN the parameters are dropped, as
+RFC 3461 section 4.1 has a relaying MTA do (it would then owe the sender a "relayed"
+DSN for NOTIFY=SUCCESS). The gateway does not send that DSN: it answers 250 only after
+the next hop accepted the copy, so the delivery status is still the sending MTA's
+(Postfix's) to report, and Postfix itself sends "relayed" notices when its next hop
+does not support DSN. Nothing is queued here, so no DSN is ever generated here.
+
 What goes on the wire is made safe whatever the copy holds: every line end becomes
 CRLF and dots are stuffed (RFC 5321 section 4.5.2), so no content can end the DATA
 early (SMTP smuggling in the other direction). Not guaranteed: a next hop that answers
@@ -35,6 +54,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from smimeproxy.smtp.extensions import Envelope, needs_smtputf8, utf8_refusal
 from smimeproxy.smtp.replies import Reply
 from smimeproxy.smtp.transform import Copy
 from smimeproxy.smtp.writes import write_now
@@ -203,11 +223,13 @@ class NextHop:
         self._idle: list[tuple[RelayProtocol, object]] = []
 
     @defer.inlineCallbacks
-    def deliver(self, sender: str, copies: Sequence[Copy]):  # type: ignore[no-untyped-def]
-        """One reply for all ``copies``: 250 when the next hop accepted each of them."""
+    def deliver(self, sender: str, copies: Sequence[Copy], envelope: Envelope | None = None):  # type: ignore[no-untyped-def]
+        """One reply for all ``copies``: 250 when the next hop accepted each of them.
+        ``envelope``: the client's SMTPUTF8 and DSN parameters, for every copy."""
+        envelope = envelope or Envelope()
         last = Reply(250, "2.0.0 OK")
         for copy in copies:
-            reply = yield self.send_copy(sender, copy)
+            reply = yield self.send_copy(sender, copy, envelope)
             if not reply.positive:
                 return reply
             last = reply
@@ -250,12 +272,13 @@ class NextHop:
         self._idle.append((proto, self.reactor.callLater(self.idle_seconds, expire)))
 
     @defer.inlineCallbacks
-    def send_copy(self, sender: str, copy: Copy):  # type: ignore[no-untyped-def]
+    def send_copy(self, sender: str, copy: Copy, envelope: Envelope | None = None):  # type: ignore[no-untyped-def]
+        envelope = envelope or Envelope()
         data = wire_data(copy.data)
         reused = self._take_idle()
         if reused is not None:
             try:
-                reply = yield self._transaction(reused, sender, copy, data)
+                reply = yield self._transaction(reused, sender, copy, data, envelope)
             except _Lost as lost:
                 if lost.after_data:
                     return _LOST_REPLY
@@ -279,7 +302,7 @@ class NextHop:
             if refusal is not None:
                 proto.transport.loseConnection()
                 return refusal
-            reply = yield self._transaction(proto, sender, copy, data)
+            reply = yield self._transaction(proto, sender, copy, data, envelope)
         except _Lost:
             return _LOST_REPLY
         if reply.positive:
@@ -321,16 +344,32 @@ class NextHop:
         return None
 
     @defer.inlineCallbacks
-    def _transaction(self, proto: RelayProtocol, sender: str, copy: Copy, data: bytes):  # type: ignore[no-untyped-def]
+    def _transaction(  # type: ignore[no-untyped-def]
+        self, proto: RelayProtocol, sender: str, copy: Copy, data: bytes, envelope: Envelope
+    ):
         """MAIL, RCPT, DATA on a ready session; the caller closes a connection whose
         transaction was refused (no RSET dance: refusals are rare)."""
         extensions = proto.extensions
+        if needs_smtputf8(envelope, sender, copy.recipients, data):
+            if "SMTPUTF8" not in extensions:
+                self._log.info("smtp.next_hop_without_smtputf8")
+                return utf8_refusal(sender, copy.recipients)
+            utf8 = True
+        else:
+            utf8 = False
+        dsn = "DSN" in extensions
         mail = b"MAIL FROM:" + _address(sender)
         if "8BITMIME" in extensions and not data.isascii():
             mail += b" BODY=8BITMIME"
-        if "SMTPUTF8" in extensions and not (sender + "".join(copy.recipients)).isascii():
+        if utf8:
             mail += b" SMTPUTF8"
-        commands = [mail, *(b"RCPT TO:" + _address(r) for r in copy.recipients), b"DATA"]
+        if dsn:
+            mail += envelope.dsn_mail()
+        rcpts = [
+            b"RCPT TO:" + _address(r) + (envelope.for_recipient(r).wire(utf8) if dsn else b"")
+            for r in copy.recipients
+        ]
+        commands = [mail, *rcpts, b"DATA"]
         stages = ["MAIL", *(f"RCPT <{r}>" for r in copy.recipients), "DATA"]
         expected = [(250,), *((250, 251) for _ in copy.recipients), (354,)]
         if "PIPELINING" in extensions:

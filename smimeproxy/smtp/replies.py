@@ -1,6 +1,6 @@
 """Every reply the gateway gives, in one table (like aiosmtpd's ``statuscodes.py``).
 
-Codes are RFC 5321 section 4.2 (AUTH: RFC 4954 section 6); enhanced status codes
+Codes are RFC 5321 section 4.2 (AUTH: RFC 4954 section 6; SMTPUTF8: RFC 6531); enhanced status codes
 RFC 3463 (and the registry of RFC 5248). A reply is a code and one or more text lines;
 :func:`render` puts them on the wire with the continuation markers of RFC 5321
 section 4.2.1.
@@ -102,5 +102,16 @@ AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4 Unrecognized authentication type")
 AUTH_REQUIRED = Reply(530, "5.7.0 Authentication required")
 AUTH_FAILED = Reply(535, "5.7.8 Authentication credentials invalid")
 AUTH_NEEDS_TLS = Reply(538, "5.7.11 Encryption required for requested authentication mechanism")
+#: RFC 6531 section 3.5 and RFC 5248's X.6.7: a non-ASCII address without SMTPUTF8
+NON_ASCII_ADDRESS = Reply(553, "5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL")
+#: RFC 6531 section 3.2: a message that needs SMTPUTF8 is not sent to a next hop that
+#: does not announce it; a relaying MTA refuses it in the transaction (X.6.7 addresses,
+#: X.6.9 UTF-8 header fields)
+UTF8_NOT_RELAYABLE = Reply(
+    553, "5.6.7 Non-ASCII addresses not permitted: the next hop does not support SMTPUTF8"
+)
+UTF8_HEADERS_NOT_RELAYABLE = Reply(
+    554, "5.6.9 UTF-8 header fields cannot be transferred: the next hop does not support SMTPUTF8"
+)
 NOT_OWNED = Reply(553, "5.7.1 Sender address not owned by the authenticated user")
 FROM_NOT_OWNED = Reply(550, "5.7.1 From address not owned by the authenticated user")

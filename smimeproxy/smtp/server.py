@@ -8,9 +8,16 @@ gets 250 only after the next hop accepted every copy; while that happens no furt
 input is read (pipelined commands wait in the codec and are answered in order).
 
 Announced (RFC 5321 EHLO keywords): PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME
-(RFC 6152), ENHANCEDSTATUSCODES (RFC 2034), STARTTLS (RFC 3207, when a certificate is
-configured), AUTH PLAIN LOGIN (RFC 4954, on submission listeners only: see
-:mod:`.submission`). Not implemented: DSN, SMTPUTF8, CHUNKING, XFORWARD; VRFY answers 252.
+(RFC 6152), ENHANCEDSTATUSCODES (RFC 2034), DSN (RFC 3461), SMTPUTF8 (RFC 6531),
+STARTTLS (RFC 3207, when a certificate is configured), AUTH PLAIN LOGIN (RFC 4954, on
+submission listeners only: see :mod:`.submission`). Not implemented: CHUNKING,
+XFORWARD; VRFY answers 252.
+
+SMTPUTF8 and DSN are carried, not acted on: their MAIL and RCPT parameters are checked
+(:mod:`.extensions`) and passed to the next hop with every copy (:mod:`.relay` says
+when and why not). UTF-8 is allowed in the addresses of MAIL and RCPT only, and only
+in a transaction whose MAIL had SMTPUTF8 (else ``553 5.6.7``); any other command with
+a non-ASCII octet is ``500 5.5.2``.
 
 Errors become replies, never tracebacks: a key store failure or a bug while
 processing is 451 (the client retries); a client that vanishes mid-DATA leaves nothing
@@ -24,6 +31,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from twisted.internet import defer
@@ -41,6 +49,7 @@ from smimeproxy.metrics import Registry
 from smimeproxy.smtp import replies as R
 from smimeproxy.smtp.codec import BadLine, Command, DataChunk, DataEnd, Response, ServerCodec
 from smimeproxy.smtp.engine import Engine, ThreadEngine
+from smimeproxy.smtp.extensions import Envelope, RecipientParameters, parse_mail, parse_rcpt
 from smimeproxy.smtp.relay import NextHop
 from smimeproxy.smtp.replies import Reply, render
 from smimeproxy.smtp.sasl import MECHANISMS
@@ -173,6 +182,8 @@ class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
     def _reset(self) -> None:
         self.sender: str | None = None
         self.recipients: list[str] = []
+        self.envelope = Envelope()
+        self._rcpt_parameters: dict[str, RecipientParameters] = {}
         self._chunks: list[bytes] = []
         self._size = 0
         self._too_big = False
@@ -204,10 +215,16 @@ class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
 
     def _command(self, cmd: Command) -> None:
         handler = getattr(self, f"smtp_{cmd.verb}", None)
-        if handler is None or not cmd.verb.isalpha():
+        if handler is None or not (cmd.verb.isascii() and cmd.verb.isalpha()):
             if cmd.verb == "DATA":
                 self.codec.cancel_data()
             self._error(R.SYNTAX_ERROR)
+            return
+        if not cmd.argument.isascii() and cmd.verb not in ("MAIL", "RCPT"):
+            # RFC 6531 section 3.3 extends MAIL and RCPT only (EHLO names A-labels)
+            if cmd.verb == "DATA":
+                self.codec.cancel_data()
+            self._error(R.BAD_LINE)
             return
         handler(cmd.argument.strip())
 
@@ -219,6 +236,8 @@ class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
             f"SIZE {self.s.config.max_message_size}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
+            "DSN",
+            "SMTPUTF8",
         ]
         if self.s.tls_options is not None and not self.tls:
             lines.append("STARTTLS")
@@ -279,20 +298,18 @@ class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
         m = _PATH.match(arg)
         if m is None or m["kw"].upper() != "FROM":
             return self._error(R.BAD_ADDRESS)
-        for param in m["params"].split():
-            name, _, value = param.partition("=")
-            name = name.upper()
-            if name == "SIZE" and value.isdigit():
-                if int(value) > self.s.config.max_message_size:
-                    return self._error(R.TOO_BIG)
-            elif name == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
-                pass
-            else:
-                return self._error(R.UNKNOWN_PARAMETER)
+        params = parse_mail(m["params"])
+        if isinstance(params, Reply):
+            return self._error(params)
+        if params.size is not None and params.size > self.s.config.max_message_size:
+            return self._error(R.TOO_BIG)
+        if not m["addr"].isascii() and not params.smtputf8:
+            return self._error(R.NON_ASCII_ADDRESS)
         refusal = self.auth_mail_refusal(m["addr"])
         if refusal is not None:
             return self._error(refusal)
         self.sender = m["addr"]
+        self.envelope = Envelope(params.smtputf8, params.ret, params.envid)
         self._reply(R.SENDER_OK)
 
     def smtp_RCPT(self, arg: str) -> None:
@@ -301,14 +318,17 @@ class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
         m = _PATH.match(arg)
         if m is None or m["kw"].upper() != "TO" or "@" not in m["addr"]:
             return self._error(R.BAD_ADDRESS)
-        if m["params"].strip():
-            return self._error(R.UNKNOWN_PARAMETER)
+        params = parse_rcpt(m["params"], self.envelope.smtputf8)
+        if isinstance(params, Reply):
+            return self._error(params)
+        if not m["addr"].isascii() and not self.envelope.smtputf8:
+            return self._error(R.NON_ASCII_ADDRESS)
         if len(self.recipients) >= self.s.config.max_recipients:
             return self._reply(R.TOO_MANY_RECIPIENTS)
         rcpt = m["addr"]
         sender = self.sender
         if not self.s.transform.needs_recipient_check(sender, rcpt):
-            self.recipients.append(rcpt)
+            self._accept(rcpt, params)
             return self._reply(R.RECIPIENT_OK)
         self.busy = True
         d = deferToThreadPool(
@@ -317,7 +337,7 @@ class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
 
         def done(refusal: Reply | None) -> None:
             if refusal is None:
-                self.recipients.append(rcpt)
+                self._accept(rcpt, params)
                 self._reply(R.RECIPIENT_OK)
             else:
                 self._reply(refusal)
@@ -328,6 +348,12 @@ class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
 
         d.addCallbacks(done, failed)
         d.addBoth(self._resume)
+
+    def _accept(self, rcpt: str, params: RecipientParameters) -> None:
+        self.recipients.append(rcpt)
+        if params.notify is not None or params.orcpt is not None:
+            # the same address twice keeps its first parameters (one copy reaches it)
+            self._rcpt_parameters.setdefault(rcpt, params)
 
     def smtp_DATA(self, arg: str) -> None:
         if self.sender is None:
@@ -361,13 +387,19 @@ class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
             self._reset()
             return self._reply(refusal)
         sender, recipients = self.sender or "", list(self.recipients)
+        envelope = Envelope(
+            self.envelope.smtputf8,
+            self.envelope.ret,
+            self.envelope.envid,
+            MappingProxyType(dict(self._rcpt_parameters)),
+        )
         self._reset()
         self.busy = True
         self.setTimeout(None)
         queue_id = secrets.token_hex(6).upper()
         started = time.monotonic()
         directions = {self.s.transform.direction(sender, r) for r in recipients}
-        d = self._handle(queue_id, sender, recipients, data)
+        d = self._handle(queue_id, sender, recipients, data, envelope)
 
         def count(reply: Reply) -> Reply:
             outcome = self._outcome
@@ -379,7 +411,9 @@ class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
         d.addBoth(self._resume)
 
     @defer.inlineCallbacks
-    def _handle(self, queue_id: str, sender: str, recipients: list[str], data: bytes):  # type: ignore[no-untyped-def]
+    def _handle(  # type: ignore[no-untyped-def]
+        self, queue_id: str, sender: str, recipients: list[str], data: bytes, envelope: Envelope
+    ):
         size = len(data)
         transform = self.s.transform
         self._outcome = "tempfail"
@@ -402,7 +436,7 @@ class SMTPGatewayProtocol(SubmissionMixin, Protocol, TimeoutMixin):
             self._outcome = "refused"
             return result.refusal
         try:
-            reply = yield self.s.next_hop.deliver(sender, result.copies)
+            reply = yield self.s.next_hop.deliver(sender, result.copies, envelope)
         except Exception:
             self._log.failure("smtp.relay_failed queue_id={queue_id}", queue_id=queue_id)
             reply = R.LOCAL_ERROR

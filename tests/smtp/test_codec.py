@@ -177,3 +177,17 @@ def test_a_sasl_response_line_is_passed_as_sent():
     codec.expect_response()
     assert codec.feed(b"x" * 3000) == [BadLine("line too long")]
     assert codec.feed(b"\r\nNOOP\r\n") == [Command("NOOP", "")]
+
+
+def test_utf8_command_lines_are_decoded_and_left_to_the_server():
+    """RFC 6531 section 3.3: UTF-8 in MAIL and RCPT; the codec only checks it is UTF-8."""
+    codec = ServerCodec()
+    line = "RCPT TO:<用户@例子.测试> ORCPT=utf-8;用户@例子.测试\r\n".encode()
+    assert codec.feed(line) == [Command("RCPT", "TO:<用户@例子.测试> ORCPT=utf-8;用户@例子.测试")]
+    assert isinstance(codec.feed("MAIL FROM:<jösé@a.test>".encode("latin-1") + b"\r\n")[0], BadLine)
+
+
+def test_a_sasl_response_stays_ascii():
+    codec = ServerCodec()
+    codec.expect_response()
+    assert isinstance(codec.feed("grüße\r\n".encode())[0], BadLine)

@@ -27,9 +27,11 @@ class ScriptedNextHop:
     def __init__(self, *replies: Reply):
         self.replies = list(replies)
         self.accepted: list[tuple[str, tuple]] = []
+        self.envelopes: list = []
         self.pending: defer.Deferred | None = None
 
-    def deliver(self, sender, copies):
+    def deliver(self, sender, copies, envelope=None):
+        self.envelopes.append(envelope)
         reply = self.replies.pop(0) if self.replies else Reply(250, "2.0.0 Ok: queued")
         if reply == "hold":
             self.pending = defer.Deferred()
@@ -85,7 +87,7 @@ def test_exact_dialogue_of_one_message(session):
     assert s.greeting == "220 gw.acme.test ESMTP smimeproxy\r\n"
     assert s.send(b"EHLO client.acme.test\r\n") == (
         "250-gw.acme.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n"
-        "250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+        "250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-DSN\r\n250 SMTPUTF8\r\n"
     )
     assert (
         s.send(b"MAIL FROM:<carol@elsewhere.test> BODY=8BITMIME\r\n") == "250 2.1.0 Sender OK\r\n"

@@ -202,7 +202,7 @@ def test_auth_offered_only_after_tls_unless_the_listener_is_plaintext(sub):
     assert s.send(b"MAIL FROM:<alice@acme.test>\r\n") == ("530 5.7.0 Authentication required\r\n")
     assert s.dovecot.lines == []  # nothing reached Dovecot
     assert s.send(b"STARTTLS\r\n").startswith("220")
-    assert s.send(b"EHLO c\r\n").endswith("250-ENHANCEDSTATUSCODES\r\n250 AUTH PLAIN LOGIN\r\n")
+    assert s.send(b"EHLO c\r\n").endswith("250-DSN\r\n250-SMTPUTF8\r\n250 AUTH PLAIN LOGIN\r\n")
     assert s.send(b"AUTH PLAIN " + plain("alice", PASSWORD).encode() + b"\r\n") == (
         "235 2.7.0 Authentication successful\r\n"
     )
