@@ -30,11 +30,14 @@ DSN (RFC 3461), a decision: when the next hop announced DSN, every copy carries 
 client's ``RET`` and ``ENVID`` on MAIL and each recipient its own ``NOTIFY`` and
 ``ORCPT`` on RCPT, whichever copy it lands in (recipients split into separate copies
 keep theirs). When the next hop did not announce DSN the parameters are dropped, as
-RFC 3461 section 4.1 has a relaying MTA do (it would then owe the sender a "relayed"
-DSN for NOTIFY=SUCCESS). The gateway does not send that DSN: it answers 250 only after
-the next hop accepted the copy, so the delivery status is still the sending MTA's
-(Postfix's) to report, and Postfix itself sends "relayed" notices when its next hop
-does not support DSN. Nothing is queued here, so no DSN is ever generated here.
+RFC 3461 section 4.1 has a relaying MTA do. That section then makes the relaying MTA
+send a "relayed" DSN for NOTIFY=SUCCESS; the gateway does not: it has no queue and
+generates no DSN at all. Failures are not lost by this: the gateway's 250 comes only
+after the next hop accepted the copy, and a refusal goes back to the sending MTA, which
+bounces (NOTIFY=FAILURE) as it would anyway. Lost is only the "relayed" notice a
+sender asked for with NOTIFY=SUCCESS, and only behind a next hop without DSN: in the
+deployment of docs/postfix.md the next hop is Postfix's reinjection smtpd, which
+announces DSN, so every parameter goes through.
 
 What goes on the wire is made safe whatever the copy holds: every line end becomes
 CRLF and dots are stuffed (RFC 5321 section 4.5.2), so no content can end the DATA

@@ -48,8 +48,19 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def main_cf(base: Path, gateway_port: int, relay_port: int) -> str:
+#: a domain Postfix routes (transport_maps) to a next hop that offers SMTPUTF8: its own
+#: smtp-sink does not (it offers DSN), so UTF-8 mail goes to the tests' in-process sink
+UTF8_DOMAIN = "例子.测试"
+
+
+def main_cf(base: Path, gateway_port: int, relay_port: int, utf8_port: int | None = None) -> str:
     """The main.cf of the front Postfix (docs/postfix.md shows the same settings)."""
+    utf8_route = (
+        f"# tests only: {UTF8_DOMAIN} goes to a sink that offers SMTPUTF8\n"
+        f"transport_maps = inline:{{ {{{UTF8_DOMAIN} = smtp:[127.0.0.1]:{utf8_port}}} }}\n"
+        if utf8_port
+        else ""
+    )
     return f"""\
 compatibility_level = 3.6
 queue_directory = {base}/spool
@@ -72,7 +83,9 @@ relayhost = [127.0.0.1]:{relay_port}
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 smtp_dns_support_level = disabled
-smtputf8_enable = no
+# UTF-8 addresses and header fields (RFC 6531): Postfix accepts SMTPUTF8 and passes it
+# to the gateway, which announces it (and DSN) and passes both on to the reinjection
+smtputf8_enable = yes
 # SMTP smuggling (CVE-2023-51764): Postfix 3.7 still ends DATA at "<LF>.<LF>" unless
 # told otherwise; the gateway refuses bare line ends, but the front MTA must not split
 # a message before the gateway sees it. Empty exclusions: local clients too.
@@ -84,7 +97,7 @@ content_filter = smimeproxy:[127.0.0.1]:{gateway_port}
 queue_run_delay = 1s
 minimal_backoff_time = 1s
 maximal_backoff_time = 2s
-"""
+{utf8_route}"""
 
 
 def master_cf(smtpd_port: int, reinject_port: int) -> str:
@@ -183,6 +196,8 @@ class Postfix:
     base: Path
     gateway_port: int
     relay_port: int
+    #: the port of a next hop offering SMTPUTF8, for mail to UTF8_DOMAIN (None: none)
+    utf8_port: int | None = None
     smtpd_port: int = field(default_factory=free_port)
     reinject_port: int = field(default_factory=free_port)
 
@@ -209,7 +224,8 @@ class Postfix:
             (self.base / d).mkdir()
         shutil.chown(self.base / "data", "postfix", "postfix")
         (self.config_dir / "main.cf").write_text(
-            main_cf(self.base, self.gateway_port, self.relay_port)
+            main_cf(self.base, self.gateway_port, self.relay_port, self.utf8_port),
+            encoding="utf-8",
         )
         (self.config_dir / "master.cf").write_text(master_cf(self.smtpd_port, self.reinject_port))
         for name in ("dynamicmaps.cf",):

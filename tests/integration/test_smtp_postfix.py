@@ -31,12 +31,14 @@ from smimeproxy.smtp import make_service
 from smimeproxy.testing import CertificateFactory
 from tests.conftest import require_tool
 from tests.integration.postfix import (
+    UTF8_DOMAIN,
     Postfix,
     SinkMessage,
     SmtpSink,
     free_port,
     world_readable_tempdir,
 )
+from tests.smtp.sink import Sink
 
 TEXT = b"The figures are attached."
 
@@ -62,7 +64,15 @@ def world():
     gateway_port = free_port()
     sink = SmtpSink(base / "sink")
     sink.start()
-    postfix = Postfix(base / "postfix", gateway_port=gateway_port, relay_port=sink.port)
+    # smtp-sink does not offer SMTPUTF8: mail to UTF8_DOMAIN goes to this one instead
+    utf8_sink = Sink(extensions=("PIPELINING", "SMTPUTF8", "DSN"))
+    utf8_port = reactor.listenTCP(0, utf8_sink.factory(), interface="127.0.0.1")
+    postfix = Postfix(
+        base / "postfix",
+        gateway_port=gateway_port,
+        relay_port=sink.port,
+        utf8_port=utf8_port.getHost().port,
+    )
     config_path = base / "smimeproxy.toml"
     config_path.write_text(
         f"""
@@ -89,10 +99,12 @@ local_domains = ["acme.test"]
     except Exception:
         sink.stop()
         pytest_twisted.blockon(service.stopService())
+        pytest_twisted.blockon(utf8_port.stopListening())
         raise
     world_ = {
         "postfix": postfix,
         "sink": sink,
+        "utf8_sink": utf8_sink,
         "service": service,
         "pki": pki,
         "users": users,
@@ -103,6 +115,7 @@ local_domains = ["acme.test"]
     postfix.stop()
     sink.stop()
     pytest_twisted.blockon(world_["service"].stopService())
+    pytest_twisted.blockon(utf8_port.stopListening())
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -253,3 +266,79 @@ def test_gateway_down_postfix_defers_then_delivers_once_back(world):
     world["postfix"].flush()
     found = yield arrived(world, "down-1", timeout=60)
     assert len(found) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_utf8_recipient_through_postfix_arrives_with_smtputf8(world):
+    """Postfix (smtputf8_enable = yes) -> gateway -> reinjection -> a next hop that
+    offers SMTPUTF8: the UTF-8 addresses and the UTF-8 Subject arrive, signed by the
+    gateway, and SMTPUTF8 was asked for on every hop."""
+    rcpt = f"用户@{UTF8_DOMAIN}"
+    data = (
+        f"From: <alice@acme.test>\r\nTo: <{rcpt}>\r\nSubject: grüße utf8-1\r\n"
+        "Message-ID: <utf8-1@acme.test>\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n\r\nHallo Jürgen.\r\n"
+    ).encode()
+
+    def run():
+        with smtplib.SMTP("127.0.0.1", world["postfix"].smtpd_port, timeout=30) as c:
+            c.ehlo("client.test")
+            assert c.has_extn("smtputf8")
+            c.sendmail("alice@acme.test", [rcpt], data, mail_options=["SMTPUTF8"])
+
+    yield threads.deferToThread(run)
+    sink = world["utf8_sink"]
+    waited = 0.0
+    while not sink.received and waited < 30:
+        yield deferLater(reactor, 0.2, lambda: None)
+        waited += 0.2
+    assert sink.received, world["postfix"].log()[-3000:]
+    [got] = sink.received
+    assert got.sender == "alice@acme.test" and got.recipients == [rcpt]
+    assert " SMTPUTF8" in got.mail_args
+    assert got.rcpt_args[0].startswith(f"TO:<{rcpt}>")
+    top = mime.parse_entity(got.data)
+    assert top.mime_type == "multipart/signed"  # the gateway signed it
+    assert "Subject: grüße utf8-1".encode() in got.data
+
+
+@pytest_twisted.inlineCallbacks
+def test_dsn_parameters_through_postfix_arrive_at_the_next_hop(world):
+    """NOTIFY=SUCCESS,FAILURE and ORCPT from the client reach smtp-sink after the
+    gateway (Postfix passes them to the gateway, which announces DSN, and the gateway to
+    the reinjection smtpd); smtp-sink records the RCPT arguments."""
+    data = message("x@elsewhere.test", "alice@acme.test", "dsn-1")
+
+    def run():
+        with smtplib.SMTP("127.0.0.1", world["postfix"].smtpd_port, timeout=30) as c:
+            c.ehlo("client.test")
+            assert c.has_extn("dsn")
+            c.sendmail(
+                "x@elsewhere.test",
+                ["alice@acme.test"],
+                data,
+                mail_options=["RET=HDRS", "ENVID=dsn+2B1"],
+                rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;alice+2Btag@acme.test"],
+            )
+
+    yield threads.deferToThread(run)
+    [got] = yield arrived(world, "dsn-1")
+    assert got.recipients == ["alice@acme.test"]
+    dump = (world["sink"].directory).iterdir()
+    raw = [p.read_bytes() for p in dump]
+    [mine] = [r for r in raw if b"Subject: dsn-1\n" in r]
+    args = {
+        name: value.split()
+        for name, _, value in (
+            line.partition(": ") for line in mine.split(b"\n\n")[0].decode().splitlines()
+        )
+        if name in ("X-Mail-Args", "X-Rcpt-Args")
+    }
+    # Postfix writes the parameters in its own order
+    assert args["X-Mail-Args"][0] == "<x@elsewhere.test>"
+    assert sorted(args["X-Mail-Args"][1:]) == ["ENVID=dsn+2B1", "RET=HDRS"]
+    assert args["X-Rcpt-Args"][0] == "<alice@acme.test>"
+    assert sorted(args["X-Rcpt-Args"][1:]) == [
+        "NOTIFY=SUCCESS,FAILURE",
+        "ORCPT=rfc822;alice+2Btag@acme.test",
+    ]
