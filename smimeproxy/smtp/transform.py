@@ -26,6 +26,10 @@ Decisions written down here:
   there (removing it would change a header the sender may have signed already).
 * Look-alike status headers are removed from every message on entry, in every
   direction, before anything else.
+* Internationalised domains (RFC 5890): a domain is compared in its A-label form, so a
+  local domain, policy or storage key written as ``xn--fsqu00a.xn--0zwm56d`` in the
+  configuration matches an address at ``例子.测试`` and the other way round. Key store
+  lookups use the form the store holds certificates under (:func:`store_address`).
 * A message the engine cannot process is relayed unchanged with an ``X-SMIMEProxy-Status``
   header, never dropped; except under ``must-encrypt``, where it is refused rather than
   sent in clear. A key store failure is temporary (451): the sending MTA retries.
@@ -34,13 +38,15 @@ Decisions written down here:
 from __future__ import annotations
 
 import email.utils
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import idna
 from twisted.logger import Logger
 
 from smimeproxy.bugs import log_bug
-from smimeproxy.config import SMTPConfig
+from smimeproxy.config import OUTBOUND_POLICIES, SMTPConfig
 from smimeproxy.errors import KeyNotFound, KeystoreError, SMIMEProxyError
 from smimeproxy.processing import MessageProcessor, RecipientCertificate
 from smimeproxy.smime import mime
@@ -83,12 +89,92 @@ class TransformResult:
     refusal: Reply | None = None
 
 
+@functools.lru_cache(maxsize=4096)
+def ascii_domain(domain: str) -> str:
+    """``domain`` as compared: lower-case, no final dot, A-labels (IDNA 2008 with the
+    UTS 46 mapping) when it converts; a name that does not convert stays as it is."""
+    domain = domain.rstrip(".").lower()
+    if domain.isascii() and "xn--" not in domain:
+        return domain
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return domain
+
+
+@functools.lru_cache(maxsize=4096)
+def unicode_domain(domain: str) -> str:
+    """``domain`` with U-labels (the inverse of :func:`ascii_domain`), when it converts."""
+    name = ascii_domain(domain)
+    if "xn--" not in name:
+        return name
+    try:
+        return str(idna.decode(name))
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return name
+
+
 def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".")
+    """The domain of ``address`` as compared (:func:`ascii_domain`)."""
+    return ascii_domain(address.rpartition("@")[2])
+
+
+def store_address(address: str) -> str:
+    """``address`` as the key store holds it: the store compares addresses lower-cased
+    and nothing else (:func:`smimeproxy.keystore.certificates.normalise`) and takes them
+    from a certificate's rfc822Name, whose domain is A-labels (RFC 5280 section 7.5,
+    RFC 8398 section 3): so an ASCII local part gets an A-label domain. A UTF-8 local
+    part can only be an SmtpUTF8Mailbox, whose domain RFC 8398 writes in U-labels; the
+    store does not read that SAN type yet, so such an address finds only a certificate
+    imported under it by hand."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    if local.isascii():
+        return f"{local}@{ascii_domain(domain)}"
+    return f"{local}@{unicode_domain(domain)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _local_set(local_domains: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(ascii_domain(d) for d in local_domains)
 
 
 def is_local(address: str, local_domains: Sequence[str]) -> bool:
-    return bool(address) and domain_of(address) in {d.lower() for d in local_domains}
+    return bool(address) and domain_of(address) in _local_set(tuple(local_domains))
+
+
+def _forms(address: str) -> tuple[str, str]:
+    """``address`` with its domain in A-labels and in U-labels."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address, address
+    return f"{local}@{ascii_domain(domain)}", f"{local}@{unicode_domain(domain)}"
+
+
+def policy_for(config: SMTPConfig, sender: str, recipient: str) -> str:
+    """:meth:`SMTPConfig.policy_for` whichever form (A-labels or U-labels) the
+    configuration wrote a domain in. Not guaranteed: an override equal to the default
+    policy for one form loses to a stricter override found for the other form."""
+    if sender.isascii() and recipient.isascii() and "xn--" not in sender + recipient:
+        return config.policy_for(sender, recipient)
+    (s_ascii, s_unicode), (r_ascii, r_unicode) = _forms(sender), _forms(recipient)
+    found = {
+        config.policy_for(sender, recipient),
+        config.policy_for(s_ascii, r_ascii),
+        config.policy_for(s_unicode, r_unicode),
+    }
+    overrides = found - {config.outbound_policy} or found
+    return min(overrides, key=OUTBOUND_POLICIES.index)
+
+
+def storage_for(config: SMTPConfig, domain: str) -> str:
+    """:meth:`SMTPConfig.storage_for` whichever form the configuration wrote it in."""
+    table = config.inbound_storage_by_domain
+    for form in (domain.lower(), ascii_domain(domain), unicode_domain(domain)):
+        if form in table:
+            return table[form]
+    return config.inbound_storage
 
 
 def direction_of(sender: str, recipient: str, local_domains: Sequence[str]) -> str:
@@ -180,14 +266,14 @@ class MessageTransform:
         """Whether :meth:`check_recipient` has to look in the store (cheap, no I/O)."""
         return (
             direction_of(sender, recipient, self.config.local_domains) == OUTBOUND
-            and self.config.policy_for(sender, recipient) == "must-encrypt"
+            and policy_for(self.config, sender, recipient) == "must-encrypt"
         )
 
     def check_recipient(self, sender: str, recipient: str) -> Reply | None:
         """A 5xx for a must-encrypt recipient without a usable certificate, else None."""
         if not self.needs_recipient_check(sender, recipient):
             return None
-        found = self.processor.certificate_for(recipient)
+        found = self.processor.certificate_for(store_address(recipient))
         if found.target is not None:
             return None
         return _must_encrypt_refusal([(recipient, found.reason)])
@@ -206,7 +292,7 @@ class MessageTransform:
                 return False
             if direction == INTERNAL and self.config.internal_policy != "pass-through":
                 return False
-            if direction == OUTBOUND and self.config.policy_for(sender, rcpt) != "pass-through":
+            if direction == OUTBOUND and policy_for(self.config, sender, rcpt) != "pass-through":
                 return False
         return True
 
@@ -249,7 +335,7 @@ class MessageTransform:
             elif direction == INTERNAL:
                 policies[rcpt] = self.config.internal_policy
             else:
-                policies[rcpt] = self.config.policy_for(sender, rcpt)
+                policies[rcpt] = policy_for(self.config, sender, rcpt)
         signer = self._signer(head, sender)
         must = {r for r, p in policies.items() if p == "must-encrypt"}
         wanting = [r for r, p in policies.items() if p in ("must-encrypt", "encrypt-if-possible")]
@@ -269,7 +355,7 @@ class MessageTransform:
             except KeyNotFound:
                 refused: list[tuple[str, str]] = []
                 for rcpt in wanting:
-                    found = self.processor.certificate_for(rcpt)
+                    found = self.processor.certificate_for(store_address(rcpt))
                     if found.target is not None:
                         groups["sign+encrypt"].append(rcpt)
                         resolved.append(found)
@@ -332,7 +418,7 @@ class MessageTransform:
 
     def _can_sign(self, signer: str) -> bool:
         try:
-            self.processor.store.signing_key(signer)
+            self.processor.store.signing_key(store_address(signer))
         except KeyNotFound:
             return False
         return True
@@ -349,9 +435,10 @@ class MessageTransform:
         """Sign (and encrypt); a sender without a key gets encryption only (or nothing).
 
         Raises KeyNotFound when a recipient has no usable certificate."""
+        signer, keys = store_address(signer), [store_address(r) for r in group]
         try:
             result = self.processor.seal_for(
-                data, signer, group, sign=True, encrypt=encrypt, targets=targets
+                data, signer, keys, sign=True, encrypt=encrypt, targets=targets
             )
             signed = True
         except KeyNotFound:
@@ -360,7 +447,7 @@ class MessageTransform:
             if not encrypt:
                 return Copy(tuple(group), data, direction, "pass", {"note": "no key to sign with"})
             result = self.processor.seal_for(
-                data, signer, group, sign=False, encrypt=True, targets=targets
+                data, signer, keys, sign=False, encrypt=True, targets=targets
             )
             signed = False
         action = ("sign+" if signed else "") + "encrypt" if encrypt else "sign"
@@ -381,7 +468,7 @@ class MessageTransform:
             return copies
         by_mode: dict[str, list[str]] = {}
         for rcpt in recipients:
-            by_mode.setdefault(self.config.storage_for(domain_of(rcpt)), []).append(rcpt)
+            by_mode.setdefault(storage_for(self.config, domain_of(rcpt)), []).append(rcpt)
         opened = self._open(data, [])
         for mode, group in by_mode.items():
             if mode == "encrypt-at-rest":
@@ -394,7 +481,7 @@ class MessageTransform:
     def _open(self, data: bytes, owners: list[str]) -> tuple[bytes, dict[str, str]] | None:
         """(opened message, details) or None when the engine failed outright."""
         try:
-            opened = self.processor.open_for(data, owners)
+            opened = self.processor.open_for(data, [store_address(o) for o in owners])
         except KeystoreError:
             raise
         except Exception:  # a bug in the engine must not lose the message
@@ -418,12 +505,13 @@ class MessageTransform:
                 group, add_status(data, "unprocessed; internal error"), INBOUND, "unprocessed"
             )
         opened_data, details = opened
-        mode = self.config.storage_for(domain_of(rcpt))
+        mode = storage_for(self.config, domain_of(rcpt))
         if mode == "keep-encrypted" or (mode == "encrypt-at-rest" and encrypted):
             return Copy(group, self._status_only(opened_data, data), INBOUND, mode, details)
         if mode == "encrypt-at-rest":
             try:
-                sealed = self.processor.seal_for(opened_data, rcpt, [rcpt], sign=False)
+                key = store_address(rcpt)
+                sealed = self.processor.seal_for(opened_data, key, [key], sign=False)
             except KeyNotFound:
                 note = "not encrypted at rest: no usable certificate for the recipient"
                 return Copy(group, add_status(opened_data, note), INBOUND, "open", details)

@@ -181,3 +181,47 @@ def test_malformed_input_relayed_never_dropped(make_processor, message):
         result = t.transform(sender, [rcpt], message)
         assert result.refusal is None
         assert [c.recipients for c in result.copies] == [(rcpt,)]
+
+
+# -- internationalised domains --------------------------------------------------------------
+def test_idn_local_domain_matches_in_either_form():
+    from smimeproxy.smtp.transform import INTERNAL, TRANSIT, direction_of, is_local
+
+    assert is_local("用户@例子.测试", ["xn--fsqu00a.xn--0zwm56d"])
+    assert is_local("bob@xn--fsqu00a.xn--0zwm56d", ["例子.测试"])
+    assert is_local("bob@XN--FSQU00A.xn--0zwm56d.", ["例子.测试"])
+    assert is_local("jürgen@Bücher.test", ["xn--bcher-kva.test"])
+    assert not is_local("bob@例子.test", ["xn--fsqu00a.xn--0zwm56d"])
+    assert direction_of("jösé@bücher.test", "用户@例子.测试", ["xn--bcher-kva.test"]) == OUTBOUND
+    assert direction_of("a@例子.测试", "b@xn--fsqu00a.xn--0zwm56d", ["例子.测试"]) == INTERNAL
+    assert direction_of("a@x.test", "b@例子.测试", ["acme.test"]) == TRANSIT
+
+
+@pytest.mark.parametrize(
+    ("key", "recipient"),
+    [
+        ("xn--fsqu00a.xn--0zwm56d", "用户@例子.测试"),
+        ("例子.测试", "bob@xn--fsqu00a.xn--0zwm56d"),
+        ("例子.测试", "bob@例子.测试"),
+    ],
+)
+def test_idn_policy_key_matches_the_address_in_either_form(make_processor, key, recipient):
+    t = _transform(make_processor, f'[smtp.recipient_policy]\n"{key}" = "pass-through"\n')
+    assert t.engine_free("alice@acme.test", [recipient])
+    [copy] = t.transform("alice@acme.test", [recipient], PLAIN).copies
+    assert (copy.action, copy.recipients) == ("pass", (recipient,))
+
+
+def test_certificate_of_an_idn_address_found_from_its_unicode_form(
+    make_processor, pki, openssl, tmp_path
+):
+    """The store holds carol's certificate under its rfc822Name (A-label domain); mail to
+    carol@例子.测试 under must-encrypt finds it and is encrypted to it."""
+    carol = pki["factory"].user("carol@xn--fsqu00a.xn--0zwm56d")
+    t = _transform(make_processor, '[smtp.recipient_policy]\n"例子.测试" = "must-encrypt"\n')
+    t.processor.store.import_certificate(carol.certificate)
+    assert t.check_recipient("alice@acme.test", "carol@例子.测试") is None
+    assert t.check_recipient("alice@acme.test", "dan@例子.测试").code == 550
+    [copy] = t.transform("alice@acme.test", ["carol@例子.测试"], PLAIN).copies
+    assert (copy.action, copy.recipients) == ("sign+encrypt", ("carol@例子.测试",))
+    assert b"The figures are attached." in _openssl_decrypt(openssl, tmp_path, copy.data, carol)
