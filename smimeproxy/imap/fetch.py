@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 from smimeproxy.errors import MalformedMessage
-from smimeproxy.imap.wire import Atom, Message, Token, literal
+from smimeproxy.imap.wire import Atom, LiteralHeader, Message, Token
 
 #: RFC 3501 6.4.5 macros
 MACROS = {
@@ -164,18 +164,25 @@ UNKNOWN_CTE = b"NO [UNKNOWN-CTE] Unknown Content-Transfer-Encoding"
 def render_item(view: object, item: ContentItem) -> bytes | None:
     """``NAME value`` for one content item, literals for data; None when BINARY cannot
     undo the part's transfer encoding."""
+    parts = _item_parts(view, item)
+    return None if parts is None else b"".join(parts)
+
+
+def _item_parts(view: object, item: ContentItem) -> list[bytes] | None:
+    """:func:`render_item` as pieces, so a large literal is copied once, when the whole
+    response is joined."""
     value = section_value(view, item)
     if value is None:
         return None
     name = item.response_name()
     if isinstance(value, int):
-        return name + b" %d" % value
+        return [name, b" %d" % value]
     if item.kind in (b"BODYSTRUCTURE", b"BODY"):
-        return name + b" " + bytes(value or b"NIL")
+        return [name, b" ", bytes(value or b"NIL")]
     assert value is not None
     if item.kind == b"BINARY[" and b"\x00" in value:
-        return name + b" ~" + literal(value)
-    return name + b" " + literal(value)
+        return [name, b" ~", LiteralHeader(len(value)).encode(), value]
+    return [name, b" ", LiteralHeader(len(value)).encode(), value]
 
 
 def rewrite_response(
@@ -184,17 +191,25 @@ def rewrite_response(
     """A server ``* n FETCH (...)`` with content items replaced from ``view``; the
     server's other items are copied as they came (octet for octet).  An item BINARY
     cannot produce ends the response there and appends :data:`UNKNOWN_CTE` to
-    ``failures`` (the caller fails the command)."""
+    ``failures`` (the caller fails the command).  Built as pieces and joined once (a
+    decrypted body is copied once, not once per concatenation)."""
     seq, pairs = fetch_items(message.encode())
-    out = [name + b" " + raw for name, raw in pairs if content_item(name) is None]
+    out = [b"* ", seq, b" FETCH ("]
+    for name, raw in pairs:
+        if content_item(name) is None:
+            out += (name, b" ", raw, b" ")
     for item in _unique(items):
-        rendered = render_item(view, item)
+        rendered = _item_parts(view, item)
         if rendered is None:
             if failures is not None:
                 failures.append(UNKNOWN_CTE)
             break
-        out.append(rendered)
-    return b"* " + seq + b" FETCH (" + b" ".join(out) + b")\r\n"
+        out += rendered
+        out.append(b" ")
+    if out[-1] == b" ":
+        out.pop()
+    out.append(b")\r\n")
+    return b"".join(out)
 
 
 _FETCH_START = re.compile(rb"\* ([0-9]+) FETCH \(", re.IGNORECASE)
