@@ -4,10 +4,13 @@ over StringTransport, and what reaches a loopback next hop that announces them o
 from __future__ import annotations
 
 import smtplib
+from types import MappingProxyType
 
 import pytest
 import pytest_twisted
-from twisted.internet import threads
+from twisted.internet import defer, threads
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from smimeproxy.smtp import replies as R
 from smimeproxy.smtp.extensions import (
@@ -18,6 +21,8 @@ from smimeproxy.smtp.extensions import (
     parse_mail,
     parse_rcpt,
 )
+from smimeproxy.smtp.relay import NextHop
+from smimeproxy.smtp.transform import Copy
 from tests.smtp.sink import Sink
 from tests.smtp.test_relay import Gateway
 from tests.smtp.test_server import ScriptedNextHop, Session
@@ -233,6 +238,105 @@ def test_bad_rcpt_parameters_in_the_dialogue(session, params, reply):
     s.send(ASCII_MSG + b".\r\n")
     [(_, copies)] = hop.accepted
     assert copies[0].recipients == ("c@partner.test",)
+
+
+# -- the relay's dialogue ------------------------------------------------------------------
+class FakeEndpoint:
+    """Connects the relay to a StringTransport at once: the test plays the next hop."""
+
+    def __init__(self):
+        self.protocols = []
+
+    def connect(self, factory):
+        proto = factory.buildProtocol(None)
+        proto.makeConnection(StringTransport())
+        self.protocols.append(proto)
+        return defer.succeed(proto)
+
+
+def relay(sender, envelope, copy, ehlo: bytes):
+    """Start delivering ``copy``; answer the greeting and EHLO with ``ehlo``."""
+    endpoint = FakeEndpoint()
+    hop = NextHop(lambda: endpoint, Clock(), helo="gw.acme.test")
+    done = []
+    hop.deliver(sender, [copy], envelope).addBoth(done.append)
+    [proto] = endpoint.protocols
+    assert step(proto, b"220 hop.test ESMTP\r\n") == b"EHLO gw.acme.test\r\n"
+    return proto, done, step(proto, ehlo)
+
+
+def step(proto, reply: bytes) -> bytes:
+    """The next hop says ``reply``: what the relay sends back."""
+    proto.dataReceived(reply)
+    sent = proto.transport.value()
+    proto.transport.clear()
+    return sent
+
+
+BOTH = Envelope(
+    smtputf8=True,
+    ret="HDRS",
+    envid="QQ1",
+    recipients=MappingProxyType(
+        {
+            UTF8_RCPT: RecipientParameters("SUCCESS,FAILURE", "rfc822;x+2By@a.test"),
+            "b@partner.test": RecipientParameters("NEVER"),
+        }
+    ),
+)
+OFFERS_BOTH = b"250-hop.test\r\n250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8\r\n"
+OFFERS_NEITHER = b"250-hop.test\r\n250 8BITMIME\r\n"
+
+
+def test_relay_dialogue_with_a_next_hop_offering_both():
+    copy = Copy((UTF8_RCPT, "b@partner.test"), UTF8_HEADER_MSG, "transit", "pass")
+    proto, done, sent = relay(UTF8_SENDER, BOTH, copy, OFFERS_BOTH)
+    assert (
+        sent == f"MAIL FROM:<{UTF8_SENDER}> BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=QQ1\r\n".encode()
+    )
+    assert step(proto, b"250 ok\r\n") == (
+        f"RCPT TO:<{UTF8_RCPT}> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x+2By@a.test\r\n".encode()
+    )
+    assert step(proto, b"250 ok\r\n") == b"RCPT TO:<b@partner.test> NOTIFY=NEVER\r\n"
+    assert step(proto, b"250 ok\r\n") == b"DATA\r\n"
+    assert step(proto, b"354 go\r\n") == UTF8_HEADER_MSG + b".\r\n"
+    step(proto, b"250 2.0.0 queued\r\n")
+    assert [r.code for r in done] == [250]
+
+
+def test_relay_dialogue_without_the_parameters():
+    copy = Copy(("b@partner.test",), ASCII_MSG, "transit", "pass")
+    proto, _done, sent = relay("x@elsewhere.test", Envelope(), copy, OFFERS_BOTH)
+    assert sent == b"MAIL FROM:<x@elsewhere.test>\r\n"
+    assert step(proto, b"250 ok\r\n") == b"RCPT TO:<b@partner.test>\r\n"
+
+
+def test_relay_dialogue_with_a_next_hop_offering_neither():
+    """DSN parameters are dropped; SMTPUTF8 is not needed by an ASCII copy."""
+    copy = Copy(("b@partner.test",), ASCII_MSG, "transit", "pass")
+    proto, done, sent = relay("x@elsewhere.test", BOTH, copy, OFFERS_NEITHER)
+    assert sent == b"MAIL FROM:<x@elsewhere.test>\r\n"
+    assert step(proto, b"250 ok\r\n") == b"RCPT TO:<b@partner.test>\r\n"
+    assert step(proto, b"250 ok\r\n") == b"DATA\r\n"
+    assert step(proto, b"354 go\r\n") == ASCII_MSG + b".\r\n"
+    step(proto, b"250 2.0.0 queued\r\n")
+    assert [r.code for r in done] == [250]
+
+
+@pytest.mark.parametrize(
+    ("sender", "rcpt", "data", "reply"),
+    [
+        (UTF8_SENDER, "b@partner.test", ASCII_MSG, R.UTF8_NOT_RELAYABLE),
+        ("x@elsewhere.test", UTF8_RCPT, ASCII_MSG, R.UTF8_NOT_RELAYABLE),
+        ("x@elsewhere.test", "b@partner.test", UTF8_HEADER_MSG, R.UTF8_HEADERS_NOT_RELAYABLE),
+    ],
+)
+def test_relay_sends_nothing_when_smtputf8_is_needed_and_not_offered(sender, rcpt, data, reply):
+    copy = Copy((rcpt,), data, "transit", "pass")
+    proto, done, sent = relay(sender, BOTH, copy, b"250-hop.test\r\n250-DSN\r\n250 8BITMIME\r\n")
+    assert sent == b""  # no MAIL: the copy is not sent
+    assert proto.transport.disconnecting
+    assert done == [reply]
 
 
 # -- through a loopback next hop -----------------------------------------------------------
