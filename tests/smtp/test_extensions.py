@@ -473,3 +473,22 @@ def test_recipients_split_into_copies_keep_their_own_parameters(gateway):
         "TO:<bob@partner.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@partner.test"
     ]
     assert by_rcpt[("dave@acme.test",)].rcpt_args == ["TO:<dave@acme.test> NOTIFY=NEVER"]
+
+
+def test_utf8_local_addresses_go_through_the_engine(session):
+    """Inbound to jösé@acme.test (a local domain) and outbound from it: directions are
+    found, and the store is asked in the form it holds (no key for jösé: the outbound
+    copy is encrypted to bob without a signature, as for any sender without a key)."""
+    s, hop = session()
+    s.send(b"EHLO client.test\r\n")
+    s.send(b"MAIL FROM:<bob@partner.test> SMTPUTF8\r\n")
+    assert s.send("RCPT TO:<jösé@acme.test>\r\n".encode()) == "250 2.1.5 Recipient OK\r\n"
+    s.send(b"DATA\r\n")
+    assert s.send(UTF8_HEADER_MSG + b".\r\n").startswith("250 2.0.0 Ok: queued as ")
+    s.send("MAIL FROM:<jösé@acme.test> SMTPUTF8\r\n".encode())
+    s.send(b"RCPT TO:<bob@partner.test>\r\nDATA\r\n")
+    assert s.send(UTF8_HEADER_MSG + b".\r\n").startswith("250 2.0.0 Ok: queued as ")
+    [(_, (inbound,)), (_, (outbound,))] = hop.accepted
+    assert (inbound.direction, inbound.recipients) == ("inbound", ("jösé@acme.test",))
+    assert (outbound.direction, outbound.action) == ("outbound", "encrypt")
+    assert outbound.details.get("note") == "no key to sign with"
