@@ -28,9 +28,9 @@ from __future__ import annotations
 import email.utils
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
+from smimeproxy.smime import mime
+from smimeproxy.smtp.addresses import ascii_domain
 from smimeproxy.smtp.dovecot_auth import is_base64
 
 #: what EHLO announces, in this order (RFC 4954 section 3)
@@ -85,17 +85,24 @@ def parse_response(line: str) -> str | Invalid:
     return line
 
 
+def _compared(address: str) -> str:
+    """``address`` as compared here: lower-case, its domain in A-labels, so that a user
+    may write their own internationalised domain either way."""
+    local, at, domain = address.strip().lower().rpartition("@")
+    return f"{local}@{ascii_domain(domain)}" if at else domain
+
+
 def allowed_senders(login: str, user_addresses: Iterable[str] | None) -> frozenset[str]:
-    """The lower-case addresses ``login`` may send as (``user_addresses``: those of the
-    key store user the login belongs to, None when it belongs to none)."""
-    login = login.strip().lower()
-    own = {login} if "@" in login else set()
-    return frozenset(own | {a.lower() for a in user_addresses or ()})
+    """The addresses ``login`` may send as, as :func:`may_send_as` compares them
+    (``user_addresses``: those of the key store user the login belongs to, None when it
+    belongs to none)."""
+    own = {_compared(login)} if "@" in login else set()
+    return frozenset(own | {_compared(a) for a in user_addresses or ()})
 
 
 def may_send_as(allowed: frozenset[str], address: str) -> bool:
     """True when the reverse-path ``address`` is one of ``allowed`` (never for ``<>``)."""
-    return bool(address) and address.lower() in allowed
+    return bool(address) and _compared(address) in allowed
 
 
 def foreign_from(data: bytes, allowed: frozenset[str], local_domains: Sequence[str]) -> str | None:
@@ -105,14 +112,15 @@ def foreign_from(data: bytes, allowed: frozenset[str], local_domains: Sequence[s
     the transform then signs with the envelope sender's key (checked at MAIL FROM).
     """
     end = data.find(b"\r\n\r\n")
-    head = data if end < 0 else data[: end + 2]
-    message = BytesHeaderParser(policy=compat32).parsebytes(head)
-    values = [str(v) for v in message.get_all("From") or []]
-    domains = {d.lower().rstrip(".") for d in local_domains}
+    head = data if end < 0 else data[: end + 4]
+    # the engine's own header reader, as the transform uses to choose the signing key
+    # (RFC 6532: a header field may be UTF-8)
+    values = mime.parse_entity(head).get_all("From")
+    domains = {ascii_domain(d) for d in local_domains}
     for _, address in email.utils.getaddresses(values):
         address = address.strip().lower()
-        domain = address.rpartition("@")[2].rstrip(".")
-        if address and domain in domains and address not in allowed:
+        domain = ascii_domain(address.rpartition("@")[2])
+        if address and domain in domains and _compared(address) not in allowed:
             return address
     return None
 

@@ -42,7 +42,6 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import idna
 from twisted.logger import Logger
 
 from smimeproxy.bugs import log_bug
@@ -59,6 +58,7 @@ from smimeproxy.smime.authresults import (
     strip_lookalikes,
 )
 from smimeproxy.smime.opener import is_pkcs7_mime
+from smimeproxy.smtp.addresses import ascii_domain, unicode_domain
 from smimeproxy.smtp.replies import Reply
 
 OUTBOUND = "outbound"
@@ -87,31 +87,6 @@ class TransformResult:
 
     copies: tuple[Copy, ...] = ()
     refusal: Reply | None = None
-
-
-@functools.lru_cache(maxsize=4096)
-def ascii_domain(domain: str) -> str:
-    """``domain`` as compared: lower-case, no final dot, A-labels (IDNA 2008 with the
-    UTS 46 mapping) when it converts; a name that does not convert stays as it is."""
-    domain = domain.rstrip(".").lower()
-    if domain.isascii() and "xn--" not in domain:
-        return domain
-    try:
-        return idna.encode(domain, uts46=True).decode("ascii")
-    except (idna.IDNAError, UnicodeError, ValueError):
-        return domain
-
-
-@functools.lru_cache(maxsize=4096)
-def unicode_domain(domain: str) -> str:
-    """``domain`` with U-labels (the inverse of :func:`ascii_domain`), when it converts."""
-    name = ascii_domain(domain)
-    if "xn--" not in name:
-        return name
-    try:
-        return str(idna.decode(name))
-    except (idna.IDNAError, UnicodeError, ValueError):
-        return name
 
 
 def domain_of(address: str) -> str:

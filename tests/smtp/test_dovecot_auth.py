@@ -197,6 +197,19 @@ def test_allowed_senders():
     assert not sasl.may_send_as(allowed, "")
 
 
+def test_an_internationalised_domain_may_be_written_either_way():
+    """A user of 例子.测试 may send as their address with the domain in U-labels or in
+    A-labels, and a From in the other form is not "someone else's"."""
+    allowed = sasl.allowed_senders("carol", ("carol@xn--fsqu00a.xn--0zwm56d",))
+    assert sasl.may_send_as(allowed, "carol@例子.测试")
+    assert sasl.may_send_as(allowed, "Carol@XN--FSQU00A.xn--0zwm56d")
+    assert not sasl.may_send_as(allowed, "dave@例子.测试")
+    data = "From: Carol <carol@例子.测试>\r\n\r\nhi\r\n".encode()
+    assert sasl.foreign_from(data, allowed, ["xn--fsqu00a.xn--0zwm56d"]) is None
+    data = "From: Dave <dave@例子.测试>\r\n\r\nhi\r\n".encode()
+    assert sasl.foreign_from(data, allowed, ["xn--fsqu00a.xn--0zwm56d"]) == "dave@例子.测试"
+
+
 @pytest.mark.parametrize(
     ("from_header", "expected"),
     [
