@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from smimeproxy.config import load_config
 from smimeproxy.errors import MasterKeyError, WorkerError
@@ -199,7 +199,7 @@ def test_wrong_master_key_is_named_at_start_and_per_message(tmp_path, pki, event
     engine = ProcessEngine(WorkerSpec(str(config.path), wrong), 1, reactor)
     try:
         yield engine.start()
-        critical = [e for e in events if e.get("log_format", "").startswith("smtp.workers_failed")]
+        critical = [e for e in events if "smtp.workers_failed" in formatEvent(e)]
         assert critical and "the wrong key" in critical[0]["error"]
         with pytest.raises(MasterKeyError, match="the wrong key"):
             yield engine.transform(None, "alice@acme.test", ["bob@partner.test"], PLAIN)
