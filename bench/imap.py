@@ -1,6 +1,6 @@
 """IMAP proxy benchmark: the proxy against direct Dovecot access, measured in one run.
 
-    python bench/imap.py [--messages 2000] [--encrypted 0.2] [--rounds 5]
+    python bench/imap.py [--messages 2000] [--encrypted 0.2] [--rounds 5] [--workers N]
 
 Two mailboxes of ``--messages`` messages (4 KB to 100 KB): ``Plain`` (no S/MIME) and
 ``Mixed`` (``--encrypted`` of them encrypted to alice).  For each: the first sync
@@ -16,6 +16,13 @@ Every case runs once untimed, then ``--rounds`` times with direct, relay and pro
 interleaved (the same client code and work for each); the minimum and the median of
 each are printed, and the ratios of both.  The cold first sync runs once by nature.
 
+The proxy runs with ``[imap] workers`` (``--workers``, default one per core): stored
+messages are opened in engine processes of their own, as deployed on a multi-core host;
+``--workers 0`` opens them in the proxy's own thread pool. (On two cores the cold mixed
+sync measured 1.58x of its budget with 0 workers, 1.88x with 1, 1.41x with 2: the
+decryption comes in bursts, so unlike the gateway's steady load it gains from a worker
+on the reactor's core too.)
+
 Prints ratios; it is not a test and asserts nothing.
 """
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import imaplib
+import os
 import random
 import statistics
 import subprocess
@@ -123,10 +131,18 @@ def concurrent(connect, name: str, clients: int = 20) -> None:  # type: ignore[n
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident memory of ``pid`` and its children (the engine worker processes)."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                line.split(":", 1) for line in status.read_text().splitlines() if ":" in line
+            )
+        except OSError:
+            continue
+        if status.parent.name == str(pid) or fields.get("PPid", "").strip() == str(pid):
+            total += int(fields.get("VmRSS", "0 kB").split()[0])
+    return total / 1024
 
 
 def cpu_seconds(pid: int) -> float:
@@ -168,9 +184,16 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--encrypted", type=float, default=0.2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="[imap] workers: engine processes (default: one per core)",
+    )
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-imap-"))
-    world = start_world(base, cache_bytes=256 << 20)
+    world = start_world(base, cache_bytes=256 << 20, extra=f"workers = {args.workers}")
+    print(f"proxy: [imap] workers = {args.workers} on {os.cpu_count()} cores")
     try:
         t0 = time.perf_counter()
         populate(world, "Plain", args.messages, 0.0)

@@ -91,8 +91,8 @@ ARCHIVE_SOURCE_KINDS: tuple[str, ...] = ("imap", "maildir", "mbox")
 DEFAULT_MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 #: RFC 5321 section 4.5.3.1.8 asks for at least 100; Postfix accepts 1000 by default.
 DEFAULT_MAX_RECIPIENTS = 1000
-#: upper bound of [smtp] workers: more processes than this only add memory
-MAX_SMTP_WORKERS = 64
+#: upper bound of [smtp] and [imap] workers: more processes than this only add memory
+MAX_WORKERS = 64
 #: RFC 5321 section 4.5.3.2.7: a server SHOULD wait at least 5 minutes for a command.
 DEFAULT_SMTP_IDLE_TIMEOUT = 300
 #: RFC 5321 section 4.5.3.2.6: the client waits 10 minutes for the reply to end-of-data.
@@ -225,6 +225,8 @@ class IMAPConfig:
     idle_timeout: int
     #: login address -> addresses whose keys that login may also use
     delegation: Mapping[str, tuple[str, ...]]
+    #: worker processes decrypting stored messages (0: the proxy's own thread pool)
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -654,7 +656,7 @@ def _smtp(t: _Table, smime_authserv_id: str) -> SMTPConfig:
         recipient_policy=_policy_map(t, "recipient_policy", OUTBOUND_POLICIES),
         sender_policy=_policy_map(t, "sender_policy", OUTBOUND_POLICIES),
         force_encrypt_keyword=t.optional_string("force_encrypt_keyword"),
-        workers=t.integer("workers", 0, low=0, high=MAX_SMTP_WORKERS),
+        workers=t.integer("workers", 0, low=0, high=MAX_WORKERS),
         submission_listen=submission,
         auth_dovecot=auth_dovecot or None,
         submission_plaintext=plaintext,
@@ -695,6 +697,7 @@ def _imap(t: _Table) -> IMAPConfig:
         cache_bytes=t.integer("cache_bytes", DEFAULT_IMAP_CACHE_BYTES, low=0),
         idle_timeout=t.integer("idle_timeout", DEFAULT_IMAP_IDLE_TIMEOUT, low=1),
         delegation=MappingProxyType(delegation),
+        workers=t.integer("workers", 0, low=0, high=MAX_WORKERS),
     )
 
 

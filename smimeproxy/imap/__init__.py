@@ -81,6 +81,7 @@ def make_context(
     implicit_tls: bool = False,
     metrics: ImapMetrics | None = None,
     sessions: set[Any] | None = None,
+    engine: Any = None,
 ) -> SessionContext:
     """The shared session context for one listener of the ``[imap]`` config ``imap``."""
     if reactor is None:
@@ -121,6 +122,7 @@ def make_context(
         sessions=sessions if sessions is not None else set(),
         idle_timeout=imap.idle_timeout,
         call_later=getattr(reactor, "callLater", None),
+        engine=engine,
     )
 
 
@@ -144,11 +146,13 @@ class ImapService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, metrics: ImapMetrics, sessions: set[Any]):
+    def __init__(self, reactor: Any, metrics: ImapMetrics, sessions: set[Any], engine: Any = None):
         super().__init__()
         self.reactor = reactor
         self.metrics = metrics
         self.sessions = sessions
+        #: the worker processes opening stored messages (``[imap] workers``), or None
+        self.engine = engine
         self.factories: list[ProxyFactory] = []
         #: per listener: its listen string and, for ``ssl:``, its replaceable TLS
         self.listeners: list[tuple[str, ReloadableServerTLS | None]] = []
@@ -175,7 +179,14 @@ class ImapService(MultiService):
                 timer.cancel()
 
         done.addCallback(finished)
+        if self.engine is not None:
+            done.addCallback(lambda _: self.engine.close())
         return done
+
+    def startService(self) -> None:
+        super().startService()
+        if self.engine is not None:
+            self.engine.start()
 
     def reload(self, config: Any) -> None:
         """New sessions get the TLS contexts and folder settings of ``config.imap``."""
@@ -192,6 +203,8 @@ class ImapService(MultiService):
             factory.context = context
         for tls, options in implicit:
             tls.options = options
+        if self.engine is not None:
+            self.engine.reload()  # worker processes read the new file
         self._log.info("imap.service.reloaded")
 
 
@@ -204,6 +217,7 @@ def make_service(
     threadpool: Any = None,
     connect_upstream: Callable[[Protocol], Deferred[Any]] | None = None,
     registry: Any = None,
+    engine: Any = None,
 ) -> ImapService:
     """An :class:`ImapService` with one StreamServerEndpointService per ``[imap] listen``
     entry.
@@ -211,7 +225,8 @@ def make_service(
     ``processor`` is a :class:`~smimeproxy.processing.MessageProcessor`; without one every
     session is a plain pass-through.  One cache (bounded by ``cache_bytes``) serves all
     listeners.  ``registry`` (a :class:`smimeproxy.metrics.Registry`, default a private
-    one) receives the ``smimeproxy_imap_*`` metrics.
+    one) receives the ``smimeproxy_imap_*`` metrics.  ``engine`` opens stored messages
+    in worker processes; by default ``[imap] workers`` of them (none when 0).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -222,7 +237,13 @@ def make_service(
         cache = _new_cache(imap.cache_bytes)
     metrics = ImapMetrics(registry)
     sessions: set[Any] = set()
-    service = ImapService(reactor, metrics, sessions)
+    if engine is None and processor is not None and imap.workers > 0:
+        from smimeproxy.processing import master_secret
+        from smimeproxy.workers import ProcessEngine, WorkerSpec
+
+        spec = WorkerSpec(str(config.path), master_secret(config.keystore))
+        engine = ProcessEngine(spec, imap.workers, reactor, registry, face="imap")
+    service = ImapService(reactor, metrics, sessions, engine)
     service.setName("imap")
     for listen in imap.listen:
         original = listen
@@ -242,6 +263,7 @@ def make_service(
             implicit_tls=implicit,
             metrics=metrics,
             sessions=sessions,
+            engine=engine,
         )
         endpoint = serverFromString(reactor, listen)
         factory = ProxyFactory(context)

@@ -381,7 +381,7 @@ async def views_for(session: ProxySession, uids: list[int], warm: bool = True) -
         elif key not in session.undecryptable:
             missing.append(uid)
     opener = None
-    if missing:
+    if missing and session.ctx.engine is None:  # worker processes load their own
         opener = await session.ctx.run_blocking(Opener.load, session.ctx.processor, session.owners)
     chunks = [missing[i : i + BATCH] for i in range(0, len(missing), BATCH)]
 
@@ -449,7 +449,11 @@ def _open(session: ProxySession, opener: Any, data: bytes, warm: bool) -> Deferr
             _log.warn("imap.fetch.open_failed {error}", error=failure.type.__name__)
         return None
 
-    d = session.ctx.run_blocking(open_view, opener, data, warm)
+    if session.ctx.engine is not None:
+        # in a worker process, with the authenticated user's (and delegated) keys only
+        d = session.ctx.engine.open_view(session.owners, data, warm)
+    else:
+        d = session.ctx.run_blocking(open_view, opener, data, warm)
     d.addErrback(failed)
     return d
 

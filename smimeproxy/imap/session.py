@@ -115,6 +115,9 @@ class SessionContext:
     idle_timeout: float | None = None
     #: the reactor's ``callLater`` for the idle timer (None: the global reactor's)
     call_later: Callable[..., Any] | None = None
+    #: worker processes that open stored messages (:class:`smimeproxy.workers.
+    #: ProcessEngine`); None: they are opened in the thread pool (``run_blocking``)
+    engine: Any = None
 
 
 class ProxySession(Protocol, TimeoutMixin):

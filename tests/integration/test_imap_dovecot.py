@@ -23,10 +23,15 @@ from tests.integration.imap_world import World, plain_message, start_world
 from tests.modules import require_module
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+@pytest.fixture(scope="module", params=[0, 1], ids=["threads", "workers"])
+def world(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[World]:
+    """Every test twice: decrypting in the proxy's thread pool, and in an engine worker
+    process (``[imap] workers = 1``): same answers, same key isolation."""
     require_tool("dovecot")
-    w = start_world(tmp_path_factory.mktemp("imap"))
+    w = start_world(tmp_path_factory.mktemp("imap"), extra=f"workers = {request.param}")
+    w.workers = request.param  # type: ignore[attr-defined]
     yield w
     w.stop()
 
@@ -131,6 +136,29 @@ def test_non_peek_fetch_sets_seen(world: World) -> None:
     d.select("Seen")
     assert b"\\Seen" in fetch(d, "1", "(FLAGS)")[0]
     d.logout()
+
+
+def test_decryption_runs_where_configured(world: World) -> None:
+    """With ``workers = 1`` the proxy has one engine worker process, which opens the
+    messages; with 0 it has none."""
+    mailbox(world, "Where", [world.encrypted("where", "where am I opened")])
+    c = world.client("alice")
+    c.select("Where")
+    assert b"where am I opened" in body_of(fetch(c, "1", "(BODY.PEEK[])"))
+    c.logout()
+    children = [
+        p
+        for p in Path("/proc").glob("[0-9]*/status")
+        if f"\nPPid:\t{world.proxy.pid}\n" in _read(p)
+    ]
+    assert len(children) == world.workers  # type: ignore[attr-defined]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def test_key_isolation(world: World) -> None:
