@@ -32,6 +32,7 @@ from smimeproxy.keystore.interface import (
     TrustRecord,
 )
 from smimeproxy.keystore.schema import Row, Tx, from_text, to_text
+from smimeproxy.pki.validation import a_label_domain, smtputf8_mailboxes, u_label_domain
 from smimeproxy.smime.status import fingerprint
 
 CERT_COLUMNS = (
@@ -52,8 +53,24 @@ MAX_CHAIN = 8
 
 
 def normalise(address: str) -> str:
-    """Addresses and login names compare lower-cased and stripped."""
-    return address.strip().lower()
+    """Addresses and login names compare lower-cased and stripped.
+
+    Except an address whose local part is not ASCII (an SMTPUTF8 mailbox, which a
+    certificate names in an SmtpUTF8Mailbox): RFC 8398 section 5 compares its local
+    part exactly, so it keeps its case, and its domain is compared after conversion to
+    one form, here U-labels lower-cased (:func:`u_label_domain`), so ``jösé@例子.测试``
+    and ``jösé@xn--fsqu00a.xn--0zwm56d`` are one key. An ASCII address is only
+    lower-cased, as before: its domain is not converted (callers that may see an IDN
+    domain in U-labels convert it, see :func:`smimeproxy.smtp.transform.store_address`).
+    Not done: Unicode normalisation of a local part (NFC and NFD forms are two keys).
+    """
+    if address.isascii():
+        return address.strip().lower()
+    address = address.strip()
+    local, at, domain = address.rpartition("@")
+    if not at or not local or local.isascii():
+        return address.lower()
+    return f"{local}@{u_label_domain(domain)}"
 
 
 def der(cert: x509.Certificate) -> bytes:
@@ -67,12 +84,24 @@ def load_certificate(data: bytes) -> x509.Certificate:
         raise KeystoreError("a stored certificate is unreadable") from None
 
 
+def _smtputf8_key(mailbox: str) -> str:
+    """An SmtpUTF8Mailbox value as the store keys it: with a non-ASCII local part as
+    :func:`normalise` gives it; with an ASCII one (RFC 8398 section 3 says to use an
+    rfc822Name then, but not every CA does) as that rfc822Name would be, A-labels."""
+    local, _at, domain = mailbox.strip().rpartition("@")
+    if local.isascii():
+        return f"{local}@{a_label_domain(domain)}"
+    return mailbox
+
+
 def certificate_addresses(cert: x509.Certificate) -> tuple[str, ...]:
-    """rfc822Name SANs, then subject emailAddress values, lower-cased, no duplicates."""
+    """rfc822Name SANs, then SmtpUTF8Mailbox SANs (RFC 8398), then subject
+    emailAddress values, each as :func:`normalise` gives it, no duplicates."""
     found: list[str] = []
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         found.extend(san.value.get_values_for_type(x509.RFC822Name))
+        found.extend(_smtputf8_key(m) for m in smtputf8_mailboxes(san.value))
     except x509.ExtensionNotFound:
         pass
     except ValueError as e:

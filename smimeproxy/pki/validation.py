@@ -12,7 +12,8 @@ the first one:
 ``validity``  every certificate of the path (the anchor too) is valid at the time asked;
 ``ca``  every issuer is a CA (basicConstraints), its pathLenConstraint holds, its
 keyUsage (when present) has keyCertSign, and its nameConstraints (rfc822Name, dNSName,
-directoryName forms) admit the names below it;
+directoryName forms; rfc822Name ones apply to SmtpUTF8Mailbox too, RFC 8398 section 6)
+admit the names below it;
 ``critical-extensions``  no certificate carries a critical extension we do not process;
 ``eku``  an ExtendedKeyUsage, when present, allows emailProtection (RFC 8550 4.4.4) on
 the leaf and, as OpenSSL and NSS require, on every intermediate;
@@ -47,8 +48,8 @@ NOT implemented (each documented where it matters): OCSP (RFC 6960) and fetching
 from distribution points (revocation status comes only from the CRLs given); certificate
 policy processing (so critical policyConstraints, policyMappings or inhibitAnyPolicy
 count as unknown critical extensions); name constraints of the IP, URI and otherName
-forms (a constrained issuer above a certificate carrying such names fails ``ca``);
-SmtpUTF8Mailbox (RFC 8398) addresses. Issuers are found by the DER encoding of their
+forms (a constrained issuer above a certificate carrying such names fails ``ca``).
+Issuers are found by the DER encoding of their
 name (no RFC 4518 case folding), so a CA whose certificates re-encode its name is missed.
 """
 
@@ -57,10 +58,12 @@ from __future__ import annotations
 import datetime
 import enum
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import idna
+from asn1crypto.core import UTF8String
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x448, x25519
@@ -125,30 +128,95 @@ def _as_utc(value: datetime.datetime) -> datetime.datetime:
     return value.astimezone(datetime.UTC) if value.tzinfo else value.replace(tzinfo=datetime.UTC)
 
 
-# --- addresses (RFC 8550 section 3) -------------------------------------------------
+# --- addresses (RFC 8550 section 3, RFC 8398) ----------------------------------------
+
+#: RFC 8398 section 3: id-on-SmtpUTF8Mailbox, the otherName type of a mailbox whose
+#: local part is not ASCII; its value is a UTF8String ``local@domain``.
+ID_ON_SMTP_UTF8_MAILBOX = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.9")
+
+_IDNA_ERRORS = (idna.IDNAError, UnicodeError, ValueError)
+
+
+@functools.lru_cache(maxsize=4096)
+def a_label_domain(domain: str) -> str:
+    """``domain`` lower-cased, without a final dot, in A-labels: IDNA 2008 with the
+    UTS 46 mapping (the ``idna`` package, as RFC 8398 section 3 asks), and for a name
+    IDNA 2008 refuses, IDNA 2003 from the standard library (what was compared before).
+    A name neither converts stays as it is (lower-cased)."""
+    domain = domain.strip().rstrip(".").lower()
+    if domain.isascii() and "xn--" not in domain:
+        return domain
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii").lower()
+    except _IDNA_ERRORS:
+        pass
+    try:
+        return domain.encode("idna").decode("ascii").lower()
+    except _IDNA_ERRORS:
+        return domain
+
+
+@functools.lru_cache(maxsize=4096)
+def u_label_domain(domain: str) -> str:
+    """``domain`` as :func:`a_label_domain` gives it, then with U-labels where the
+    A-labels decode (IDNA 2008); otherwise as :func:`a_label_domain` gives it."""
+    name = a_label_domain(domain)
+    if "xn--" not in name:
+        return name
+    try:
+        return str(idna.decode(name))
+    except _IDNA_ERRORS:
+        return name
+
+
+def smtputf8_mailboxes(names: Iterable[x509.GeneralName]) -> list[str]:
+    """The SmtpUTF8Mailbox values (RFC 8398 section 3) among ``names`` (a
+    subjectAltName), in order and as written. A value that is not one well-formed DER
+    UTF8String is skipped; nothing is checked about the address inside."""
+    out: list[str] = []
+    for name in names:
+        if not isinstance(name, x509.OtherName) or name.type_id != ID_ON_SMTP_UTF8_MAILBOX:
+            continue
+        try:
+            value = UTF8String.load(name.value, strict=True).native
+        except (ValueError, TypeError):
+            continue
+        if isinstance(value, str) and value:
+            out.append(value)
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
 def _normalise_address(address: str) -> str | None:
-    """``local@domain`` lower-cased (casefolded), domain as IDNA A-label when possible;
-    cached (the same senders and certificate addresses come back with every message)."""
+    """The form two addresses are compared in (RFC 8398 section 5): the domain in
+    A-labels (:func:`a_label_domain`); an ASCII local part case-folded (as always), a
+    non-ASCII local part exactly as written. Cached (the same senders and certificate
+    addresses come back with every message)."""
     address = address.strip().strip("<>").strip()
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
         return None
-    domain = domain.rstrip(".").lower()
-    try:
-        domain = domain.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        pass
-    return f"{local.casefold()}@{domain}"
+    if local.isascii():
+        local = local.casefold()
+    return f"{local}@{a_label_domain(domain)}"
+
+
+def _display_address(address: str) -> str:
+    """Stripped; lower-cased, except that a non-ASCII local part is kept as written."""
+    address = address.strip()
+    local, at, domain = address.rpartition("@")
+    if at and not local.isascii():
+        return f"{local}@{domain.lower()}"
+    return address.lower()
 
 
 def certificate_addresses(cert: x509.Certificate) -> tuple[str, ...]:
-    """The certificate's mail addresses: SAN rfc822Name first, then subject emailAddress.
+    """The certificate's mail addresses: SAN rfc822Name first, then SAN SmtpUTF8Mailbox
+    (RFC 8398), then subject emailAddress.
 
     RFC 8550 section 3 says receivers MUST recognise rfc822Name and SHOULD recognise the
-    legacy emailAddress attribute. Addresses are stripped and lower-cased, duplicates
+    legacy emailAddress attribute. Addresses are stripped and lower-cased (a non-ASCII
+    local part keeps its case: RFC 8398 section 5 compares it exactly), duplicates
     removed, order kept. An unreadable SAN or subject contributes nothing; this never
     raises for a malformed certificate. Addresses are returned as written (an IDN domain
     is not converted); use :func:`address_matches` to compare.
@@ -157,6 +225,7 @@ def certificate_addresses(cert: x509.Certificate) -> tuple[str, ...]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         found.extend(str(v) for v in san.get_values_for_type(x509.RFC822Name))
+        found.extend(smtputf8_mailboxes(san))
     except x509.ExtensionNotFound:
         pass
     except DECODE_ERRORS:
@@ -169,7 +238,7 @@ def certificate_addresses(cert: x509.Certificate) -> tuple[str, ...]:
         pass
     out: list[str] = []
     for address in found:
-        cleaned = address.strip().lower()
+        cleaned = _display_address(address)
         if cleaned and cleaned not in out:
             out.append(cleaned)
     return tuple(out)
@@ -178,13 +247,16 @@ def certificate_addresses(cert: x509.Certificate) -> tuple[str, ...]:
 def address_matches(cert_address: str, mail_address: str) -> bool:
     """Whether a certificate address and a From/Sender address name the same mailbox.
 
-    The whole address is compared case-insensitively, the local part included: RFC 5321
-    allows a case-sensitive local part, but no mail system in practice uses one, and
-    RFC 8550 section 3 leaves the comparison to the receiver. Surrounding spaces and
-    angle brackets are ignored; domains are compared as IDNA A-labels (IDNA 2003 from
-    the standard library) so ``bücher.example`` matches ``xn--bcher-kva.example``. Not
-    done: comment or quoted-string normalisation, sub-addressing (``user+tag``), and
-    SMTPUTF8 equivalences beyond case folding. Anything without an ``@`` never matches.
+    Domains are compared as A-labels (RFC 8398 section 5; IDNA 2008, IDNA 2003 for a
+    name IDNA 2008 refuses), so ``bücher.example`` matches ``xn--bcher-kva.example``
+    and ``例子.测试`` matches ``xn--fsqu00a.xn--0zwm56d``. An ASCII local part is
+    compared case-insensitively: RFC 5321 allows a case-sensitive local part, but no
+    mail system in practice uses one, and RFC 8550 section 3 leaves the comparison to
+    the receiver. A non-ASCII local part (an SmtpUTF8Mailbox, RFC 8398) is compared
+    exactly, as RFC 8398 section 5 asks: ``Jösé`` is not ``jösé``. Surrounding spaces
+    and angle brackets are ignored. Not done: comment or quoted-string normalisation,
+    sub-addressing (``user+tag``), Unicode normalisation of a local part (NFC and NFD
+    forms differ). Anything without an ``@`` never matches.
     """
     a = _normalise_address(cert_address)
     b = _normalise_address(mail_address)
@@ -476,6 +548,8 @@ def _name_constraint_problems(
         if isinstance(name, str):  # never let an odd address slip past a constraint
             problems.append(f"emailAddress {name!r} cannot be checked against {issuer_name}")
             continue
+        if isinstance(name, x509.OtherName) and name.type_id == ID_ON_SMTP_UTF8_MAILBOX:
+            problems.extend(_smtputf8_constraint_problems(name, permitted, excluded, issuer_name))
         kind = type(name)
         if kind not in _CONSTRAINABLE:
             if kind in constrained_kinds:
@@ -488,6 +562,44 @@ def _name_constraint_problems(
         same_kind = [b for b in permitted if isinstance(b, kind)]
         if same_kind and not any(_name_within(name, b) for b in same_kind):
             problems.append(f"{_name_text(name)} is outside the names {issuer_name} permits")
+    return problems
+
+
+def _mailbox_within(mailbox: str, constraint: str) -> bool:
+    """An SmtpUTF8Mailbox against an rfc822Name constraint (RFC 8398 section 6): a
+    domain or ``.subdomain`` constraint against the mailbox's domain in A-labels; a
+    constraint naming one mailbox as :func:`address_matches` compares (an ASCII
+    constraint never names a non-ASCII local part)."""
+    constraint = constraint.lower()
+    if "@" in constraint:
+        return address_matches(mailbox, constraint)
+    domain = a_label_domain(mailbox.rpartition("@")[2])
+    if constraint.startswith("."):
+        return domain.endswith(constraint)
+    return domain == constraint
+
+
+def _smtputf8_constraint_problems(
+    name: x509.OtherName,
+    permitted: Sequence[x509.GeneralName],
+    excluded: Sequence[x509.GeneralName],
+    issuer_name: str,
+) -> list[str]:
+    """The rfc822Name constraints of an issuer applied to an SmtpUTF8Mailbox, as RFC
+    8398 section 6 asks: without this a CA constrained to ``acme.test`` could name any
+    domain in one. A value that cannot be read fails whenever such a constraint exists."""
+    allowed = [b.value for b in permitted if isinstance(b, x509.RFC822Name)]
+    denied = [b.value for b in excluded if isinstance(b, x509.RFC822Name)]
+    if not allowed and not denied:
+        return []
+    values = smtputf8_mailboxes([name])
+    if not values:
+        return [f"an unreadable SmtpUTF8Mailbox cannot be checked against {issuer_name}"]
+    mailbox, problems = values[0], []
+    if any(_mailbox_within(mailbox, c) for c in denied):
+        problems.append(f"{mailbox} is excluded by {issuer_name}")
+    if allowed and not any(_mailbox_within(mailbox, c) for c in allowed):
+        problems.append(f"{mailbox} is outside the names {issuer_name} permits")
     return problems
 
 

@@ -95,13 +95,13 @@ def domain_of(address: str) -> str:
 
 
 def store_address(address: str) -> str:
-    """``address`` as the key store holds it: the store compares addresses lower-cased
-    and nothing else (:func:`smimeproxy.keystore.certificates.normalise`) and takes them
-    from a certificate's rfc822Name, whose domain is A-labels (RFC 5280 section 7.5,
-    RFC 8398 section 3): so an ASCII local part gets an A-label domain. A UTF-8 local
-    part can only be an SmtpUTF8Mailbox, whose domain RFC 8398 writes in U-labels; the
-    store does not read that SAN type yet, so such an address finds only a certificate
-    imported under it by hand."""
+    """``address`` as the key store holds it (:func:`smimeproxy.keystore.certificates.normalise`
+    then compares it). An ASCII local part gets an A-label domain, the form a
+    certificate's rfc822Name carries (RFC 5280 section 7.5, RFC 8398 section 3): the
+    store only lower-cases ASCII addresses. A UTF-8 local part is an SmtpUTF8Mailbox
+    (RFC 8398), which the store reads from certificates and keys with the local part
+    exact and the domain in U-labels, whichever form either side wrote it in; the
+    U-labels here only say so."""
     local, at, domain = address.rpartition("@")
     if not at:
         return address
