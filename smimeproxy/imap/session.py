@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 
 from smimeproxy.bugs import log_bug
 from smimeproxy.errors import MalformedMessage
-from smimeproxy.imap import intercept
+from smimeproxy.imap import fetch, intercept
 from smimeproxy.imap.sockets import UPSTREAM_READ, flush, no_delay, read_size, write_now
 from smimeproxy.imap.upstream import (
     UpstreamProtocol,
@@ -662,7 +662,7 @@ class ProxySession(Protocol, TimeoutMixin):
             self.send(self.rewrite.render(message))
             return
         head = message.lines[0]
-        if re.match(rb"\* [0-9]+ FETCH ", head, re.IGNORECASE):
+        if re.match(rb"\* [0-9]+ FETCH ", head, re.IGNORECASE) and not _flags_update(message):
             self._captured.append(message)
             return
         if self._injected and re.match(rb"\* (LIST|SEARCH|ESEARCH|CAPABILITY)\b", head, re.I):
@@ -727,6 +727,20 @@ class ProxySession(Protocol, TimeoutMixin):
                 self.login = None
                 self._drain()
         self._maybe_start_intercept()
+
+
+def _flags_update(message: Message) -> bool:
+    """Whether a FETCH response that arrives during the proxy's own commands carries
+    FLAGS: none of them asks for FLAGS, so it is the server telling the client about a
+    change (RFC 9051 7.5.2, e.g. another session's STORE), which goes to the client
+    instead of being taken for an answer.  Such an update never carries a literal."""
+    if message.literals:
+        return False
+    try:
+        _seq, pairs = fetch.fetch_items(message.lines[0])
+    except MalformedMessage:
+        return False
+    return any(name.upper() == b"FLAGS" for name, _value in pairs)
 
 
 def _verbatim(out: list[bytes], events: list[Event]) -> bool:

@@ -649,3 +649,21 @@ def test_search_intercept_sends_the_command_with_single_spaces() -> None:
     assert h.to_server() == b"smp2 UID SEARCH HEADER Content-Type pkcs7-mime\r\n"
     h.server(b"* SEARCH\r\nsmp2 OK done\r\n")
     assert h.to_server() == b"s UID SEARCH BODY foo\r\n"
+
+
+CIPHERTEXT = b"Content-Type: application/pkcs7-mime\r\n\r\nMIAGCSqG\r\n"
+
+
+def test_unsolicited_flags_update_during_the_proxys_own_commands_reaches_the_client() -> None:
+    """The proxy's own FETCH commands never ask for FLAGS: an update that arrives while
+    they run is the client's (it was swallowed with their answers before)."""
+    h, decrypted = _with_cached_view()
+    h.send(b"t FETCH 2 (BODY.PEEK[])\r\n")
+    assert h.to_server() == b"smp3 FETCH 2 (UID)\r\n"
+    h.server(b"* 1 FETCH (FLAGS (\\Seen))\r\n* 2 FETCH (UID 2)\r\n")
+    h.server(b"* 2 FETCH (UID 2 FLAGS (\\Flagged))\r\nsmp3 OK done\r\n")
+    assert h.to_client() == b"* 1 FETCH (FLAGS (\\Seen))\r\n* 2 FETCH (UID 2 FLAGS (\\Flagged))\r\n"
+    assert h.to_server() == b"t FETCH 2 (BODY.PEEK[])\r\n"
+    h.server(b"* 2 FETCH (BODY[] {%d}\r\n%s)\r\nt OK done\r\n" % (len(CIPHERTEXT), CIPHERTEXT))
+    body = b"BODY[] {%d}\r\n%s" % (len(decrypted), decrypted)
+    assert h.to_client() == b"* 2 FETCH (" + body + b")\r\nt OK done\r\n"
