@@ -3,27 +3,29 @@
 Pure functions over ``cryptography`` objects; the key store persists what they return.
 The user-certificate profile follows RFC 8550 section 4.4 and the CA/Browser Forum
 S/MIME Baseline Requirements ("mailbox-validated, strict"): every address in the
-subjectAltName as an rfc822Name, extendedKeyUsage emailProtection, a critical keyUsage
-that fits the key type (RFC 8550 section 4.4.2, RFC 5480 section 3 for EC keys),
-basicConstraints cA=false, subject and authority key identifiers, and a CRL
-distribution point when the CA publishes one.
+subjectAltName, as an rfc822Name with an A-label domain or, for a non-ASCII local part,
+as an SmtpUTF8Mailbox with a U-label domain (RFC 8398 section 3), extendedKeyUsage
+emailProtection, a critical keyUsage that fits the key type (RFC 8550 section 4.4.2,
+RFC 5480 section 3 for EC keys), basicConstraints cA=false, subject and authority key
+identifiers, and a CRL distribution point when the CA publishes one.
 
 Not supported yet: a CA key held in an HSM (the CA key must be a ``cryptography``
 private key object; end-entity keys may live anywhere, only their public key is
-needed), OCSP, certificate policies, internationalised mailboxes (RFC 8398
-SmtpUTF8Mailbox): an address with a non-ASCII local part is rejected.
+needed), OCSP, certificate policies.
 """
 
 from __future__ import annotations
 
 import datetime
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import quote
 
 import idna
+from asn1crypto.core import UTF8String
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -36,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from smimeproxy.errors import CertificateError, ConfigError, UnsupportedAlgorithm
+from smimeproxy.pki.validation import ID_ON_SMTP_UTF8_MAILBOX, smtputf8_mailboxes, u_label_domain
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -53,6 +56,7 @@ __all__ = [
     "issue_user_certificate",
     "key_kind_of",
     "load_csr",
+    "mailbox_name",
     "make_crl",
     "make_csr",
     "normalize_address",
@@ -96,27 +100,35 @@ _MAX_SERIAL = 2**159
 
 # --- addresses ----------------------------------------------------------------------
 
-# RFC 5322 section 3.2.3 atext; a dot-atom is atext runs joined by single dots.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# RFC 5322 section 3.2.3 atext, with RFC 6531 section 3.3's UTF8-non-ascii; a dot-atom
+# is atext runs joined by single dots.
+_ATEXT = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])+"
 _DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
 # RFC 1035 section 2.3.1 / RFC 5890 LDH label (A-labels included), at most 63 octets.
 _LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def normalize_address(address: str) -> str:
-    """``address`` checked as an addr-spec fit for an rfc822Name, domain lower-cased
+    """``address`` checked as an addr-spec fit for a certificate, domain lower-cased
     (and IDNA-encoded to A-labels); :class:`ConfigError` when it is not one.
 
     Accepted: a dot-atom local part of at most 64 octets (RFC 5321 4.5.3.1.1), kept
-    exactly as given (local parts may be case-sensitive), and a domain of LDH labels
-    with at least one dot. Refused: quoted local parts, comments, display names, address
-    literals (``user@[192.0.2.1]``) and non-ASCII local parts (RFC 8398 is not done).
+    exactly as given (local parts may be case-sensitive), which may hold non-ASCII
+    characters (RFC 6531: printable, no spaces, in NFC as RFC 6532 section 3.1 asks;
+    such an address goes into an SmtpUTF8Mailbox, see :func:`mailbox_name`), and a
+    domain of LDH labels with at least one dot. Refused: quoted local parts, comments,
+    display names and address literals (``user@[192.0.2.1]``).
     """
     if not isinstance(address, str) or address.count("@") != 1:
         raise ConfigError(f"not an email address: {address!r}")
     local, domain = address.split("@")
     if not local or len(local.encode("utf-8")) > 64 or not _DOT_ATOM.fullmatch(local):
         raise ConfigError(f"not an email address (local part): {address!r}")
+    if not local.isascii() and (
+        not all(c.isprintable() and not c.isspace() for c in local)
+        or not unicodedata.is_normalized("NFC", local)
+    ):
+        raise ConfigError(f"not an email address (local part, RFC 6531/6532): {address!r}")
     try:
         ascii_domain = idna.encode(domain.rstrip("."), uts46=True).decode("ascii").lower()
     except (idna.IDNAError, UnicodeError, ValueError):
@@ -130,6 +142,24 @@ def normalize_address(address: str) -> str:
     ):
         raise ConfigError(f"not an email address (domain): {address!r}")
     return f"{local}@{ascii_domain}"
+
+
+def mailbox_name(address: str) -> x509.GeneralName:
+    """The subjectAltName entry for a :func:`normalize_address` result (RFC 8398 section
+    3): an rfc822Name (A-label domain) for an ASCII local part, else an SmtpUTF8Mailbox
+    otherName with the domain in U-labels and no rfc822Name (none can hold it)."""
+    local, _at, domain = address.rpartition("@")
+    if local.isascii():
+        return x509.RFC822Name(address)
+    value = f"{local}@{u_label_domain(domain)}"
+    return x509.OtherName(ID_ON_SMTP_UTF8_MAILBOX, UTF8String(value).dump())
+
+
+def _display(address: str) -> str:
+    """How an address reads in a certificate's common name: U-labels for an
+    SmtpUTF8Mailbox (as its SAN entry has it), A-labels otherwise (as before)."""
+    name = mailbox_name(address)
+    return smtputf8_mailboxes([name])[0] if isinstance(name, x509.OtherName) else address
 
 
 # --- revocation reasons ---------------------------------------------------------------
@@ -516,9 +546,11 @@ def issue_user_certificate(
 
     ``crl_url`` overrides the profile's template. The end of validity is cut at the
     CA certificate's end (a longer one could never validate). Addresses are checked to
-    be ASCII addr-specs (dot-atom local part, LDH or IDN domain) and stored with the
-    domain lower-cased; :class:`ConfigError` otherwise. Does not check that the
-    addresses belong to the organisation: that policy is the caller's.
+    be addr-specs (dot-atom local part, LDH or IDN domain, :func:`normalize_address`)
+    and stored with the domain lower-cased, as rfc822Names or, for a non-ASCII local
+    part, SmtpUTF8Mailboxes (:func:`mailbox_name`); :class:`ConfigError` otherwise.
+    Does not check that the addresses belong to the organisation: that policy is the
+    caller's.
     """
     signer = _check_ca(ca_key, ca_cert)
     if purpose not in _PURPOSES:
@@ -544,7 +576,7 @@ def issue_user_certificate(
     end = min(start + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
     if end <= start:
         raise CertificateError("the CA certificate expires before the new certificate starts")
-    cn = common_name if common_name is not None else normalized[0]
+    cn = common_name if common_name is not None else _display(normalized[0])
     if not cn.strip():
         raise ConfigError("common_name must not be empty")
     url = crl_url if crl_url is not None else profile.crl_url_for(ca_cert)
@@ -562,7 +594,7 @@ def issue_user_certificate(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False
         )
         .add_extension(
-            x509.SubjectAlternativeName([x509.RFC822Name(a) for a in normalized]), critical=False
+            x509.SubjectAlternativeName([mailbox_name(a) for a in normalized]), critical=False
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_aki(ca_cert), critical=False)
@@ -573,14 +605,21 @@ def issue_user_certificate(
 
 
 def certificate_addresses(cert: x509.Certificate | x509.CertificateSigningRequest) -> list[str]:
-    """The rfc822Name entries of a certificate's SAN (or a CSR's requested SAN)."""
+    """The mailboxes of a certificate's SAN (or a CSR's requested SAN), in SAN order:
+    rfc822Name and SmtpUTF8Mailbox (RFC 8398) entries, as written."""
     try:
         ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
     except x509.ExtensionNotFound:
         return []
     except ValueError as e:
         raise CertificateError(f"unreadable extensions: {e}") from None
-    return list(ext.value.get_values_for_type(x509.RFC822Name))  # type: ignore[attr-defined]
+    out: list[str] = []
+    for name in ext.value:  # type: ignore[attr-defined]
+        if isinstance(name, x509.RFC822Name):
+            out.append(name.value)
+        else:
+            out.extend(smtputf8_mailboxes([name]))
+    return out
 
 
 def _purpose_of(cert: x509.Certificate) -> Purpose:
@@ -627,7 +666,9 @@ def renew_certificate(
     """
     addresses = certificate_addresses(old_cert)
     if not addresses:
-        raise CertificateError("the old certificate names no rfc822Name address to renew")
+        raise CertificateError(
+            "the old certificate names no address (rfc822Name, SmtpUTF8Mailbox) to renew"
+        )
     return issue_user_certificate(
         ca_key,
         ca_cert,
@@ -649,7 +690,7 @@ def make_csr(
     *,
     hash_name: str = "sha256",
 ) -> x509.CertificateSigningRequest:
-    """A PKCS#10 request for an external CA: CN, SAN rfc822Names and the
+    """A PKCS#10 request for an external CA: CN, SAN mailboxes (:func:`mailbox_name`) and the
     emailProtection EKU as requested extensions.
 
     Needs a ``cryptography`` key object: a key in an HSM cannot sign a CSR here yet.
@@ -660,12 +701,12 @@ def make_csr(
     if not addresses:
         raise ConfigError("a CSR needs at least one address")
     normalized = [normalize_address(a) for a in addresses]
-    cn = common_name if common_name is not None else normalized[0]
+    cn = common_name if common_name is not None else _display(normalized[0])
     return (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
         .add_extension(
-            x509.SubjectAlternativeName([x509.RFC822Name(a) for a in normalized]), critical=False
+            x509.SubjectAlternativeName([mailbox_name(a) for a in normalized]), critical=False
         )
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False
@@ -710,7 +751,7 @@ def certificate_from_csr(
         raise CertificateError("the CSR's signature does not verify")
     addresses = certificate_addresses(csr)
     if not addresses:
-        raise CertificateError("the CSR requests no rfc822Name subjectAltName")
+        raise CertificateError("the CSR requests no rfc822Name or SmtpUTF8Mailbox subjectAltName")
     try:
         return issue_user_certificate(
             ca_key,

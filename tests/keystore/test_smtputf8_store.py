@@ -24,6 +24,7 @@ from cryptography import x509
 from smimeproxy.config import SMIMEConfig
 from smimeproxy.keystore import SyncStore
 from smimeproxy.keystore.certificates import certificate_addresses, normalise
+from smimeproxy.pki import ca
 from smimeproxy.pki.validation import PathValidator, address_matches
 from smimeproxy.processing import MessageProcessor
 from smimeproxy.smime.status import Outcome
@@ -192,3 +193,16 @@ def test_harvested_from_a_signature_made_by_openssl(
     assert opened.status.signers[0].verified
     found = store.encryption_certificate(JOSE_ALABEL)
     assert found is not None and found.certificate == jose[2]
+
+
+def test_a_local_user_whose_certificate_the_ca_gave_an_smtputf8mailbox(store: SyncStore) -> None:
+    root_key, root_cert = ca.create_root("smimeproxy EAI Test Root", key_kind="p256")
+    key = ca.generate_user_key("p256")
+    cert = ca.issue_user_certificate(root_key, root_cert, key.public_key(), [JOSE_ALABEL])
+    record = store.import_key(key, cert)
+    assert store.user(JOSE_ALABEL).address == JOSE
+    assert store.user(JOSE).id == record.owner
+    assert store.signing_key(JOSE_ALABEL).pair.certificate == cert
+    found = store.encryption_certificate(JOSE_ALABEL)
+    assert found is not None and found.certificate == cert
+    assert [p.certificate for p in store.decryption_keys(JOSE)] == [cert]

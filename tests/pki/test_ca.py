@@ -217,7 +217,10 @@ def test_bad_profiles_are_config_errors():
         "alice@-acme.test",
         "alice@acme..test",
         "alice.@acme.test",
-        "ä@acme.test",
+        # a non-ASCII local part is an SmtpUTF8Mailbox (tests/pki/test_smtputf8_ca.py),
+        # but not one in NFD (RFC 6532 section 3.1) or with a format character
+        "a\u0308@acme.test",
+        "al\u200bice@acme.test",
         "alice@acme.test\nBcc: x@evil.test",
         "x" * 65 + "@acme.test",
     ],
