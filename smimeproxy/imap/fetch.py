@@ -193,7 +193,17 @@ def rewrite_response(
     cannot produce ends the response there and appends :data:`UNKNOWN_CTE` to
     ``failures`` (the caller fails the command).  Built as pieces and joined once (a
     decrypted body is copied once, not once per concatenation)."""
-    seq, pairs = fetch_items(message.encode())
+    return rewrite_items(*fetch_items(message.encode()), view, items, failures)
+
+
+def rewrite_items(
+    seq: bytes,
+    pairs: list[tuple[bytes, bytes]],
+    view: object,
+    items: list[ContentItem],
+    failures: list[bytes] | None = None,
+) -> bytes:
+    """:func:`rewrite_response` of a response already split by :func:`fetch_items`."""
     out = [b"* ", seq, b" FETCH ("]
     for name, raw in pairs:
         if content_item(name) is None:
@@ -287,6 +297,13 @@ def _skip_value(data: bytes, pos: int) -> int:
                 raise MalformedMessage("bad quoted string")
         else:
             raise MalformedMessage("unbalanced parenthesis")
+
+
+def content_kinds(names: list[bytes]) -> frozenset[bytes]:
+    """The kinds (``BODY[``, ``RFC822.SIZE``, ...) of the content items among FETCH item
+    names, as requested (``BODY.PEEK[...]``) or as answered (``BODY[...]<n>``)."""
+    found = (content_item(name) for name in names)
+    return frozenset(item.kind for item in found if item is not None)
 
 
 def _unique(items: list[ContentItem]) -> list[ContentItem]:

@@ -161,14 +161,28 @@ def needs_tree(items: list[fetch.ContentItem]) -> bool:
 
 @dataclass
 class FetchRewrite:
-    """Answers for the responses of one client FETCH, by UID (and sequence number)."""
+    """Answers for the responses of one client FETCH, by UID (and sequence number).
+
+    Only the server's responses to the FETCH the proxy sent are rewritten: a response
+    must carry a content item of a kind that FETCH asked the server for (``asked``,
+    see :func:`upstream_kinds`; the proxy always asks for one), and each message is
+    answered once.  An unsolicited ``* n FETCH (UID u FLAGS (...))`` for the same
+    message (another session changed its flags; RFC 9051 7.5.2 allows it at any time,
+    Dovecot sends it before the tagged reply) carries none and passes through
+    unchanged, before or after the real response.  Not guaranteed: a server that
+    answered the FETCH without any of the content items asked for gets its response
+    passed through as stored."""
 
     views: dict[int, Any]
     seq_to_uid: dict[int, int]
     items: list[fetch.ContentItem]
+    #: content item kinds of the FETCH sent upstream (empty: any response is its own)
+    asked: frozenset[bytes] = frozenset()
     done: Deferred[None] = field(default_factory=Deferred)
     #: tagged answers that replace the server's OK (e.g. ``NO [UNKNOWN-CTE]``)
     failures: list[bytes] = field(default_factory=list)
+    #: the UIDs whose response has been rewritten (each is answered once)
+    answered: set[int] = field(default_factory=set)
 
     def _uid(self, seq: int, uid: int | None) -> int | None:
         return uid if uid is not None else self.seq_to_uid.get(seq)
@@ -190,24 +204,31 @@ class FetchRewrite:
         ids = fetch.fetch_response_ids(message.lines[0])
         uid = self._uid(*ids) if ids else None
         view = self.views.get(uid) if uid is not None else None
-        if view is None:
+        if view is None or uid in self.answered:
             return message.encode()
         # a re-sync gets byte-identical server lines: answer those from the view's memo
+        # (only lines once found to be a FETCH's own response are remembered)
         memo = getattr(view, "rendered", None)
         key = (message.lines[0], tuple(self.items)) if not message.literals else None
         if memo is not None and key is not None:
             known = memo.get(key)
             if known is not None:
+                self.answered.add(uid)
                 return known  # type: ignore[no-any-return]
         failures: list[bytes] = []
+        data = message.encode()
         try:
-            out = fetch.rewrite_response(message, view, self.items, failures)
+            seq, pairs = fetch.fetch_items(data)
+            if self.asked and not self.asked & fetch.content_kinds([n for n, _v in pairs]):
+                return data  # not the answer to the proxy's FETCH (an unsolicited update)
+            self.answered.add(uid)
+            out = fetch.rewrite_items(seq, pairs, view, self.items, failures)
         except (MalformedMessage, ValueError, LookupError) as exc:
             if isinstance(exc, MalformedMessage):  # our own text: never message content
                 _log.warn("imap.fetch.rewrite_failed {error}", error=str(exc))
             else:
                 log_bug(_log, "imap.fetch.rewrite_failed", exc)
-            return message.encode()
+            return data
         if failures:
             self.failures.extend(failures)
         elif memo is not None and key is not None and len(out) <= MEMO_MAX_LINE:
@@ -282,10 +303,19 @@ def cached_fetch(
     if metrics is not None:
         for _ in views:
             metrics.cache_lookup(True)
-    rewrite = FetchRewrite(views, {}, content)
     upstream = _without_content(tag, message, uidset, set(views), content) or message
+    rewrite = FetchRewrite(views, {}, content, upstream_kinds(b"UID FETCH", upstream))
     session.forward_rewritten(tag, b"UID FETCH", upstream, rewrite)
     return True
+
+
+def upstream_kinds(word: bytes, upstream: Message) -> frozenset[bytes]:
+    """The content item kinds of the [UID] FETCH the proxy sends upstream: its own
+    responses carry them, an unsolicited ``FETCH (FLAGS ...)`` does not."""
+    try:
+        return frozenset(item.kind for item in fetch_request(word, upstream)[1])
+    except MalformedMessage:  # not expected: the proxy parsed or built it
+        return frozenset()
 
 
 _FETCH_LINE = re.compile(rb"[^ ]+ (?:UID )?FETCH ([^ ]+) ([^\r\n]*)\r\n\Z", re.IGNORECASE)
@@ -617,6 +647,7 @@ async def fetch_intercept(
         return
     if word == b"UID FETCH":
         message = _without_content(tag, message, seqset, set(views), content) or message
+    rewrite.asked = upstream_kinds(word, message)
     session.rewrite = rewrite
     session.forward(tag, word, message, rewrite.done)
     await rewrite.done
@@ -628,7 +659,9 @@ def _without_content(
     """When every message a UID FETCH names is answered from the cache, ask the server
     only for its own items (so it does not send ciphertext the proxy would drop).  A
     non-PEEK fetch still reads a header field non-PEEK, so the server sets \\Seen
-    and reports FLAGS.  None when the set is open-ended or includes other messages."""
+    and reports FLAGS; a PEEK fetch asks for RFC822.SIZE, so that every response to it
+    carries a content item (how :class:`FetchRewrite` tells it from an unsolicited
+    FLAGS update).  None when the set is open-ended or includes other messages."""
     uids: set[int] = set()
     for part in uidset.split(b","):
         ends = part.split(b":")
@@ -654,6 +687,10 @@ def _without_content(
     own.append(Atom(b"UID"))
     if any(item.sets_seen for item in content):
         own.append(Atom(b"BODY[HEADER.FIELDS (MESSAGE-ID)]"))
+    else:
+        # one content item (small, and dropped from the answer): the server's response to
+        # this FETCH carries it, an unsolicited FLAGS update does not (FetchRewrite.asked)
+        own.append(Atom(b"RFC822.SIZE"))
     rest: list[Token] = [own, modifiers] if modifiers else [own]
     built = build_message(tag + b" UID FETCH " + uidset, rest)  # one space (RFC 3501 9)
     if match is not None and len(built.lines) == 1:

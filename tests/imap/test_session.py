@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -620,8 +621,9 @@ def _with_cached_view() -> tuple[Harness, bytes]:
 def test_cached_uid_fetch_goes_upstream_in_the_same_turn_and_holds_later_commands() -> None:
     h, decrypted = _with_cached_view()
     h.send(b"t UID FETCH 2 (BODY.PEEK[])\r\nu NOOP\r\n")
-    assert h.to_server() == b"t UID FETCH 2 (UID)\r\n"  # no ciphertext asked for
-    h.server(b"* 2 FETCH (UID 2)\r\nt OK done\r\n")
+    # no ciphertext asked for; the size is what marks the server's answer as its own
+    assert h.to_server() == b"t UID FETCH 2 (UID RFC822.SIZE)\r\n"
+    h.server(b"* 2 FETCH (UID 2 RFC822.SIZE 999)\r\nt OK done\r\n")
     assert h.to_client() == (
         b"* 2 FETCH (UID 2 BODY[] {%d}\r\n%s)\r\nt OK done\r\n" % (len(decrypted), decrypted)
     )
@@ -635,8 +637,8 @@ def test_cached_uid_fetch_behind_another_command_answers_the_same() -> None:
     h.send(b"s NOOP\r\nt UID FETCH 2 (BODY.PEEK[])\r\n")
     assert h.to_server() == b"s NOOP\r\n"
     h.server(b"s OK done\r\n")
-    assert h.to_server() == b"t UID FETCH 2 (UID)\r\n"
-    h.server(b"* 2 FETCH (UID 2)\r\nt OK done\r\n")
+    assert h.to_server() == b"t UID FETCH 2 (UID RFC822.SIZE)\r\n"
+    h.server(b"* 2 FETCH (UID 2 RFC822.SIZE 999)\r\nt OK done\r\n")
     assert h.to_client() == (
         b"s OK done\r\n* 2 FETCH (UID 2 BODY[] {%d}\r\n%s)\r\nt OK done\r\n"
         % (len(decrypted), decrypted)
@@ -651,7 +653,64 @@ def test_search_intercept_sends_the_command_with_single_spaces() -> None:
     assert h.to_server() == b"s UID SEARCH BODY foo\r\n"
 
 
+FLAGGED = b"* 2 FETCH (UID 2 FLAGS (\\Flagged))\r\n"  # another session flagged it
+FLAGGED_SEEN = b"* 2 FETCH (UID 2 FLAGS (\\Flagged \\Seen))\r\n"
 CIPHERTEXT = b"Content-Type: application/pkcs7-mime\r\n\r\nMIAGCSqG\r\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "upstream", "answer"),
+    [
+        # cached, closed set: the server is asked only for its own items (and the size)
+        (
+            b"t UID FETCH 2 (BODY.PEEK[])\r\n",
+            b"t UID FETCH 2 (UID RFC822.SIZE)\r\n",
+            b"* 2 FETCH (UID 2 RFC822.SIZE 999)\r\n",
+        ),
+        # open-ended set: the client's command goes upstream unchanged
+        (
+            b"t UID FETCH 2:* (BODY.PEEK[])\r\n",
+            b"t UID FETCH 2:* (BODY.PEEK[])\r\n",
+            b"* 2 FETCH (UID 2 BODY[] {%d}\r\n%s)\r\n" % (len(CIPHERTEXT), CIPHERTEXT),
+        ),
+    ],
+)
+@pytest.mark.parametrize("order", ["before", "after", "both"])
+def test_unsolicited_flags_update_of_a_rewritten_uid_passes_through_unchanged(
+    command: bytes, upstream: bytes, answer: bytes, order: str
+) -> None:
+    """RFC 9051 7.5.2: the server may send ``* n FETCH (FLAGS ...)`` for a message at any
+    time (Dovecot does, before the tagged reply, when another session changed it); it
+    is not the FETCH's answer and gets no content, whichever comes first."""
+    h, decrypted = _with_cached_view()
+    h.send(command)
+    assert h.to_server() == upstream
+    before = FLAGGED if order in ("before", "both") else b""
+    after = FLAGGED_SEEN if order in ("after", "both") else b""
+    h.server(before + answer + after + b"t OK done\r\n")
+    body = b"BODY[] {%d}\r\n%s" % (len(decrypted), decrypted)
+    assert h.to_client() == (
+        before + b"* 2 FETCH (UID 2 " + body + b")\r\n" + after + b"t OK done\r\n"
+    )
+    assert h.session.rewrite is None
+
+
+@pytest.mark.parametrize("order", ["before", "after", "both"])
+def test_unsolicited_flags_update_in_a_non_uid_fetch_passes_through_unchanged(
+    order: str,
+) -> None:
+    """The same by sequence number: the update names the message only by number."""
+    h, decrypted = _with_cached_view()
+    h.send(b"t FETCH 2 (BODY.PEEK[])\r\n")
+    assert h.to_server() == b"smp3 FETCH 2 (UID)\r\n"
+    h.server(b"* 2 FETCH (UID 2)\r\nsmp3 OK done\r\n")
+    assert h.to_server() == b"t FETCH 2 (BODY.PEEK[])\r\n"
+    before = b"* 2 FETCH (FLAGS (\\Flagged))\r\n" if order in ("before", "both") else b""
+    after = b"* 2 FETCH (FLAGS (\\Flagged \\Seen))\r\n" if order in ("after", "both") else b""
+    answer = b"* 2 FETCH (BODY[] {%d}\r\n%s)\r\n" % (len(CIPHERTEXT), CIPHERTEXT)
+    h.server(before + answer + after + b"t OK done\r\n")
+    body = b"BODY[] {%d}\r\n%s" % (len(decrypted), decrypted)
+    assert h.to_client() == before + b"* 2 FETCH (" + body + b")\r\n" + after + b"t OK done\r\n"
 
 
 def test_unsolicited_flags_update_during_the_proxys_own_commands_reaches_the_client() -> None:

@@ -754,3 +754,71 @@ def test_more_than_one_batch_of_encrypted_messages_all_open(world: World) -> Non
     for uid, text in bodies.items():
         assert b"marker-%03d-end" % (uid - 1) in text
     c.logout()
+
+
+def _raw_fetch(conn: imaplib.IMAP4, tag: bytes, command: bytes) -> tuple[list[bytes], bytes]:
+    """``(untagged responses, tagged reply)`` of one command, each response whole."""
+    conn.send(tag + b" " + command + b"\r\n")
+    responses = []
+    while True:
+        line = response = conn.readline()
+        while (literal := re.search(rb"\{([0-9]+)\}\r\n\Z", line)) is not None:
+            response += conn.read(int(literal.group(1)))
+            line = conn.readline()
+            response += line
+        if response.startswith(tag + b" "):
+            return responses, response
+        responses.append(response)
+
+
+def _fetch_items(responses: list[bytes]) -> list[list[tuple[bytes, bytes]]]:
+    """Each FETCH response's items, content values left out, in a stable order (other
+    responses whole: e.g. ``* FLAGS`` when another session used a new keyword)."""
+    from smimeproxy.imap.fetch import content_item, fetch_items
+
+    out = []
+    for response in responses:
+        if not re.match(rb"\* [0-9]+ FETCH ", response):
+            out.append([(response, b"")])
+            continue
+        _seq, pairs = fetch_items(response)
+        out.append([(n, b"" if content_item(n) else v) for n, v in pairs])
+    return sorted(out)
+
+
+@pytest.mark.parametrize("qresync", [False, True], ids=["plain", "qresync"])
+@pytest.mark.parametrize(
+    "command",
+    [b"UID FETCH 1 (BODY.PEEK[])", b"UID FETCH 1:* (BODY.PEEK[])", b"FETCH 1 (BODY.PEEK[])"],
+)
+def test_flags_changed_by_another_session_get_no_second_body(
+    world: World, command: bytes, qresync: bool
+) -> None:
+    """Another session's STORE makes Dovecot send ``* 1 FETCH (FLAGS (...))`` during the
+    next command (RFC 9051 7.5.2; with QRESYNC enabled it names the UID, RFC 7162
+    3.2.4): through the proxy it stays a flags update, as a direct session sees it,
+    and the decrypted content comes once.  First while the proxy classifies and
+    decrypts (its own commands run), then from the cache."""
+    box = f"Flagged{abs(hash(command)) % 10000}{int(qresync)}"
+    mailbox(world, box, [world.encrypted("flagged", "the flagged body")])
+    c, d, other = world.client(), world.direct(), world.direct()
+    if qresync:
+        for conn in (c, d):
+            assert conn.enable("QRESYNC")[0] == "OK"
+    for conn in (other, c, d):  # \\Recent goes to the first: the writer
+        conn.select(box)
+    steps = [(b"UID FETCH 1 (BODY.PEEK[HEADER])", b"\\Flagged"), (command, b"$Important")]
+    for step, (fetching, flag) in enumerate(steps):
+        assert other.store("1", "+FLAGS", flag.decode())[0] == "OK"
+        tag = b"x%d" % step
+        proxied, done_c = _raw_fetch(c, tag, fetching)
+        direct, done_d = _raw_fetch(d, tag, fetching)
+        assert done_c.startswith(tag + b" OK") and done_d.startswith(tag + b" OK")
+        assert any(flag in r for r in direct)  # Dovecot did send the update
+        content = [r for r in proxied if b"BODY[" in r]
+        assert len(content) == 1, proxied
+        assert b"X-SMIMEProxy-Decryption" in content[0]
+        assert _fetch_items(proxied) == _fetch_items(direct)
+    assert b"the flagged body" in content[0]
+    for conn in (c, d, other):
+        conn.logout()
