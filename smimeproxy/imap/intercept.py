@@ -513,15 +513,13 @@ def _uid_and_body(message: Message) -> tuple[int | None, bytes | None]:
     return uid, bytes(body) if isinstance(body, String) else None
 
 
-async def smime_uids(
-    session: ProxySession, prefix: bytes, seqset: bytes, mods: bytes
-) -> dict[int, int]:
-    """``{uid: seq}`` of the S/MIME messages in ``seqset``."""
-    result = await session.command(
-        prefix + seqset + b" (UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])" + mods
-    )
-    found: dict[int, int] = {}
-    for message in result.untagged:
+_CT_ITEMS = b" (UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])"
+
+
+def _uid_seq_smime(messages: list[Message]) -> list[tuple[int, int, bool]]:
+    """``(uid, seq, is S/MIME)`` of each Content-Type FETCH response among ``messages``."""
+    out = []
+    for message in messages:
         try:
             pairs = _pairs(message)
             uid = int(bytes(pairs[b"UID"]))  # type: ignore[arg-type]
@@ -529,9 +527,16 @@ async def smime_uids(
         except (MalformedMessage, KeyError, ValueError, TypeError):
             continue
         header = pairs.get(b"BODY[")
-        if isinstance(header, String) and fetch.is_smime(bytes(header)):
-            found[uid] = seq
-    return found
+        out.append((uid, seq, isinstance(header, String) and fetch.is_smime(bytes(header))))
+    return out
+
+
+async def smime_uids(
+    session: ProxySession, prefix: bytes, seqset: bytes, mods: bytes
+) -> dict[int, int]:
+    """``{uid: seq}`` of the S/MIME messages in ``seqset``."""
+    result = await session.command(prefix + seqset + _CT_ITEMS + mods)
+    return {uid: seq for uid, seq, smime in _uid_seq_smime(result.untagged) if smime}
 
 
 async def seq_smime_uids(session: ProxySession, seqset: bytes, mods: bytes) -> dict[int, int]:
@@ -542,19 +547,29 @@ async def seq_smime_uids(session: ProxySession, seqset: bytes, mods: bytes) -> d
     does not cover (new mail in the meantime) falls back to the Content-Type query.
     Otherwise that query runs, and the classification is brought up to date in the
     same round trip (pipelined), so the next non-UID FETCH of a mailbox without S/MIME
-    messages is forwarded at once (see :func:`plan`)."""
+    messages is forwarded at once (see :func:`plan`).  The two pipelined commands ask
+    for the same items and their responses are read together: Dovecot runs them in
+    parallel and answers the non-UID one first, all responses before either tagged
+    reply, so which command a response came with says nothing."""
     if session.mailbox_changed:
-        updating = Deferred.fromCoroutine(classify(session))  # sent now, awaited below
+        known = session.classification()
+        session.mailbox_changed = False
+        updating = session.command(b"UID FETCH %d:*" % known.upto + _CT_ITEMS)
         try:
-            found = await smime_uids(session, b"FETCH ", seqset, mods)
+            mapped = await session.command(b"FETCH " + seqset + _CT_ITEMS + mods)
         except BaseException:
             updating.addErrback(lambda _: None)  # given up (upstream lost): nobody waits
             raise
-        await updating
-        return found
+        updated = await updating
+        found = _uid_seq_smime(updated.untagged + mapped.untagged)
+        _classify_from(known, found)
+        if not found:
+            return {}
+        wanted = in_uid_set(seqset, {seq for _u, seq, _s in found}, max(s for _u, s, _s in found))
+        return {uid: seq for uid, seq, smime in found if smime and seq in wanted}
     known = session.classification()
     result = await session.command(b"FETCH " + seqset + b" (UID)" + mods)
-    found: dict[int, int] = {}
+    found_uids: dict[int, int] = {}
     for message in result.untagged:
         try:
             pairs = _pairs(message)
@@ -565,8 +580,8 @@ async def seq_smime_uids(session: ProxySession, seqset: bytes, mods: bytes) -> d
         if uid >= known.upto:
             return await smime_uids(session, b"FETCH ", seqset, mods)
         if uid in known.smime:
-            found[uid] = seq
-    return found
+            found_uids[uid] = seq
+    return found_uids
 
 
 @dataclass
@@ -578,24 +593,20 @@ class Classification:
     upto: int = 1  # every UID below this one is classified
 
 
+def _classify_from(known: Classification, found: list[tuple[int, int, bool]]) -> None:
+    for uid, _seq, smime in found:
+        if smime:
+            known.smime.add(uid)
+        known.upto = max(known.upto, uid + 1)
+
+
 async def classify(session: ProxySession) -> Classification:
     """Bring the selected mailbox's classification up to date (one round trip that
     returns only the messages not classified yet)."""
     known = session.classification()
     session.mailbox_changed = False
-    result = await session.command(
-        b"UID FETCH %d:* (UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])" % known.upto
-    )
-    for message in result.untagged:
-        try:
-            pairs = _pairs(message)
-            uid = int(bytes(pairs[b"UID"]))  # type: ignore[arg-type]
-        except (MalformedMessage, KeyError, ValueError, TypeError):
-            continue
-        header = pairs.get(b"BODY[")
-        if isinstance(header, String) and fetch.is_smime(bytes(header)):
-            known.smime.add(uid)
-        known.upto = max(known.upto, uid + 1)
+    result = await session.command(b"UID FETCH %d:*" % known.upto + _CT_ITEMS)
+    _classify_from(known, _uid_seq_smime(result.untagged))
     return known
 
 

@@ -726,3 +726,19 @@ def test_unsolicited_flags_update_during_the_proxys_own_commands_reaches_the_cli
     h.server(b"* 2 FETCH (BODY[] {%d}\r\n%s)\r\nt OK done\r\n" % (len(CIPHERTEXT), CIPHERTEXT))
     body = b"BODY[] {%d}\r\n%s" % (len(decrypted), decrypted)
     assert h.to_client() == b"* 2 FETCH (" + body + b")\r\nt OK done\r\n"
+
+
+def test_pipelined_classification_answered_out_of_order_still_classifies() -> None:
+    """Dovecot runs the two pipelined Content-Type queries in parallel: every response
+    comes first, then the non-UID one's tagged reply, then the UID one's.  Both ask for
+    the same items, so the proxy reads their responses together."""
+    h = _logged_in_and_selected()
+    h.session.undecryptable.add(("alice@acme.test", "INBOX", 7, 12))  # no keys needed
+    h.send(b"c FETCH 2 (BODY.PEEK[])\r\n")
+    assert h.to_server() == b"smp2 UID FETCH 1:*" + CT_QUERY + b"smp3 FETCH 2" + CT_QUERY
+    h.server(b"* 1 FETCH (UID 11 " + PLAIN_CT + b"* 2 FETCH (UID 12 " + SMIME_CT)
+    h.server(b"* 2 FETCH (UID 12 " + SMIME_CT + b"smp3 OK done\r\nsmp2 OK done\r\n")
+    known = h.session.classification()
+    assert (known.smime, known.upto) == ({12}, 13)
+    assert h.to_server() == b"c FETCH 2 (BODY.PEEK[])\r\n"
+    assert h.to_client() == b""

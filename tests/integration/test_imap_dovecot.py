@@ -822,3 +822,17 @@ def test_flags_changed_by_another_session_get_no_second_body(
     assert b"the flagged body" in content[0]
     for conn in (c, d, other):
         conn.logout()
+
+
+def test_non_uid_fetch_first_then_every_fetch_is_decrypted(world: World) -> None:
+    """The first content FETCH after SELECT by sequence number: its two pipelined
+    Content-Type queries are answered out of order by Dovecot; later fetches of the
+    message, by UID or by number, are still decrypted."""
+    mailbox(world, "SeqFirst", [plain_message("plain", "p"), world.encrypted("e", "seq body")])
+    c = world.client()
+    c.select("SeqFirst")
+    for _round in range(2):
+        typ, data = c.fetch("2", "(BODY.PEEK[TEXT])")
+        assert typ == "OK" and b"seq body" in body_of(data)
+        assert b"seq body" in body_of(fetch(c, "2", "(BODY.PEEK[TEXT])"))
+    c.logout()
