@@ -29,8 +29,8 @@ import email.utils
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from smimeproxy.pki.validation import a_label_domain as ascii_domain
 from smimeproxy.smime import mime
-from smimeproxy.smtp.addresses import ascii_domain
 from smimeproxy.smtp.dovecot_auth import is_base64
 
 #: what EHLO announces, in this order (RFC 4954 section 3)

@@ -47,6 +47,8 @@ from twisted.logger import Logger
 from smimeproxy.bugs import log_bug
 from smimeproxy.config import OUTBOUND_POLICIES, SMTPConfig
 from smimeproxy.errors import KeyNotFound, KeystoreError, SMIMEProxyError
+from smimeproxy.pki.validation import a_label_domain as ascii_domain
+from smimeproxy.pki.validation import u_label_domain as unicode_domain
 from smimeproxy.processing import MessageProcessor, RecipientCertificate
 from smimeproxy.smime import mime
 from smimeproxy.smime.authresults import (
@@ -58,7 +60,6 @@ from smimeproxy.smime.authresults import (
     strip_lookalikes,
 )
 from smimeproxy.smime.opener import is_pkcs7_mime
-from smimeproxy.smtp.addresses import ascii_domain, unicode_domain
 from smimeproxy.smtp.replies import Reply
 
 OUTBOUND = "outbound"
