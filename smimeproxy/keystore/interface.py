@@ -57,7 +57,9 @@ class TrustKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class User:
-    """A local user: primary address, aliases and IMAP login names, all lower-cased."""
+    """A local user: primary address, aliases and IMAP login names, as the store compares
+    them (:func:`smimeproxy.keystore.certificates.normalise`: ASCII lower-cased; a non-ASCII
+    local part kept as written, its domain in U-labels, RFC 8398 section 5)."""
 
     id: str
     address: str
