@@ -188,16 +188,9 @@ class ProcessEngine:
 
     def _spawn(self) -> _WorkerProcess:
         worker = _WorkerProcess(self)
-        env = dict(os.environ)
-        # the package the gateway runs from, first: the same code in every process
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        command = _command()
         self.reactor.spawnProcess(
-            worker,
-            sys.executable,
-            [sys.executable, "-c", "from smimeproxy.workers import main; main()"],
-            env=env,
-            childFDs={0: "w", 1: "r", 2: 2},
+            worker, command[0], command, env=_environment(), childFDs={0: "w", 1: "r", 2: 2}
         )
         # the secret goes down the pipe, never on a command line or in the environment
         worker.transport.writeToChild(0, _frame(self.spec))
@@ -313,6 +306,38 @@ class ProcessEngine:
 
 
 _HEADER = struct.Struct(">I")
+
+
+def _command() -> list[str]:
+    return [sys.executable, "-c", "from smimeproxy.workers import main; main()"]
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # the package this process runs from, first: the same code in every process
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def probe(spec: WorkerSpec, timeout: float = 30.0) -> str | None:
+    """Start one worker as the faces do, blocking, and ask it whether it could open the
+    store: None when it could, else the reason (for ``smimeproxy doctor``)."""
+    import subprocess
+
+    request = _frame(spec) + _frame((_ping, ()))
+    try:
+        done = subprocess.run(
+            _command(), input=request, capture_output=True, env=_environment(), timeout=timeout
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"a worker process did not run: {e}"
+    header = done.stdout[: _HEADER.size]
+    if len(header) < _HEADER.size:
+        last = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        return f"a worker process exited with status {done.returncode}: {last[0]}"
+    answer = pickle.loads(done.stdout[_HEADER.size : _HEADER.size + _HEADER.unpack(header)[0]])
+    return None if answer.error is None else str(answer.error)
 
 
 def _frame(value: object) -> bytes:

@@ -100,3 +100,19 @@ def test_dovecot_auth_socket_checked_with_a_real_dovecot(tmp_path):
         assert code == 1 and found["status"] == "FAIL" and found["fix"], found
     finally:
         dovecot.stop()
+
+
+def test_engine_workers_are_started_and_checked(tmp_path):
+    """``workers`` set: doctor starts one real worker process and reports whether it
+    opened the store; with the wrong master key it names the key."""
+    conf = _setup(tmp_path)
+    text = conf.read_text()
+    conf.write_text(text + "workers = 1\n")
+    _, out = run(["--config", str(conf), "doctor", "--json", "--timeout", "1"])
+    found = {f["check"]: f for f in json.loads(out)}["engine worker processes"]
+    assert found["status"] == "ok", found
+    (tmp_path / "master.key").unlink()
+    create_key_file(tmp_path / "master.key")  # not the key the store was sealed with
+    code, out = run(["--config", str(conf), "doctor", "--json", "--timeout", "1"])
+    found = {f["check"]: f for f in json.loads(out)}["engine worker processes"]
+    assert code == 1 and found["status"] == "FAIL" and "master" in found["detail"], found

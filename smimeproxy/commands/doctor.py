@@ -210,7 +210,25 @@ def diagnose(config_path: str, timeout: float = 3.0) -> list[Finding]:
         findings.append(_reach("SMTP next hop", config.smtp.next_hop, timeout, True))
         if config.smtp.auth_dovecot:
             findings.append(_dovecot_auth(config.smtp.auth_dovecot, timeout))
+    if any(face is not None and face.workers > 0 for face in (config.smtp, config.imap)):
+        findings.append(_workers(config))
     return findings
+
+
+def _workers(config: Config) -> Finding:
+    """``[smtp]``/``[imap] workers``: one engine worker started as the service would
+    start it, asked whether it opened the store."""
+    from smimeproxy.processing import master_secret
+    from smimeproxy.workers import WorkerSpec, probe
+
+    name = "engine worker processes"
+    try:
+        error = probe(WorkerSpec(str(config.path), master_secret(config.keystore)))
+    except SMIMEProxyError as e:
+        error = str(e)
+    if error is not None:
+        return Finding(name, "FAIL", error, "fix what the worker names; it runs this Python")
+    return Finding(name, "ok", "a worker started and opened the key store")
 
 
 def _dovecot_auth(description: str, timeout: float) -> Finding:
