@@ -31,6 +31,7 @@ what they hold and exit.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import signal
@@ -332,11 +333,10 @@ def probe(spec: WorkerSpec, timeout: float = 30.0) -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"a worker process did not run: {e}"
-    header = done.stdout[: _HEADER.size]
-    if len(header) < _HEADER.size:
+    answer = _read(io.BytesIO(done.stdout))
+    if not isinstance(answer, _Answer):
         last = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
         return f"a worker process exited with status {done.returncode}: {last[0]}"
-    answer = pickle.loads(done.stdout[_HEADER.size : _HEADER.size + _HEADER.unpack(header)[0]])
     return None if answer.error is None else str(answer.error)
 
 
