@@ -25,7 +25,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar, cast
@@ -305,6 +305,9 @@ class Config:
     directory: DirectoryConfig | None
     archive: ArchiveConfig | None
     metrics: MetricsConfig | None
+    #: the file's TOML as parsed, for :func:`load_config` in another process (an engine
+    #: worker) to build exactly this configuration, whatever the file holds by then
+    document: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 # -- reading one table ----------------------------------------------------------------
@@ -765,8 +768,14 @@ def _archive(t: _Table, imap_upstream: str | None) -> ArchiveConfig:
 _SECTIONS = ("keystore", "smime", "smtp", "imap", "directory", "archive", "metrics")
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(
+    path: str | os.PathLike[str], *, document: Mapping[str, Any] | None = None
+) -> Config:
     """Read, check and resolve the configuration file at ``path``.
+
+    ``document``: the file's TOML as another process parsed it (:attr:`Config.document`),
+    used instead of reading the file again; relative paths still resolve against
+    ``path``'s directory.
 
     Raises :class:`ConfigError` (naming the key and the file) for anything wrong: an
     unreadable file, bad TOML (with its line), a missing, unknown, mistyped or
@@ -774,13 +783,18 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     configuration are not opened here.
     """
     source = Path(os.path.abspath(Path(path).expanduser()))
-    try:
-        with source.open("rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"not valid TOML: {e}", path=str(source)) from None
-    except OSError as e:
-        raise ConfigError(f"cannot read the file: {e.strerror or e}", path=str(source)) from None
+    if document is not None:
+        data = dict(document)
+    else:
+        try:
+            with source.open("rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"not valid TOML: {e}", path=str(source)) from None
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read the file: {e.strerror or e}", path=str(source)
+            ) from None
     top = _Table(data, "", source)
     sections = {name: top.table(name) for name in _SECTIONS}
     top.finish()
@@ -811,7 +825,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         if table is not None:
             table.finish()
     smime_t.finish()
-    return Config(source, keystore, smime, smtp, imap, directory, archive, metrics)
+    return Config(source, keystore, smime, smtp, imap, directory, archive, metrics, data)
 
 
 _CONTRACT_EXAMPLE = """\

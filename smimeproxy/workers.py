@@ -31,6 +31,7 @@ what they hold and exit.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -40,7 +41,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,7 @@ from smimeproxy.keystore import MasterSecret
 from smimeproxy.metrics import Registry
 
 if TYPE_CHECKING:
+    from smimeproxy.config import Config
     from smimeproxy.processing import MessageProcessor
     from smimeproxy.smtp.transform import MessageTransform, TransformResult
 
@@ -70,11 +72,14 @@ CLOSE_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker process needs to build its own transform: the configuration file
-    (read again in the worker, as a second node would) and the master secret."""
+    """What a worker process needs to build its own processor: the configuration (the
+    file's path, and the TOML the service applied, so that a worker started later
+    builds the same configuration whatever the file holds by then) and the master
+    secret."""
 
     config_path: str
     secret: MasterSecret
+    document: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -230,9 +235,13 @@ class ProcessEngine:
 
         return defer.DeferredList(pings, consumeErrors=True).addCallback(report)
 
-    def reload(self) -> None:
-        """New workers from the (re-read) configuration file; the old ones finish the
-        messages they hold, then exit."""
+    def reload(self, config: Config | None = None) -> None:
+        """New workers for ``config`` (the service's configuration after the reload, or
+        after a refused reload was put back; None: the file as it is now); the old ones
+        finish the jobs they hold, then exit."""
+        self.spec = dataclasses.replace(
+            self.spec, document=None if config is None else dict(config.document)
+        )
         old, self._pool = self._pool, []
         for worker in old:
             worker.retire()
@@ -413,7 +422,7 @@ def _build(
     from smimeproxy.keystore import open_store
     from smimeproxy.processing import MessageProcessor, token_resolver
 
-    config = load_config(spec.config_path)
+    config = load_config(spec.config_path, document=spec.document)
     store = open_store(
         config.keystore.url,
         spec.secret,

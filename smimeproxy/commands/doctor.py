@@ -223,7 +223,7 @@ def _workers(config: Config) -> Finding:
 
     name = "engine worker processes"
     try:
-        error = probe(WorkerSpec(str(config.path), master_secret(config.keystore)))
+        error = probe(WorkerSpec(str(config.path), master_secret(config.keystore), config.document))
     except SMIMEProxyError as e:
         error = str(e)
     if error is not None:

@@ -204,7 +204,7 @@ class ImapService(MultiService):
         for tls, options in implicit:
             tls.options = options
         if self.engine is not None:
-            self.engine.reload()  # worker processes read the new file
+            self.engine.reload(config)  # worker processes build this configuration
         self._log.info("imap.service.reloaded")
 
 
@@ -241,7 +241,7 @@ def make_service(
         from smimeproxy.processing import master_secret
         from smimeproxy.workers import ProcessEngine, WorkerSpec
 
-        spec = WorkerSpec(str(config.path), master_secret(config.keystore))
+        spec = WorkerSpec(str(config.path), master_secret(config.keystore), config.document)
         engine = ProcessEngine(spec, imap.workers, reactor, registry, face="imap")
     service = ImapService(reactor, metrics, sessions, engine)
     service.setName("imap")

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
+from smimeproxy.config import Config
 from smimeproxy.smtp.transform import MessageTransform, TransformResult
 from smimeproxy.workers import ProcessEngine, WorkerSpec
 
@@ -36,7 +37,7 @@ class Engine(Protocol):
 
     def start(self) -> defer.Deferred[None]: ...
 
-    def reload(self) -> None: ...
+    def reload(self, config: Config | None = None) -> None: ...
 
     def close(self) -> defer.Deferred[None]: ...
 
@@ -65,7 +66,7 @@ class ThreadEngine:
     def start(self) -> defer.Deferred[None]:
         return defer.succeed(None)
 
-    def reload(self) -> None:
+    def reload(self, config: Config | None = None) -> None:
         """Nothing to do: the caller swaps the transform object itself."""
 
     def close(self) -> defer.Deferred[None]:

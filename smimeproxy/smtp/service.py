@@ -150,7 +150,7 @@ class GatewayService(MultiService):
         settings.config = smtp
         settings.transform = transform
         settings.tls_options = tls_options
-        self.engine.reload()  # worker processes read the new file
+        self.engine.reload(config)  # worker processes build this configuration
         self._log.info("smtp.reloaded")
 
 
@@ -207,7 +207,7 @@ def make_service(
             return clientFromString(reactor, smtp.next_hop)
 
     if engine is None and smtp.workers > 0:
-        spec = WorkerSpec(str(config.path), master_secret(config.keystore))
+        spec = WorkerSpec(str(config.path), master_secret(config.keystore), config.document)
         engine = ProcessEngine(spec, smtp.workers, reactor, registry)
     name = hostname or smtp.authserv_id or processor.settings.authserv_id or "localhost"
     settings = GatewaySettings(

@@ -166,6 +166,22 @@ def test_reload_restarts_workers_from_the_new_file(workers):
 
 
 @pytest_twisted.inlineCallbacks
+def test_workers_build_the_configuration_the_service_applied_not_the_file(workers):
+    """A refused reload is put back with the old configuration while the file on disk
+    already holds the new one: the restarted workers must use what the service uses."""
+    sink = Sink()
+    g = workers(sink)
+    yield _ready(g)
+    old = load_config(g.tmp_path / "smimeproxy.toml")
+    g.write('workers = 2\noutbound_policy = "sign-only"')  # the file moves on ...
+    g.service.reload(old)  # ... but the service keeps (puts back) the old configuration
+    yield g.engine.start()
+    code, _ = yield g.send("alice@acme.test", ["bob@partner.test"], PLAIN)
+    assert code == 250
+    assert mime.parse_entity(sink.received[0].data).mime_type == "application/pkcs7-mime"
+
+
+@pytest_twisted.inlineCallbacks
 def test_stopping_the_gateway_ends_the_workers(tmp_path, pki):
     g = WorkerGateway(tmp_path, pki, Sink())
     yield _ready(g)
