@@ -41,22 +41,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from smimeproxy.config import SMIMEConfig
 from smimeproxy.keystore import MasterSecret, SyncStore, open_store
 from smimeproxy.processing import MessageProcessor
-from smimeproxy.testing import CertificateFactory, Issued
+from smimeproxy.testing import CertificateFactory, Issued, smime_settings
 
-SETTINGS = SMIMEConfig(
-    authserv_id="bench.test",
-    revocation="soft-fail",
-    footer=False,
-    header_protection=False,
-    cipher="auto",
-    signing_digest="sha256",
-    trust_anchors=(),
-    intermediates=(),
-    crls=(),
-)
+SETTINGS = smime_settings("bench.test")
 
 
 def rate(n: int, fn: Callable[[int], object]) -> float:

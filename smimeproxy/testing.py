@@ -7,9 +7,11 @@ extensions the case calls for) instead of sharing fixture files, like Twisted's
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from smimeproxy.config import SMIMEConfig
 from smimeproxy.smime.keys import KeyPair, SoftwareKey
 
 _NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
@@ -254,3 +257,21 @@ class CertificateFactory:
 
 def public_key_of(issued: Issued) -> CertificatePublicKeyTypes:
     return issued.certificate.public_key()
+
+
+def smime_settings(authserv_id: str = "mx.acme.test", **changes: Any) -> SMIMEConfig:
+    """``[smime]`` settings for processors built in tests and benchmarks: no footer, no
+    header protection, cipher chosen from capabilities, no trust files; ``changes``
+    replaces any field."""
+    settings = SMIMEConfig(
+        authserv_id=authserv_id,
+        revocation="soft-fail",
+        footer=False,
+        header_protection=False,
+        cipher="auto",
+        signing_digest="sha256",
+        trust_anchors=(),
+        intermediates=(),
+        crls=(),
+    )
+    return dataclasses.replace(settings, **changes)

@@ -11,27 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from smimeproxy.config import SMIMEConfig
 from smimeproxy.keystore import MasterSecret, SyncStore, open_store
 from smimeproxy.processing import MessageProcessor
 from smimeproxy.smime.sealer import EncryptionTarget, seal
 from smimeproxy.smime.status import fingerprint
-from smimeproxy.testing import CertificateFactory, Issued
+from smimeproxy.testing import CertificateFactory, Issued, smime_settings
 from tests.keystore.conftest import pg_server, pg_url  # noqa: F401 (fixtures)
 
 ALICE, BOB, CAROL = "alice@acme.test", "bob@partner.test", "carol@partner.test"
 MESSAGE = b"From: alice@acme.test\r\nTo: bob@partner.test\r\nSubject: hi\r\n\r\nhello\r\n"
-SETTINGS = SMIMEConfig(
-    authserv_id="mx.acme.test",
-    revocation="soft-fail",
-    footer=False,
-    header_protection=False,
-    cipher="auto",
-    signing_digest="sha256",
-    trust_anchors=(),
-    intermediates=(),
-    crls=(),
-)
+SETTINGS = smime_settings()
 
 
 @pytest.fixture(scope="module")

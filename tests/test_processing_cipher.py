@@ -6,27 +6,16 @@ mail is read through this engine, which reads GCM. Results are read with ``opens
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
-from smimeproxy.config import SMIMEConfig
 from smimeproxy.keystore import MasterSecret, open_store
 from smimeproxy.processing import MessageProcessor
 from smimeproxy.smime import mime
-from smimeproxy.testing import CertificateFactory
+from smimeproxy.testing import CertificateFactory, smime_settings
+from tests.cms import openssl_decrypt
 
 MESSAGE = b"From: alice@acme.test\r\nTo: bob@partner.test\r\nSubject: hi\r\n\r\nhello\r\n"
-SETTINGS = SMIMEConfig(
-    authserv_id="mx.acme.test",
-    revocation="soft-fail",
-    footer=False,
-    header_protection=False,
-    cipher="auto",
-    signing_digest="sha256",
-    trust_anchors=(),
-    intermediates=(),
-    crls=(),
-)
+SETTINGS = smime_settings()
 
 
 def _processor(tmp_path: Path, bob_capabilities: tuple[str, ...] | None):
@@ -44,19 +33,6 @@ def _processor(tmp_path: Path, bob_capabilities: tuple[str, ...] | None):
     return MessageProcessor(store, SETTINGS), alice, bob
 
 
-def _openssl_decrypt(openssl: str, tmp_path: Path, data: bytes, issued) -> bytes:
-    (tmp_path / "in.eml").write_bytes(data)
-    (tmp_path / "key.pem").write_bytes(issued.key_pem)
-    (tmp_path / "cert.pem").write_bytes(issued.cert_pem)
-    out = subprocess.run(
-        [openssl, "cms", "-decrypt", "-in", str(tmp_path / "in.eml"),
-         "-inkey", str(tmp_path / "key.pem"), "-recip", str(tmp_path / "cert.pem")],
-        capture_output=True, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr.decode()
-    return out.stdout
-
-
 def _smime_type(data: bytes) -> str:
     return mime.parse_entity(data).content_type()[1]["smime-type"].lower()
 
@@ -67,7 +43,7 @@ def test_gcm_when_the_partner_advertised_it_and_both_copies_read(tmp_path, opens
     assert sealed.encrypted_to == ("bob@partner.test", "alice@acme.test")
     assert _smime_type(sealed.data) == "authenveloped-data"
     for reader in (bob, alice):  # OpenSSL 3.0 reads AuthEnvelopedData
-        assert b"hello" in _openssl_decrypt(openssl, tmp_path, sealed.data, reader)
+        assert b"hello" in openssl_decrypt(openssl, tmp_path, sealed.data, reader)
 
 
 def test_cbc_when_the_partner_advertised_nothing_or_no_gcm(tmp_path, openssl):
@@ -77,4 +53,4 @@ def test_cbc_when_the_partner_advertised_nothing_or_no_gcm(tmp_path, openssl):
         sealed = processor.seal_for(MESSAGE, "alice@acme.test", ["bob@partner.test"])
         assert _smime_type(sealed.data) == "enveloped-data"
         assert sealed.cipher is None  # "auto": chosen from capabilities
-        assert b"hello" in _openssl_decrypt(openssl, tmp_path, sealed.data, bob)
+        assert b"hello" in openssl_decrypt(openssl, tmp_path, sealed.data, bob)

@@ -21,29 +21,18 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from smimeproxy.config import SMIMEConfig
 from smimeproxy.keystore import SyncStore
 from smimeproxy.keystore.certificates import certificate_addresses, normalise
 from smimeproxy.pki import ca
 from smimeproxy.pki.validation import PathValidator, address_matches
 from smimeproxy.processing import MessageProcessor
 from smimeproxy.smime.status import Outcome
-from smimeproxy.testing import CertificateFactory
+from smimeproxy.testing import CertificateFactory, smime_settings
 
 JOSE = "jösé@例子.测试"
 JOSE_ALABEL = "jösé@xn--fsqu00a.xn--0zwm56d"
 ALICE = "alice@acme.test"
-SETTINGS = SMIMEConfig(
-    authserv_id="mx.acme.test",
-    revocation="soft-fail",
-    footer=False,
-    header_protection=False,
-    cipher="auto",
-    signing_digest="sha256",
-    trust_anchors=(),
-    intermediates=(),
-    crls=(),
-)
+SETTINGS = smime_settings()
 CONFIG = """\
 [req]
 distinguished_name = dn

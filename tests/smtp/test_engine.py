@@ -27,11 +27,11 @@ from smimeproxy.processing import MessageProcessor
 from smimeproxy.smime import mime
 from smimeproxy.smtp import make_service
 from smimeproxy.smtp.engine import ProcessEngine, WorkerSpec
+from tests.cms import openssl_decrypt, openssl_verify
 from tests.ports import free_port
 from tests.smtp.conftest import PLAIN, write_config
 from tests.smtp.sink import Sink
 from tests.smtp.test_relay import Gateway
-from tests.smtp.test_transform import _openssl_decrypt, _openssl_verify
 
 
 class WorkerGateway(Gateway):
@@ -107,8 +107,8 @@ def test_outbound_sealed_by_workers_reads_with_openssl(workers, openssl, tmp_pat
     assert code == 250 and "queued as" in text
     [got] = sink.received
     assert mime.parse_entity(got.data).mime_type == "application/pkcs7-mime"
-    inner = _openssl_decrypt(openssl, tmp_path, got.data, pki["bob"])
-    verified = _openssl_verify(openssl, tmp_path, inner, pki)
+    inner = openssl_decrypt(openssl, tmp_path, got.data, pki["bob"])
+    verified = openssl_verify(openssl, tmp_path, inner, pki["factory"].root.cert_pem)
     assert verified.returncode == 0, verified.stderr.decode()
     assert b"The figures are attached." in verified.stdout
 

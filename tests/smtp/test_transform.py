@@ -9,6 +9,7 @@ import pytest
 from smimeproxy.smime import mime
 from smimeproxy.smime.sealer import SealOptions, seal
 from smimeproxy.smtp.transform import INBOUND, OUTBOUND, MessageTransform
+from tests.cms import openssl_decrypt, openssl_verify
 from tests.smtp.conftest import PLAIN
 
 FROM_BOB = PLAIN.replace(b"From: Alice <alice@acme.test>", b"From: Bob <bob@partner.test>").replace(
@@ -21,27 +22,8 @@ def _transform(make_processor, extra: str = "") -> MessageTransform:
     return MessageTransform(processor, processor.config.smtp)
 
 
-def _openssl_decrypt(openssl, tmp_path, data: bytes, issued) -> bytes:
-    (tmp_path / "in.eml").write_bytes(data)
-    (tmp_path / "key.pem").write_bytes(issued.key_pem)
-    (tmp_path / "cert.pem").write_bytes(issued.cert_pem)
-    out = subprocess.run(
-        [openssl, "cms", "-decrypt", "-in", str(tmp_path / "in.eml"),
-         "-inkey", str(tmp_path / "key.pem"), "-recip", str(tmp_path / "cert.pem")],
-        capture_output=True, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr.decode()
-    return out.stdout
-
-
 def _openssl_verify(openssl, tmp_path, data: bytes, pki) -> subprocess.CompletedProcess:
-    (tmp_path / "signed.eml").write_bytes(data)
-    (tmp_path / "root.pem").write_bytes(pki["factory"].root.cert_pem)
-    return subprocess.run(
-        [openssl, "cms", "-verify", "-in", str(tmp_path / "signed.eml"),
-         "-CAfile", str(tmp_path / "root.pem"), "-purpose", "any"],
-        capture_output=True, check=False,
-    )  # fmt: skip
+    return openssl_verify(openssl, tmp_path, data, pki["factory"].root.cert_pem)
 
 
 def test_outbound_encrypted_to_recipient_and_sender_signed_by_sender(
@@ -57,7 +39,7 @@ def test_outbound_encrypted_to_recipient_and_sender_signed_by_sender(
     )
     assert b"The figures are attached." not in copy.data
     for reader in ("bob", "alice"):  # the sender's copy stays readable
-        inner = _openssl_decrypt(openssl, tmp_path, copy.data, pki[reader])
+        inner = openssl_decrypt(openssl, tmp_path, copy.data, pki[reader])
         assert b"multipart/signed" in inner
     verified = _openssl_verify(openssl, tmp_path, inner, pki)
     assert verified.returncode == 0, verified.stderr.decode()
@@ -157,11 +139,11 @@ def test_encrypt_at_rest_encrypts_plaintext_inbound_to_the_recipient(
     assert [c.action for c in result.copies] == ["encrypt-at-rest", "encrypt-at-rest"]
     alice_copy = result.copies[0]
     assert b"The figures are attached." not in alice_copy.data
-    assert b"The figures are attached." in _openssl_decrypt(
+    assert b"The figures are attached." in openssl_decrypt(
         openssl, tmp_path, alice_copy.data, pki["alice"]
     )
     with pytest.raises(AssertionError):  # dave's key does not open alice's copy
-        _openssl_decrypt(openssl, tmp_path, alice_copy.data, pki["dave"])
+        openssl_decrypt(openssl, tmp_path, alice_copy.data, pki["dave"])
 
 
 @pytest.mark.parametrize(
@@ -224,4 +206,4 @@ def test_certificate_of_an_idn_address_found_from_its_unicode_form(
     assert t.check_recipient("alice@acme.test", "dan@例子.测试").code == 550
     [copy] = t.transform("alice@acme.test", ["carol@例子.测试"], PLAIN).copies
     assert (copy.action, copy.recipients) == ("sign+encrypt", ("carol@例子.测试",))
-    assert b"The figures are attached." in _openssl_decrypt(openssl, tmp_path, copy.data, carol)
+    assert b"The figures are attached." in openssl_decrypt(openssl, tmp_path, copy.data, carol)
