@@ -39,7 +39,6 @@ import signal
 import struct
 import sys
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel, eventAsText, globalLogBeginner
 from twisted.python.failure import Failure
 
+from smimeproxy.bugs import log_bug
 from smimeproxy.errors import SMIMEProxyError, WorkerError
 from smimeproxy.keystore import MasterSecret
 from smimeproxy.metrics import Registry
@@ -364,6 +364,7 @@ class _Worker:
 
 
 _worker: _Worker | None = None
+_bug_log = Logger(namespace=__name__)
 _events: list[tuple[str, str, str]] = []
 
 
@@ -465,36 +466,22 @@ def _transform(sender: str, recipients: tuple[str, ...], data: bytes) -> _Answer
 
 def _open_view(owners: tuple[str, ...], data: bytes, warm: bool) -> _Answer:
     assert _worker is not None
-    if _worker.processor is None:
+    processor = _worker.processor
+    if processor is None:
         return _answer(None, _worker.error)
     from smimeproxy.imap.intercept import Opener, open_view
 
-    processor = _worker.processor
-
-    def opened() -> Any:
-        return open_view(Opener.load(processor, list(owners)), data, warm)
-
-    return _run(opened)
+    return _run(lambda: open_view(Opener.load(processor, list(owners)), data, warm))
 
 
 def _run(function: Callable[..., Any], *args: Any) -> _Answer:
-    """``function(*args)``'s answer; an error crosses back to be handled there."""
+    """``function(*args)``'s answer. Our typed errors cross back as they are; anything
+    else is a bug, logged here by type and frames only (its text may quote the message:
+    :mod:`smimeproxy.bugs`) and given back as a plain error naming its type."""
     try:
         return _answer(function(*args), None)
-    except Exception as e:
-        if not isinstance(e, _picklable_errors()):
-            # a bug: keep its traceback for the log, give back a plain error
-            _collect(
-                {
-                    "log_namespace": __name__,
-                    "log_level": LogLevel.critical,
-                    "log_format": "smtp.worker_bug {trace}",
-                    "trace": traceback.format_exc(),
-                }
-            )
-            return _answer(None, RuntimeError(f"engine bug: {type(e).__name__}: {e}"))
+    except SMIMEProxyError as e:
         return _answer(None, e)
-
-
-def _picklable_errors() -> tuple[type[BaseException], ...]:
-    return (SMIMEProxyError,)
+    except Exception as e:
+        log_bug(_bug_log, "worker.bug")
+        return _answer(None, RuntimeError(f"engine bug: {type(e).__name__}"))

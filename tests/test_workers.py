@@ -82,3 +82,28 @@ def test_a_killed_worker_fails_its_jobs_and_is_replaced(engine):
             answers.append("died")
     assert answers[-1] is True and answers.count("died") <= 1
     assert engine.pids() and pid not in engine.pids()
+
+
+def test_a_bug_in_a_worker_is_logged_without_the_text_it_quotes(monkeypatch):
+    """An unforeseen exception may quote the message it choked on: the worker logs its
+    type and frames only, and gives back an error naming the type, never the text."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from smimeproxy import workers
+    from smimeproxy.metrics import Registry
+
+    monkeypatch.setattr(workers, "_worker", workers._Worker(None, None, Registry(), None))
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+
+        def choke() -> None:
+            raise ValueError("Subject: the quarterly figures")
+
+        answer = workers._run(choke)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert isinstance(answer.error, RuntimeError) and "ValueError" in str(answer.error)
+    assert "quarterly" not in str(answer.error)
+    text = " ".join(formatEvent(e) for e in seen)
+    assert "worker.bug" in text and "ValueError" in text and "quarterly" not in text

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from smimeproxy.config import load_config
-from smimeproxy.errors import MasterKeyError, WorkerError
+from smimeproxy.errors import ConfigError, MasterKeyError, WorkerError
 from smimeproxy.keystore import MasterSecret, create_key_file, open_store
 from smimeproxy.metrics import Registry
 from smimeproxy.processing import MessageProcessor
@@ -242,6 +242,6 @@ def test_a_message_that_kills_its_worker_gets_a_temporary_failure(tmp_path, pki)
 
 
 def test_workers_key_is_checked(tmp_path):
-    with pytest.raises(Exception, match="workers"):
+    with pytest.raises(ConfigError, match="workers"):
         write_config(tmp_path, "workers = -1")
-    assert load_config(write_config(tmp_path, "workers = 3").path).smtp.workers == 3
+    assert write_config(tmp_path, "workers = 3").smtp.workers == 3
