@@ -154,26 +154,16 @@ class GatewayService(MultiService):
         self._log.info("smtp.reloaded")
 
 
-class _AuthConnection(Service):
-    """Closes the connection to Dovecot's auth service when the gateway stops."""
+class _CloseOnStop(Service):
+    """Calls ``close`` when the gateway stops (the next hop's idle connections, the
+    connection to Dovecot's auth service)."""
 
-    def __init__(self, authenticator: DovecotAuthClient):
-        self.authenticator = authenticator
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.authenticator.close()
-
-
-class _IdleConnections(Service):
-    """Closes the next hop's idle connections when the gateway stops."""
-
-    def __init__(self, next_hop: NextHop):
-        self.next_hop = next_hop
+    def __init__(self, close: Callable[[], object]):
+        self.close = close
 
     def stopService(self) -> None:
         super().stopService()
-        self.next_hop.close_idle()
+        self.close()
 
 
 def make_service(
@@ -230,7 +220,7 @@ def make_service(
     factory = SMTPGatewayFactory(settings)
     service = GatewayService(factory, processor, shutdown_timeout)
     service.setName("smtp")
-    _IdleConnections(settings.next_hop).setServiceParent(service)
+    _CloseOnStop(settings.next_hop.close_idle).setServiceParent(service)
     for description in smtp.listen:
         StreamServerEndpointService(
             serverFromString(reactor, description), factory
@@ -238,7 +228,7 @@ def make_service(
     if smtp.submission_listen and smtp.auth_dovecot:
         auth_endpoint = smtp.auth_dovecot
         authenticator = DovecotAuthClient(lambda: clientFromString(reactor, auth_endpoint), reactor)
-        _AuthConnection(authenticator).setServiceParent(service)
+        _CloseOnStop(authenticator.close).setServiceParent(service)
         submission = Submission(
             authenticator, store_senders(processor.store), plaintext=smtp.submission_plaintext
         )
