@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smimeproxy.commands.common import IO, print_json, table
-from smimeproxy.config import Config, load_config, parse_endpoint
+from smimeproxy.config import Config, Endpoint, load_config, parse_endpoint
 from smimeproxy.errors import SMIMEProxyError
 
 EXPIRY_WARNING = datetime.timedelta(days=30)
@@ -69,51 +69,62 @@ def _private(path: Path, what: str, *, directory: bool = False) -> Finding:
     return Finding(f"{what} permissions", "ok", f"{path} is mode {mode:o}")
 
 
+def _connect(endpoint: Endpoint, timeout: float) -> socket.socket:
+    """A connected socket to a ``tcp:``/``ssl:``/``unix:`` client endpoint (OSError)."""
+    if endpoint.type == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(endpoint.params.get("path", ""))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    address = (endpoint.params.get("host", ""), int(endpoint.params.get("port", "0") or 0))
+    return socket.create_connection(address, timeout=timeout)
+
+
+def _where(endpoint: Endpoint) -> str:
+    if endpoint.type == "unix":
+        return f"unix socket {endpoint.params.get('path', '')}"
+    return f"{endpoint.params.get('host', '')}:{endpoint.params.get('port', '')}"
+
+
+def _unreachable(name: str, endpoint: Endpoint, error: OSError) -> Finding:
+    fix = (
+        "start the server, or fix the path and the socket's permissions"
+        if endpoint.type == "unix"
+        else "start the server or fix host/port in the config"
+    )
+    return Finding(name, "FAIL", f"{_where(endpoint)} unreachable: {error.strerror or error}", fix)
+
+
 def _reach(name: str, description: str, timeout: float, tls_hint: bool) -> Finding:
     try:
         endpoint = parse_endpoint(description, "client")
     except SMIMEProxyError as e:
         return Finding(name, "FAIL", f"{description}: {e}", "fix the endpoint string")
-    host = endpoint.params.get("host", "")
-    port = int(endpoint.params.get("port", "0") or 0)
-    if endpoint.type == "unix":
-        path = endpoint.params.get("path", "")
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(timeout)
-                sock.connect(path)
-        except OSError as e:
-            return Finding(
-                name,
-                "FAIL",
-                f"unix socket {path}: {e.strerror or e}",
-                "start the server, or fix the path and the socket's permissions",
-            )
-        return Finding(name, "ok", f"unix socket {path} accepts connections")
+    where = _where(endpoint)
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with _connect(endpoint, timeout) as sock:
+            if endpoint.type == "unix":
+                return Finding(name, "ok", f"{where} accepts connections")
             if endpoint.type in ("ssl", "tls"):
                 context = ssl.create_default_context()
+                host = endpoint.params.get("host", "")
                 with context.wrap_socket(sock, server_hostname=host) as tls:
-                    return Finding(
-                        name, "ok", f"{host}:{port} TLS {tls.version()}, certificate valid"
-                    )
+                    return Finding(name, "ok", f"{where} TLS {tls.version()}, certificate valid")
             note = "" if not tls_hint else " (plain TCP; STARTTLS is negotiated later)"
-            return Finding(name, "ok", f"{host}:{port} reachable{note}")
+            return Finding(name, "ok", f"{where} reachable{note}")
     except ssl.SSLError as e:
         return Finding(
             name,
             "FAIL",
-            f"{host}:{port} TLS failed: {e.reason or e}",
+            f"{where} TLS failed: {e.reason or e}",
             "check the server certificate and the CA file",
         )
     except OSError as e:
-        return Finding(
-            name,
-            "FAIL",
-            f"{host}:{port} unreachable: {e.strerror or e}",
-            "start the server or fix host/port in the config",
-        )
+        return _unreachable(name, endpoint, e)
 
 
 def _expiry(label: str, cert, now: datetime.datetime) -> Finding | None:  # type: ignore[no-untyped-def]
@@ -234,22 +245,16 @@ def _workers(config: Config) -> Finding:
 def _dovecot_auth(description: str, timeout: float) -> Finding:
     """The submission listener's Dovecot auth socket: reachable, and it completes the
     handshake offering PLAIN (what the gateway hands every AUTH on as)."""
-    name = "Dovecot auth socket"
-    reached = _reach(name, description, timeout, False)
-    if reached.status != "ok":
-        return reached
     from smimeproxy.smtp.dovecot_auth import AuthClientCodec, AuthProtocolError, Ready
 
-    endpoint = parse_endpoint(description, "client")
+    name = "Dovecot auth socket"
+    endpoint = parse_endpoint(description, "client")  # checked when the config loaded
     codec = AuthClientCodec(os.getpid())
     try:
-        if endpoint.type == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(endpoint.params.get("path", ""))
-        else:
-            address = (endpoint.params.get("host", ""), int(endpoint.params.get("port", "0")))
-            sock = socket.create_connection(address, timeout=timeout)
+        sock = _connect(endpoint, timeout)
+    except OSError as e:
+        return _unreachable(name, endpoint, e)
+    try:
         with sock:
             sock.sendall(codec.hello())
             while True:
