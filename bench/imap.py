@@ -47,6 +47,7 @@ from smimeproxy.keystore import open_store
 from smimeproxy.keystore.sealing import MasterSecret
 from smimeproxy.processing import MessageProcessor
 from tests.integration.imap_world import PASSWORDS, World, free_port, plain_message, start_world
+from tests.procs import rss_kib
 
 RELAY = """
 import sys
@@ -132,17 +133,7 @@ def concurrent(connect, name: str, clients: int = 20) -> None:  # type: ignore[n
 
 def rss_mb(pid: int) -> float:
     """Resident memory of ``pid`` and its children (the engine worker processes)."""
-    total = 0
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(
-                line.split(":", 1) for line in status.read_text().splitlines() if ":" in line
-            )
-        except OSError:
-            continue
-        if status.parent.name == str(pid) or fields.get("PPid", "").strip() == str(pid):
-            total += int(fields.get("VmRSS", "0 kB").split()[0])
-    return total / 1024
+    return rss_kib(pid) / 1024
 
 
 def cpu_seconds(pid: int) -> float:

@@ -31,7 +31,6 @@ import argparse
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,23 +43,8 @@ from smimeproxy.config import load_config
 from smimeproxy.keystore import MasterSecret, create_key_file, open_store
 from smimeproxy.processing import MessageProcessor
 from smimeproxy.testing import CertificateFactory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on port {port}")
+from tests.ports import free_port, wait_port
+from tests.procs import children, rss_kib
 
 
 def tool(name: str) -> str:
@@ -140,13 +124,12 @@ def cpu_seconds(pid: int) -> tuple[float, float, float]:
             main_thread += seconds
         else:
             other += seconds
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for child in children(pid):  # the engine's worker processes
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            continue
-        if fields[1] == str(pid):  # a child: the engine's worker processes
-            workers += (int(fields[11]) + int(fields[12])) / tick
+            continue  # it ended meanwhile
+        workers += (int(fields[11]) + int(fields[12])) / tick
     return main_thread, other, workers
 
 
@@ -157,21 +140,6 @@ def measured(pid: int, run) -> tuple[float, tuple[float, ...]]:  # type: ignore[
     rate, n = run()
     after = cpu_seconds(pid)
     return rate, tuple((a - b) / n * 1e6 for a, b in zip(after, before, strict=True))  # type: ignore[return-value]
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of process ``pid`` and its children (the worker processes)."""
-    total = 0
-    for status in [Path(f"/proc/{pid}/status"), *Path("/proc").glob("[0-9]*/status")]:
-        try:
-            lines = status.read_text().splitlines()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in lines if ":" in line)
-        if status.parent.name != str(pid) and fields.get("PPid", "").strip() != str(pid):
-            continue
-        total += int(fields.get("VmRSS", "0 kB").split()[0])
-    return total
 
 
 def engine_rate(config_path: Path, material: bytes, n: int) -> float:

@@ -21,6 +21,7 @@ from smimeproxy.smime.sealer import seal
 from tests.conftest import require_tool
 from tests.integration.imap_world import World, plain_message, start_world
 from tests.modules import require_module
+from tests.procs import children
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["threads", "workers"])
@@ -146,19 +147,7 @@ def test_decryption_runs_where_configured(world: World) -> None:
     c.select("Where")
     assert b"where am I opened" in body_of(fetch(c, "1", "(BODY.PEEK[])"))
     c.logout()
-    children = [
-        p
-        for p in Path("/proc").glob("[0-9]*/status")
-        if f"\nPPid:\t{world.proxy.pid}\n" in _read(p)
-    ]
-    assert len(children) == world.workers  # type: ignore[attr-defined]
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
+    assert len(children(world.proxy.pid)) == world.workers  # type: ignore[attr-defined]
 
 
 def test_key_isolation(world: World) -> None:

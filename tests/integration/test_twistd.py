@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.ports import free_port
+from tests.procs import alive, children
 
 REPO = Path(__file__).resolve().parents[2]
 MESSAGE = b"From: alice@acme.test\r\nTo: bob@partner.test\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -309,25 +310,6 @@ def test_metrics_count_real_traffic(node: Node, sink: Sink):
     assert "smimeproxy_open_seconds_count 1" in text
 
 
-def _children(pid: int) -> set[int]:
-    found = set()
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            text = status.read_text()
-        except OSError:
-            continue
-        if f"\nPPid:\t{pid}\n" in text and "\nState:\tZ" not in text:
-            found.add(int(status.parent.name))
-    return found
-
-
-def _status(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return ""
-
-
 def test_engine_worker_processes_under_twistd(tmp_path: Path, sink: Sink):
     """``workers = 1``: the engine runs in a child of twistd; its work shows in the
     metrics, SIGHUP replaces it, SIGTERM ends it with twistd."""
@@ -337,24 +319,24 @@ def test_engine_worker_processes_under_twistd(tmp_path: Path, sink: Sink):
         while "smtp.workers_ready" not in n.log_text():
             assert time.monotonic() < deadline, n.log_text()
             time.sleep(0.1)
-        [worker] = _children(n.proc.pid)
+        [worker] = set(children(n.proc.pid))
         with n.smtp() as client:
             client.sendmail("carol@partner.test", ["bob@acme.test"], MESSAGE)
         assert "smimeproxy_open_seconds_count 1" in n.metrics()  # counted in the worker
         n.write(policy="pass-through", cert="first", extra="workers = 1\n")
         n.hup_and_wait("smtp.reloaded")
         deadline = time.monotonic() + 30
-        while worker in _children(n.proc.pid) or not _children(n.proc.pid):
+        while worker in set(children(n.proc.pid)) or not set(children(n.proc.pid)):
             assert time.monotonic() < deadline, "the worker was not replaced on SIGHUP"
             time.sleep(0.1)
-        [fresh] = _children(n.proc.pid)
+        [fresh] = set(children(n.proc.pid))
         with n.smtp() as client:
             client.sendmail("carol@partner.test", ["bob@acme.test"], MESSAGE)
         assert len(sink.received) == 2
         n.proc.send_signal(signal.SIGTERM)
         assert n.proc.wait(timeout=40) in (0, -signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while _status(fresh) and "State:\tZ" not in _status(fresh):
+        while alive(fresh):
             assert time.monotonic() < deadline, "the worker outlived twistd"
             time.sleep(0.1)
     finally:

@@ -29,6 +29,7 @@ from smimeproxy.smtp import make_service
 from smimeproxy.smtp.engine import ProcessEngine, WorkerSpec
 from tests.cms import openssl_decrypt, openssl_verify
 from tests.ports import free_port
+from tests.procs import alive
 from tests.smtp.conftest import PLAIN, write_config
 from tests.smtp.sink import Sink
 from tests.smtp.test_relay import Gateway
@@ -189,21 +190,9 @@ def test_stopping_the_gateway_ends_the_workers(tmp_path, pki):
     assert pids
     yield g.stop()
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         yield deferLater(reactor, 0.1, lambda: None)
-    assert not any(_alive(p) for p in pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie not yet reaped counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert not any(alive(p) for p in pids)
 
 
 @pytest_twisted.inlineCallbacks
