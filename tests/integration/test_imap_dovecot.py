@@ -139,9 +139,9 @@ def test_non_peek_fetch_sets_seen(world: World) -> None:
     d.logout()
 
 
-def test_decryption_runs_where_configured(world: World) -> None:
-    """With ``workers = 1`` the proxy has one engine worker process, which opens the
-    messages; with 0 it has none."""
+def test_engine_worker_processes_as_configured(world: World) -> None:
+    """With ``workers = 1`` the proxy runs one engine worker process beside it (with 0,
+    none), and an encrypted message is answered decrypted either way."""
     mailbox(world, "Where", [world.encrypted("where", "where am I opened")])
     c = world.client("alice")
     c.select("Where")
