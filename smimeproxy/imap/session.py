@@ -19,7 +19,7 @@ session decides (a Sent folder named by a literal is still encrypted).  A synchr
 literal the server answers with a tagged NO/BAD instead of ``+`` ends that command.
 
 Latency: what one read event produces is written at its end as one write, sent on the
-socket at once (:mod:`~smimeproxy.imap.sockets`: no epoll registration round when
+socket at once (:mod:`~smimeproxy.sockets`: no epoll registration round when
 nothing is buffered; a read that passes through unchanged is written as it was read,
 not joined again), so a pass-through command costs one reactor turn per direction;
 both sockets have TCP_NODELAY.
@@ -46,7 +46,6 @@ from twisted.python.failure import Failure
 from smimeproxy.bugs import log_bug
 from smimeproxy.errors import MalformedMessage
 from smimeproxy.imap import fetch, intercept
-from smimeproxy.imap.sockets import UPSTREAM_READ, flush, no_delay, read_size, write_now
 from smimeproxy.imap.upstream import (
     UpstreamProtocol,
     capabilities_in,
@@ -65,6 +64,7 @@ from smimeproxy.imap.wire import (
     split_tag,
     tokenize,
 )
+from smimeproxy.sockets import UPSTREAM_READ, flush, no_delay, read_size, write_now
 
 #: commands whose continuation lines from the client are not commands (RFC 3501 6.2.2,
 #: RFC 2177)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from smimeproxy.imap.sockets import write_now
+from smimeproxy.sockets import write_now
 
 if TYPE_CHECKING:  # pragma: no cover
     from smimeproxy.imap.session import ProxySession

@@ -60,7 +60,7 @@ from twisted.python.failure import Failure
 from smimeproxy.smtp.extensions import Envelope, needs_smtputf8, utf8_refusal
 from smimeproxy.smtp.replies import Reply
 from smimeproxy.smtp.transform import Copy
-from smimeproxy.smtp.writes import write_now
+from smimeproxy.sockets import write_now
 
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$")

@@ -55,7 +55,7 @@ from smimeproxy.smtp.replies import Reply, render
 from smimeproxy.smtp.sasl import MECHANISMS
 from smimeproxy.smtp.submission import Submission, SubmissionMixin
 from smimeproxy.smtp.transform import MessageTransform, TransformResult
-from smimeproxy.smtp.writes import write_now
+from smimeproxy.sockets import write_now
 
 _PATH = re.compile(r"^(?P<kw>FROM|TO):\s*<(?P<addr>[^<>\s]*)>(?P<params>.*)$", re.IGNORECASE)
 #: more errors than this in one session and the client is sent away (Postfix: 20)

@@ -42,7 +42,7 @@ from smimeproxy.smtp import sasl
 from smimeproxy.smtp.dovecot_auth import Challenge, Refusal, Success
 from smimeproxy.smtp.dovecot_client import DovecotAuthClient, Step
 from smimeproxy.smtp.replies import Reply
-from smimeproxy.smtp.writes import write_now
+from smimeproxy.sockets import write_now
 
 #: failed AUTH attempts in one session before it is closed (Postfix: smtpd_hard_error_limit)
 MAX_FAILURES = 3

@@ -7,7 +7,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.testing import StringTransport
 
-from smimeproxy.imap.sockets import _idle_plain_tcp, flush, write_now
+from smimeproxy.sockets import _idle_plain_tcp, flush, write_now
 
 
 def test_other_transports_just_write() -> None:

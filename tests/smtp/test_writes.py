@@ -6,7 +6,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.testing import StringTransport
 
-from smimeproxy.smtp.writes import _idle_plain_tcp, write_now
+from smimeproxy.sockets import _idle_plain_tcp, write_now
 
 
 def test_other_transports_just_write():
