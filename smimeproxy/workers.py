@@ -436,6 +436,10 @@ def _build(
 
         lookup = lookup_from_config(config.directory.lookup, store)
     processor = MessageProcessor(store, config.smime, lookup=lookup, registry=registry)
+    if config.imap is not None:
+        # loaded now, at start, rather than by the first stored message to open: that
+        # import (about 80 ms) would otherwise stall every worker at a user's first sync
+        import smimeproxy.imap.intercept  # noqa: F401
     if config.smtp is None:
         return processor, None
     from smimeproxy.smtp.transform import MessageTransform
