@@ -414,59 +414,52 @@ async def views_for(session: ProxySession, uids: list[int], warm: bool = True) -
     if missing and session.ctx.engine is None:  # worker processes load their own
         opener = await session.ctx.run_blocking(Opener.load, session.ctx.processor, session.owners)
     chunks = [missing[i : i + BATCH] for i in range(0, len(missing), BATCH)]
+    opening: list[list[Deferred[None]]] = [[] for _ in chunks]
 
-    def ask(chunk: list[int]) -> Deferred[Any]:
-        return session.command(
-            b"UID FETCH " + b",".join(b"%d" % u for u in chunk) + b" (UID BODY.PEEK[])"
-        )
-
-    # the next batch's ciphertext comes over the wire while this one is being opened
-    # (the server answers pipelined commands in order, so each keeps its own responses)
-    pending = ask(chunks[0]) if chunks else None
-    try:
-        for index, chunk in enumerate(chunks):
-            assert pending is not None
-            result = await pending
-            pending = ask(chunks[index + 1]) if index + 1 < len(chunks) else None
-            await _open_batch(session, opener, chunk, result, warm, views)
-    finally:
-        if pending is not None:  # given up half way (upstream lost): nobody waits
-            pending.addErrback(lambda _: None)
-    if metrics is not None and missing:
-        metrics.cache_size(cache)
-    return views
-
-
-async def _open_batch(
-    session: ProxySession,
-    opener: Any,
-    chunk: list[int],
-    result: Any,
-    warm: bool,
-    views: dict[int, Any],
-) -> None:
-    """Open one batch of fetched ciphertexts in the pool and cache the views."""
-    cache = session.ctx.cache
-    metrics = session.ctx.metrics
-    bodies = []
-    for message in result.untagged:
-        found_uid, data = _uid_and_body(message)
-        if found_uid is not None and data is not None and found_uid in chunk:
-            bodies.append((found_uid, data))
-    # the batch is opened in parallel in the pool (RSA and AES release the GIL)
-    opened = await gatherResults(
-        [_open(session, opener, data, warm) for _uid, data in bodies], consumeErrors=True
-    )
-    for (uid, _data), view in zip(bodies, opened, strict=True):
-        key = cache_key(session, uid)
+    def keep(view: Any, key: tuple[str, str, int, int]) -> None:
         if metrics is not None:
             metrics.decrypted(view is not None)
         if view is None:
             session.undecryptable.add(key)
-            continue
+            return
         if cache is not None:
             cache.put(key, view)
-        views[uid] = view
+        views[key[3]] = view
+
+    batch_of = {uid: index for index, chunk in enumerate(chunks) for uid in chunk}
+
+    def arrived(message: Message) -> None:
+        # each ciphertext goes to the engine as soon as it is here, while the server
+        # still sends the rest; by UID, because a server may interleave the responses
+        # of pipelined FETCH commands (Dovecot does)
+        uid, data = _uid_and_body(message)
+        index = batch_of.pop(uid, None) if uid is not None else None
+        if index is not None and data is not None:
+            d = _open(session, opener, data, warm)
+            opening[index].append(d.addCallback(keep, cache_key(session, uid)))
+
+    def ask(index: int) -> Deferred[Any]:
+        uids = b",".join(b"%d" % u for u in chunks[index])
+        return session.command(b"UID FETCH " + uids + b" (UID BODY.PEEK[])", on_fetch=arrived)
+
+    # Two batches are asked for at a time; the next once the one before the last
+    # has been opened, so at most about two batches of ciphertext wait for the engine.
+    fetches = {i: ask(i) for i in range(min(2, len(chunks)))}
+    try:
+        for index in range(len(chunks)):
+            await fetches.pop(index)
+            if index >= 1:
+                await gatherResults(opening[index - 1], consumeErrors=True)
+            if index + 2 < len(chunks):
+                fetches[index + 2] = ask(index + 2)
+        if chunks:
+            await gatherResults(opening[-1], consumeErrors=True)
+    finally:
+        for pending in fetches.values():  # given up half way (upstream lost): nobody waits
+            pending.addErrback(lambda _: None)
+    if metrics is not None and missing:
+        metrics.cache_size(cache)
+    return views
 
 
 def _open(session: ProxySession, opener: Any, data: bytes, warm: bool) -> Deferred[Any]:

@@ -152,6 +152,9 @@ class ProxySession(Protocol, TimeoutMixin):
         self._serial = 0
         self._injected: dict[bytes, Deferred[Result]] = {}
         self._captured: list[Message] = []
+        #: per proxy-issued command: called with each of its FETCH responses as it
+        #: arrives, instead of keeping them for its Result
+        self._on_fetch: dict[bytes, Callable[[Message], None]] = {}
         self._continuation: Deferred[bool] | None = None
         self._continuation_tag: bytes | None = None
         self._resp_mode: str | None = None  # forward | capture | rewrite | skip
@@ -195,6 +198,7 @@ class ProxySession(Protocol, TimeoutMixin):
         for d in list(self._injected.values()):
             d.errback(MalformedMessage("upstream connection lost"))
         self._injected.clear()
+        self._on_fetch.clear()
         if not self._closed:
             self._log.info("imap.upstream.lost")
             self.send(b"* BYE upstream connection lost\r\n")
@@ -534,9 +538,18 @@ class ProxySession(Protocol, TimeoutMixin):
         self.secure = True
 
     # -- proxy-issued commands ---------------------------------------------------------
-    def command(self, text: bytes, literals: tuple[bytes, ...] = ()) -> Deferred[Result]:
+    def command(
+        self,
+        text: bytes,
+        literals: tuple[bytes, ...] = (),
+        on_fetch: Callable[[Message], None] | None = None,
+    ) -> Deferred[Result]:
         """Run one command of the proxy's own upstream (``text`` without tag; literal
-        headers in it must match ``literals``)."""
+        headers in it must match ``literals``).  With ``on_fetch``, each FETCH response
+        is handed over as it arrives (so work on the first can start while the server
+        still sends the rest) and the :class:`Result` holds none; commands pipelined
+        together must then share one ``on_fetch``, since the server may interleave
+        their responses."""
         self._serial += 1
         tag = b"smp%d" % self._serial
         d: Deferred[Result] = Deferred()
@@ -544,6 +557,8 @@ class ProxySession(Protocol, TimeoutMixin):
             d.errback(MalformedMessage("upstream connection lost"))
             return d
         self._injected[tag] = d
+        if on_fetch is not None:
+            self._on_fetch[tag] = on_fetch
         parts = (tag + b" " + text).split(b"\r\n")
         self._write_message(Message([p + b"\r\n" for p in parts if p], list(literals)))
         return d
@@ -663,7 +678,13 @@ class ProxySession(Protocol, TimeoutMixin):
             return
         head = message.lines[0]
         if re.match(rb"\* [0-9]+ FETCH ", head, re.IGNORECASE) and not _flags_update(message):
-            self._captured.append(message)
+            # (a server may interleave the responses of pipelined commands: the hook
+            # of the oldest one outstanding gets them, and sorts them out by UID)
+            hook = self._on_fetch.get(next(iter(self._injected), b""))
+            if hook is not None:
+                hook(message)
+            else:
+                self._captured.append(message)
             return
         if self._injected and re.match(rb"\* (LIST|SEARCH|ESEARCH|CAPABILITY)\b", head, re.I):
             self._captured.append(message)
@@ -699,6 +720,7 @@ class ProxySession(Protocol, TimeoutMixin):
             waiting.callback(False)
         if tag in self._injected:
             d = self._injected.pop(tag)
+            self._on_fetch.pop(tag, None)
             captured, self._captured = self._captured, []
             d.callback(Result(status, text, captured))
             return
