@@ -107,3 +107,24 @@ def test_a_bug_in_a_worker_is_logged_without_the_text_it_quotes(monkeypatch):
     assert "quarterly" not in str(answer.error)
     text = " ".join(formatEvent(e) for e in seen)
     assert "worker.bug" in text and "ValueError" in text and "quarterly" not in text
+
+
+@pytest_twisted.inlineCallbacks
+def test_many_messages_at_once_small_and_larger_than_shared_memory(engine):
+    """More jobs in flight than the worker has shared-memory slots, and a message larger
+    than a slot: each answer is its own message's (the rest cross in the pipe)."""
+    from twisted.internet.defer import gatherResults
+
+    from smimeproxy.workers import PER_WORKER, SLOT_SIZE
+
+    alice = engine.people["alice"].certificate
+    line = b"y" * 70 + b"\r\n"
+    texts = [b"message %d\r\n" % i + line * 600 for i in range(3 * PER_WORKER)]  # ~43 KB
+    texts.append(b"the big one\r\n" + line * ((SLOT_SIZE >> 6) + 4096))
+    stored = [seal(MESSAGE.replace(b"the stored secret", t), recipients=[alice]) for t in texts]
+    assert len(stored[-1]) > SLOT_SIZE
+    views = yield gatherResults([engine.open_view(["alice@acme.test"], s) for s in stored])
+    for text, view in zip(texts, views, strict=True):
+        assert text in view.data
+    [worker] = engine._pool
+    assert sorted(worker.free) == list(range(PER_WORKER))  # every slot back after its answer
