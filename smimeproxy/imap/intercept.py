@@ -496,7 +496,27 @@ def _pairs(message: Message) -> dict[bytes, Token]:
     return out
 
 
+#: a FETCH response as Dovecot (and most servers) send the proxy's own queries: UID,
+#: then one section as a literal; read without the general tokenizer (about 10 us less
+#: per response, 2,000 of them per classification of a 2,000-message mailbox)
+_UID_SECTION = re.compile(rb"\* ([0-9]+) FETCH \(UID ([0-9]+) BODY\[[^\]\r\n]*\] \{([0-9]+)\}\r\n")
+
+
+def _simple_response(message: Message) -> tuple[int, int, bytes] | None:
+    """``(seq, uid, section)`` of a response shaped exactly like that, else None."""
+    lines, literals = message.lines, message.literals
+    if len(lines) != 2 or len(literals) != 1 or lines[1] != b")\r\n":
+        return None
+    m = _UID_SECTION.fullmatch(lines[0])
+    if m is None or int(m.group(3)) != len(literals[0]):
+        return None
+    return int(m.group(1)), int(m.group(2)), literals[0]
+
+
 def _uid_and_body(message: Message) -> tuple[int | None, bytes | None]:
+    simple = _simple_response(message)
+    if simple is not None:
+        return simple[1], simple[2]
     try:
         pairs = _pairs(message)
         uid = int(bytes(pairs[b"UID"]))  # type: ignore[arg-type]
@@ -513,6 +533,11 @@ def _uid_seq_smime(messages: list[Message]) -> list[tuple[int, int, bool]]:
     """``(uid, seq, is S/MIME)`` of each Content-Type FETCH response among ``messages``."""
     out = []
     for message in messages:
+        simple = _simple_response(message)
+        if simple is not None:
+            seq, uid, header = simple
+            out.append((uid, seq, fetch.is_smime(header)))
+            continue
         try:
             pairs = _pairs(message)
             uid = int(bytes(pairs[b"UID"]))  # type: ignore[arg-type]

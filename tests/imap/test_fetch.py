@@ -169,3 +169,51 @@ def test_rewrite_memo_keeps_no_copies_of_content() -> None:
     rewrite = FetchRewrite({4: view}, {}, items(b"(BODY.PEEK[])"))
     assert b"x" * 20000 in rewrite.render(Message([b"* 1 FETCH (UID 4)\r\n"]))
     assert view.rendered == {}
+
+
+def _response(seq: int, uid: int, section: bytes, value: bytes) -> Message:
+    return Message(
+        [b"* %d FETCH (UID %d BODY[%s] {%d}\r\n" % (seq, uid, section, len(value)), b")\r\n"],
+        [value],
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 10**9),
+    st.integers(1, 10**9),
+    st.sampled_from([b"", b"HEADER.FIELDS (CONTENT-TYPE)", b"1.MIME", b"TEXT"]),
+    st.binary(max_size=200),
+)
+def test_the_quick_reading_of_a_fetch_response_agrees_with_the_tokenizer(seq, uid, section, value):
+    """The proxy's own queries' answers are read by a regular expression when they have
+    the usual shape: it must find what the general tokenizer finds."""
+    from smimeproxy.imap.intercept import _pairs, _simple_response, _uid_and_body
+
+    message = _response(seq, uid, section, value)
+    assert _simple_response(message) == (seq, uid, value)
+    pairs = _pairs(message)
+    assert (int(bytes(pairs[b"*SEQ"])), int(bytes(pairs[b"UID"])), bytes(pairs[b"BODY["])) == (
+        seq,
+        uid,
+        value,
+    )
+    assert _uid_and_body(message) == (uid, value)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Message([b"* 1 FETCH (BODY[] {3}\r\n", b" UID 7)\r\n"], [b"abc"]),  # UID after
+        Message([b"* 1 FETCH (UID 7 BODY[] {4}\r\n", b")\r\n"], [b"abc"]),  # wrong length
+        Message([b"* 1 FETCH (UID 7 BODY[] ~{3}\r\n", b")\r\n"], [b"abc"]),  # literal8
+        Message([b"* 1 FETCH (UID 7 BODY[] NIL)\r\n"], []),
+        Message([b"* 1 fetch (uid 7 body[] {3}\r\n", b")\r\n"], [b"abc"]),
+    ],
+)
+def test_other_shapes_take_the_tokenizer(message):
+    from smimeproxy.imap.intercept import _simple_response, _uid_and_body
+
+    assert _simple_response(message) is None
+    uid, body = _uid_and_body(message)
+    assert uid == 7 and body in (b"abc", None)
