@@ -500,6 +500,8 @@ def _build(
         # loaded now, at start, rather than by the first stored message to open: that
         # import (about 80 ms) would otherwise stall every worker at a user's first sync
         import smimeproxy.imap.intercept  # noqa: F401
+        import smimeproxy.imap.views  # noqa: F401
+        import smimeproxy.smime.opener  # noqa: F401
     if config.smtp is None:
         return processor, None
     from smimeproxy.smtp.transform import MessageTransform

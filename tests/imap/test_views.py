@@ -590,3 +590,31 @@ def test_split_spans_agrees_with_the_regex_reading(pieces: list[bytes]) -> None:
 
     body = b"".join(pieces)
     assert split_spans(body, "b") == _split_spans_by_regex(body, "b")
+
+
+def test_a_view_crossing_processes_answers_the_same():
+    """An engine worker's view arrives pickled: a small one without its parsed tree
+    (parsed again on first use), a large one with it; both answer every item alike."""
+    import pickle
+
+    from smimeproxy.imap.views import REPARSE_MAX
+
+    def message(size: int) -> bytes:
+        text = b"line of text\r\n" * (size // 14)
+        return (
+            b"From: a@b.test\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+            b"--b\r\nContent-Type: text/plain\r\n\r\n" + text + b"\r\n"
+            b"--b\r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n--b--\r\n"
+        )
+
+    for size, keeps_tree in ((10_000, False), (REPARSE_MAX + 10_000, True)):
+        view = MessageView(message(size))
+        view.warm()
+        back = pickle.loads(pickle.dumps(view))
+        assert (back._root is not None) is keeps_tree
+        assert back.size == view.size and back.data == view.data
+        assert back.bodystructure(True) == view.bodystructure(True)
+        assert back.bodystructure(False) == view.bodystructure(False)
+        for spec in ("1", "2", "2.MIME", "HEADER", "TEXT", "HEADER.FIELDS (From)"):
+            assert back.section(spec) == view.section(spec)
