@@ -214,7 +214,7 @@ class Assembler:
     def __init__(self, max_size: int):
         self.max_size = max_size
         self._current: Message | None = None
-        self._literal = bytearray()
+        self._literal: list[bytes] = []
         self._size = 0
         self._dropping = False
 
@@ -229,10 +229,12 @@ class Assembler:
             if self._size > self.max_size:
                 self._reset(dropping=True)
                 raise MalformedMessage("message too large")
-            self._literal += event.data
+            self._literal.append(event.data)
             if event.end:
-                self._current.literals.append(bytes(self._literal))
-                self._literal.clear()
+                # a literal that came in one piece is kept as it is: no copy
+                pieces = self._literal
+                self._current.literals.append(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                self._literal = []
             return None
         if event.first:
             self._reset()
