@@ -499,8 +499,8 @@ def _build(
     if config.imap is not None:
         # loaded now, at start, rather than by the first stored message to open: that
         # import (about 80 ms) would otherwise stall every worker at a user's first sync
-        import smimeproxy.imap.intercept  # noqa: F401
-        import smimeproxy.imap.views  # noqa: F401
+        import smimeproxy.imap.intercept
+        import smimeproxy.imap.views
         import smimeproxy.smime.opener  # noqa: F401
     if config.smtp is None:
         return processor, None
