@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from smimeproxy.errors import MalformedMessage, SMIMEProxyError
 from smimeproxy.imap.bodystructure import body_structure, encode
 from smimeproxy.imap.mimetree import Part, parse_part
-from smimeproxy.smime.mime import CRLF
+from smimeproxy.smime.mime import CRLF, is_crlf
 
 __all__ = ["IDENTITY_ENCODINGS", "KNOWN_ENCODINGS", "MessageView", "Part", "partial"]
 
@@ -94,7 +94,7 @@ class MessageView:
     def __init__(self, data: bytes):
         if not isinstance(data, bytes):
             raise TypeError("MessageView takes bytes")
-        if data.count(b"\n") != data.count(b"\r\n"):
+        if not is_crlf(data) and data.count(b"\n") != data.count(b"\r\n"):
             # IMAP servers send CRLF line ends whatever they store (Dovecot converts bare
             # LF on output); ``size`` and every section are of the converted message.
             data = _BARE_LF.sub(b"\r\n", data)

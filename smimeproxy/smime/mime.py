@@ -378,21 +378,28 @@ def to_crlf(data: bytes) -> bytes:
     """Canonical line endings (RFC 5751 section 3.1.1): every line ends with CRLF."""
     if b"\r" not in data:
         return data.replace(b"\n", b"\r\n")
-    if len(data) <= _MASKED_LIMIT:
-        # every CR followed by LF and every LF preceded by CR: the CR mask shifted by one
-        # is the LF mask (two table lookups per byte beat counting the two-byte CRLF)
-        cr, lf = data.translate(_CR_MASK), data.translate(_LF_MASK)
-        if cr[:-1] == lf[1:] and cr[-1] == 0 and lf[0] == 0:
-            return data
-    elif data.count(b"\r\n") == data.count(b"\n") == data.count(b"\r"):
-        return data  # already canonical: no copy (counting is far cheaper than a regex)
+    if is_crlf(data):
+        return data  # already canonical: no copy
     return _LINE_END.sub(b"\r\n", data)
+
+
+def is_crlf(data: bytes) -> bool:
+    """Whether every CR in ``data`` is followed by LF and every LF preceded by CR."""
+    if not data:
+        return True
+    if len(data) <= _MASKED_LIMIT:
+        # the CR mask shifted by one is the LF mask (two table lookups per byte beat
+        # counting the two-byte CRLF)
+        cr, lf = data.translate(_CR_MASK), data.translate(_LF_MASK)
+        return cr[:-1] == lf[1:] and cr[-1] == 0 and lf[0] == 0
+    # counting is far cheaper than a regex, and makes no copy
+    return data.count(b"\r\n") == data.count(b"\n") == data.count(b"\r")
 
 
 #: to_crlf masks (1 at CR, resp. LF); above the limit it counts instead of copying twice
 _CR_MASK = bytes(1 if b == 0x0D else 0 for b in range(256))
 _LF_MASK = bytes(1 if b == 0x0A else 0 for b in range(256))
-_MASKED_LIMIT = 64 * 1024
+_MASKED_LIMIT = 1 << 20
 
 
 def to_eol(data: bytes, eol: bytes) -> bytes:
