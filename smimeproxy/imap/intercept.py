@@ -183,13 +183,18 @@ class FetchRewrite:
     failures: list[bytes] = field(default_factory=list)
     #: the UIDs whose response has been rewritten (each is answered once)
     answered: set[int] = field(default_factory=set)
+    #: messages still being opened: UID -> Deferred firing with the view (or None)
+    pending: dict[int, Deferred[Any]] = field(default_factory=dict)
 
     def _uid(self, seq: int, uid: int | None) -> int | None:
         return uid if uid is not None else self.seq_to_uid.get(seq)
 
     def wants(self, line: bytes) -> bool:
         ids = fetch.fetch_response_ids(line)
-        return ids is not None and self._uid(*ids) in self.views
+        if ids is None:
+            return False
+        uid = self._uid(*ids)
+        return uid in self.views or uid in self.pending
 
     def observe(self, line: bytes) -> None:
         """Keep the sequence map right across EXPUNGE responses (RFC 3501 7.4.1)."""
@@ -200,11 +205,24 @@ class FetchRewrite:
                 (s - 1 if s > gone else s): u for s, u in self.seq_to_uid.items() if s != gone
             }
 
-    def render(self, message: Message) -> bytes:
+    def render(self, message: Message) -> bytes | Deferred[bytes]:
+        """The response as the client gets it; a Deferred (that never fails) while its
+        message is still being opened."""
         ids = fetch.fetch_response_ids(message.lines[0])
         uid = self._uid(*ids) if ids else None
-        view = self.views.get(uid) if uid is not None else None
-        if view is None or uid in self.answered:
+        if uid is not None and uid not in self.views and uid in self.pending:
+            later: Deferred[bytes] = Deferred()
+
+            def opened(view: Any) -> Any:
+                later.callback(self._render(uid, view, message))
+                return view  # the next waiter gets the view too
+
+            self.pending[uid].addBoth(opened)
+            return later
+        return self._render(uid, self.views.get(uid) if uid is not None else None, message)
+
+    def _render(self, uid: int | None, view: Any, message: Message) -> bytes:
+        if view is None or uid is None or uid in self.answered:
             return message.encode()
         # a re-sync gets byte-identical server lines: answer those from the view's memo
         # (only lines once found to be a FETCH's own response are remembered)
@@ -397,6 +415,18 @@ def cache_key(session: ProxySession, uid: int) -> tuple[str, str, int, int]:
 async def views_for(session: ProxySession, uids: list[int], warm: bool = True) -> dict[int, Any]:
     """Decrypted views of these S/MIME messages (cache first, then upstream); ``warm``
     parses new ones in the worker threads (see :func:`open_view`)."""
+    views, pending = await open_views(session, uids, warm)
+    await gatherResults(list(pending.values()), consumeErrors=True)
+    return views
+
+
+async def open_views(
+    session: ProxySession, uids: list[int], warm: bool = True
+) -> tuple[dict[int, Any], dict[int, Deferred[Any]]]:
+    """Like :func:`views_for`, but done once every ciphertext has been fetched: the
+    views opened by then, and for the others (still in the engine) a Deferred that
+    fires with the view, or None when the message stays as stored.  ``views`` gains
+    each of them as it is opened."""
     cache = session.ctx.cache
     metrics = session.ctx.metrics
     views: dict[int, Any] = {}
@@ -414,17 +444,20 @@ async def views_for(session: ProxySession, uids: list[int], warm: bool = True) -
     if missing and session.ctx.engine is None:  # worker processes load their own
         opener = await session.ctx.run_blocking(Opener.load, session.ctx.processor, session.owners)
     chunks = [missing[i : i + BATCH] for i in range(0, len(missing), BATCH)]
-    opening: list[list[Deferred[None]]] = [[] for _ in chunks]
+    opening: list[list[Deferred[Any]]] = [[] for _ in chunks]
+    pending: dict[int, Deferred[Any]] = {}
 
-    def keep(view: Any, key: tuple[str, str, int, int]) -> None:
+    def keep(view: Any, key: tuple[str, str, int, int]) -> Any:
+        pending.pop(key[3], None)
         if metrics is not None:
             metrics.decrypted(view is not None)
         if view is None:
             session.undecryptable.add(key)
-            return
+            return None
         if cache is not None:
             cache.put(key, view)
         views[key[3]] = view
+        return view
 
     batch_of = {uid: index for index, chunk in enumerate(chunks) for uid in chunk}
 
@@ -435,7 +468,8 @@ async def views_for(session: ProxySession, uids: list[int], warm: bool = True) -
         uid, data = _uid_and_body(message)
         index = batch_of.pop(uid, None) if uid is not None else None
         if index is not None and data is not None:
-            d = _open(session, opener, data, warm)
+            # (keep takes it out of ``pending`` again, at once if it opened at once)
+            pending[uid] = d = _open(session, opener, data, warm)
             opening[index].append(d.addCallback(keep, cache_key(session, uid)))
 
     def ask(index: int) -> Deferred[Any]:
@@ -452,14 +486,12 @@ async def views_for(session: ProxySession, uids: list[int], warm: bool = True) -
                 await gatherResults(opening[index - 1], consumeErrors=True)
             if index + 2 < len(chunks):
                 fetches[index + 2] = ask(index + 2)
-        if chunks:
-            await gatherResults(opening[-1], consumeErrors=True)
     finally:
-        for pending in fetches.values():  # given up half way (upstream lost): nobody waits
-            pending.addErrback(lambda _: None)
+        for fetching in fetches.values():  # given up half way (upstream lost): nobody waits
+            fetching.addErrback(lambda _: None)
     if metrics is not None and missing:
         metrics.cache_size(cache)
-    return views
+    return views, pending
 
 
 def _open(session: ProxySession, opener: Any, data: bytes, warm: bool) -> Deferred[Any]:
@@ -660,26 +692,51 @@ async def fetch_intercept(
         # UID FETCH responses carry the UID: classify the mailbox once (and again only
         # after new mail), then decide per response; no extra round trip per command.
         known = await classify(session) if session.mailbox_changed else session.classification()
-        wanted = in_uid_set(seqset, known.smime, known.upto - 1)
-        views = await views_for(session, sorted(wanted), needs_tree(content)) if wanted else {}
-        rewrite = FetchRewrite(views, {}, content)
+        uids, seq_to_uid = sorted(in_uid_set(seqset, known.smime, known.upto - 1)), {}
     else:
         mods = b""
         for i, mod in enumerate(modifiers[:-1]):
             if isinstance(mod, Atom) and bytes(mod).upper() == b"CHANGEDSINCE":
                 mods = b" (CHANGEDSINCE " + encode_token(modifiers[i + 1]) + b")"
         found = await seq_smime_uids(session, seqset, mods)
-        views = await views_for(session, sorted(found), needs_tree(content)) if found else {}
-        rewrite = FetchRewrite(views, {seq: uid for uid, seq in found.items()}, content)
-    if not views:
+        uids, seq_to_uid = sorted(found), {seq: uid for uid, seq in found.items()}
+    views, pending = await open_views(session, uids, needs_tree(content)) if uids else ({}, {})
+    if pending and not _may_overlap(tag, word, message, seqset, views, pending, content):
+        await gatherResults(list(pending.values()), consumeErrors=True)
+    if not views and not pending:
         session.forward(tag, word, message)
         return
-    if word == b"UID FETCH":
+    if word == b"UID FETCH" and not pending:
         message = _without_content(tag, message, seqset, set(views), content) or message
+    rewrite = FetchRewrite(views, seq_to_uid, content, pending=pending)
     rewrite.asked = upstream_kinds(word, message)
     session.rewrite = rewrite
     session.forward(tag, word, message, rewrite.done)
     await rewrite.done
+
+
+def _may_overlap(
+    tag: bytes,
+    word: bytes,
+    message: Message,
+    seqset: bytes,
+    views: dict[int, Any],
+    pending: dict[int, Any],
+    content: list[fetch.ContentItem],
+) -> bool:
+    """Whether the client's FETCH may go to the server while the last messages are
+    still being opened (their responses then wait for them, and everything after them
+    waits too: ``ProxySession.send_later``).  The server answers the rest meanwhile,
+    which in a first sync is most of it.  Not when a BINARY item may fail the command
+    (an unknown transfer encoding must be known before the tagged reply), nor when
+    every message named is S/MIME (the server is then asked for no content at all,
+    :func:`_without_content`, which needs every message open first)."""
+    if any(item.kind.startswith(b"BINARY") for item in content):
+        return False
+    if word != b"UID FETCH":
+        return True
+    opened = set(views) | set(pending)
+    return _without_content(tag, message, seqset, opened, content) is None
 
 
 def _without_content(

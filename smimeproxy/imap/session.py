@@ -118,6 +118,10 @@ class SessionContext:
     #: worker processes that open stored messages (:class:`smimeproxy.workers.
     #: ProcessEngine`); None: they are opened in the thread pool (``run_blocking``)
     engine: Any = None
+    #: octets of the server's responses held behind a FETCH response whose message is
+    #: still being opened, before the session stops reading the server (it reads
+    #: again below half of it)
+    max_held: int = 8 << 20
 
 
 class ProxySession(Protocol, TimeoutMixin):
@@ -167,6 +171,12 @@ class ProxySession(Protocol, TimeoutMixin):
         self.undecryptable: set[tuple[str, str, int, int]] = set()
         self._lost_waiters: list[Deferred[None]] = []
         self._batch: list[bytes] | None = None
+        #: output waiting behind a FETCH response still being rendered (send_later):
+        #: everything sent after it waits too, so the client sees the server's order
+        self._held: deque[bytes | _Later] | None = None
+        self._held_bytes = 0
+        self._reading_paused = False
+        self._close_when_released = False
 
     # -- connection lifecycle ----------------------------------------------------------
     def connectionMade(self) -> None:
@@ -248,6 +258,11 @@ class ProxySession(Protocol, TimeoutMixin):
         return d
 
     def close(self) -> None:
+        if self._held is not None and not self._closed:
+            # responses still being rendered go first (e.g. a FETCH answered while its
+            # last message was being opened, then LOGOUT and the server's close)
+            self._close_when_released = True
+            return
         self._send_batch()
         self._closed = True
         if self.transport is not None:
@@ -257,10 +272,67 @@ class ProxySession(Protocol, TimeoutMixin):
 
     def send(self, data: bytes) -> None:
         if not self._closed and self.transport is not None:
-            if self._batch is not None:
-                self._batch.append(data)
+            if self._held is not None:
+                self._held.append(data)
+                self._held_bytes += len(data)
+                if self._held_bytes > self.ctx.max_held and not self._reading_paused:
+                    # the server's responses wait in its socket, not in our memory
+                    self._reading_paused = True
+                    if self.upstream is not None and self.upstream.transport is not None:
+                        self.upstream.transport.pauseProducing()
             else:
-                write_now(self.transport, data)
+                self._emit(data)
+
+    def _emit(self, data: bytes) -> None:
+        if self._batch is not None:
+            self._batch.append(data)
+        else:
+            write_now(self.transport, data)
+
+    def send_later(self, rendered: Deferred[bytes]) -> None:
+        """Send what ``rendered`` gives when it fires (a FETCH response whose decrypted
+        message is still being opened); later output waits for it.  ``rendered`` must
+        not fail."""
+        later = _Later()
+        if self._held is None:
+            self._held = deque()
+        self._held.append(later)
+
+        def ready(data: bytes) -> None:
+            later.data = data
+            self._release()
+
+        rendered.addCallback(ready)
+
+    def _release(self) -> None:
+        """Send the held output up to the first response still being rendered."""
+        held = self._held
+        out: list[bytes] = []
+        while held:
+            head = held[0]
+            if isinstance(head, _Later):
+                if head.data is None:
+                    break
+                out.append(head.data)
+            else:
+                out.append(head)
+                self._held_bytes -= len(head)
+            held.popleft()
+        if not held:
+            self._held = None
+            self._held_bytes = 0
+        if out and not self._closed and self.transport is not None:
+            self._emit(b"".join(out))  # into the batch of the read in progress, or out now
+        if self._held is None or self._held_bytes <= self.ctx.max_held // 2:
+            if self._reading_paused:
+                self._reading_paused = False
+                if self.upstream is not None and self.upstream.transport is not None:
+                    self.upstream.transport.resumeProducing()
+        if self._batch is None and not self._closed and self.transport is not None:
+            flush(self.transport)
+        if self._held is None and self._close_when_released:
+            self._close_when_released = False
+            self.close()
 
     def _send_batch(self) -> None:
         """Write what :meth:`upstream_data` gathered, as one write."""
@@ -674,7 +746,11 @@ class ProxySession(Protocol, TimeoutMixin):
     def _server_message(self, message: Message) -> None:
         mode = self._resp_mode
         if mode == "rewrite" and self.rewrite is not None:
-            self.send(self.rewrite.render(message))
+            rendered = self.rewrite.render(message)
+            if isinstance(rendered, bytes):
+                self.send(rendered)
+            else:
+                self.send_later(rendered)
             return
         head = message.lines[0]
         if re.match(rb"\* [0-9]+ FETCH ", head, re.IGNORECASE) and not _flags_update(message):
@@ -749,6 +825,15 @@ class ProxySession(Protocol, TimeoutMixin):
                 self.login = None
                 self._drain()
         self._maybe_start_intercept()
+
+
+class _Later:
+    """A place in the held output for a response being rendered (``data`` once done)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
 
 
 def _flags_update(message: Message) -> bool:

@@ -742,3 +742,116 @@ def test_pipelined_classification_answered_out_of_order_still_classifies() -> No
     assert (known.smime, known.upto) == ({12}, 13)
     assert h.to_server() == b"c FETCH 2 (BODY.PEEK[])\r\n"
     assert h.to_client() == b""
+
+
+class OpeningEngine:
+    """Engine worker processes, as the session sees them: each stored message handed
+    over is answered when the test says so."""
+
+    def __init__(self) -> None:
+        self.opening: list[tuple[bytes, Deferred[Any]]] = []
+
+    def open_view(self, owners: list[str], data: bytes, warm: bool = True) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.opening.append((data, d))
+        return d
+
+
+PLAIN_BS = b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 5 1 NIL NIL NIL NIL)'
+CIPHER_BS = (
+    b'("application" "pkcs7-mime" ("smime-type" "enveloped-data") NIL NIL "base64" 8'
+    b" NIL NIL NIL NIL)"
+)
+
+
+def _first_sync_while_opening(**options: Any) -> tuple[Harness, OpeningEngine, bytes]:
+    """A first sync of UIDs 1-3 (2 is S/MIME) with the message still in the engine when
+    the server answers the client's command; returns the server's answer."""
+    engine = OpeningEngine()
+    h = Harness(processor=Processor({"alice": "alice@acme.test"}), engine=engine, **options)
+    h.send(b"a LOGIN alice pw\r\n")
+    h.server(b"a OK in\r\n")
+    h.server(b"smp1 OK listed\r\n")
+    h.send(b"b SELECT INBOX\r\n")
+    h.server(b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\nb OK done\r\n")
+    h.to_client()
+    h.to_server()
+    h.send(b"c UID FETCH 1:* (UID BODYSTRUCTURE)\r\nd NOOP\r\n")
+    assert h.to_server() == b"smp2 UID FETCH 1:*" + CT_QUERY
+    h.server(b"* 1 FETCH (UID 1 " + PLAIN_CT + b"* 2 FETCH (UID 2 " + SMIME_CT)
+    h.server(b"* 3 FETCH (UID 3 " + PLAIN_CT + b"smp2 OK done\r\n")
+    assert h.to_server() == b"smp3 UID FETCH 2 (UID BODY.PEEK[])\r\n"
+    h.server(b"* 2 FETCH (UID 2 BODY[] {%d}\r\n%s)\r\n" % (len(CIPHERTEXT), CIPHERTEXT))
+    assert [data for data, _ in engine.opening] == [CIPHERTEXT]
+    h.server(b"smp3 OK done\r\n")
+    # every ciphertext is here: the client's command goes on while it is being opened
+    assert h.to_server() == b"c UID FETCH 1:* (UID BODYSTRUCTURE)\r\n"
+    answer = b"".join(
+        b"* %d FETCH (UID %d BODYSTRUCTURE %s)\r\n" % (n, n, CIPHER_BS if n == 2 else PLAIN_BS)
+        for n in (1, 2, 3)
+    )
+    h.server(answer + b"c OK done\r\n")
+    return h, engine, answer
+
+
+def test_responses_after_one_still_being_opened_wait_for_it_in_order() -> None:
+    from smimeproxy.imap.views import MessageView
+
+    h, engine, _answer = _first_sync_while_opening()
+    first = b"* 1 FETCH (UID 1 BODYSTRUCTURE %s)\r\n" % PLAIN_BS
+    assert h.to_client() == first  # the rest waits behind message 2
+    assert h.to_server() == b"d NOOP\r\n"  # the next command need not wait: its answer does
+    h.server(b"d OK noop\r\n")
+    assert h.to_client() == b""
+    view = MessageView(b"Subject: secret\r\n\r\nhello\r\n")
+    engine.opening[0][1].callback(view)
+    assert h.to_client() == (
+        b"* 2 FETCH (UID 2 BODYSTRUCTURE %s)\r\n" % view.bodystructure(True)
+        + b"* 3 FETCH (UID 3 BODYSTRUCTURE %s)\r\n" % PLAIN_BS
+        + b"c OK done\r\n"
+        + b"d OK noop\r\n"
+    )
+    assert h.session.rewrite is None
+
+
+LOST = b"* BYE upstream connection lost\r\n"  # the proxy's own, as without an opening
+
+
+def test_a_close_waits_for_responses_still_being_opened() -> None:
+    """FETCH, then LOGOUT, and the server hangs up: the client still gets every
+    response, in order, before the connection closes."""
+    from smimeproxy.imap.views import MessageView
+
+    h, engine, _answer = _first_sync_while_opening()
+    h.to_client()
+    h.to_server()
+    h.server(b"d OK noop\r\n")
+    h.send(b"e LOGOUT\r\n")
+    assert h.to_server() == b"e LOGOUT\r\n"
+    h.server(b"* BYE bye\r\ne OK done\r\n")
+    h.up_transport.loseConnection()
+    h.session.upstream_lost(None)
+    assert not h.client.disconnecting
+    engine.opening[0][1].callback(MessageView(b"Subject: s\r\n\r\nx\r\n"))
+    out = h.to_client()
+    assert out.startswith(b"* 2 FETCH (UID 2 BODYSTRUCTURE (")
+    assert out.endswith(b"c OK done\r\nd OK noop\r\n* BYE bye\r\ne OK done\r\n" + LOST)
+    assert h.client.disconnecting
+
+
+def test_a_message_that_cannot_be_opened_is_answered_as_stored_in_its_place() -> None:
+    h, engine, answer = _first_sync_while_opening()
+    h.to_client()
+    engine.opening[0][1].callback(None)
+    rest = answer.split(b"\r\n", 1)[1]
+    assert h.to_client() == rest + b"c OK done\r\n"
+
+
+def test_the_server_is_not_read_while_too_much_waits_behind_an_opening() -> None:
+    from smimeproxy.imap.views import MessageView
+
+    h, engine, _answer = _first_sync_while_opening(max_held=64)
+    assert h.up_transport.producerState == "paused"
+    engine.opening[0][1].callback(MessageView(b"Subject: s\r\n\r\nx\r\n"))
+    assert h.up_transport.producerState == "producing"
+    assert h.to_client().endswith(b"c OK done\r\n")
