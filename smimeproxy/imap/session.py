@@ -12,7 +12,11 @@ with keys in the store.  An intercept waits until every earlier command has comp
 runs its own tagged commands on the same upstream connection (tags ``smpN``; their
 untagged FETCH responses are consumed, every other untagged response is passed on), and
 holds later client commands until it is done.  Pipelining of pass-through commands is
-kept; intercepted commands are serialised.
+kept; intercepted commands are serialised.  A FETCH may be answered while its last
+messages are still being opened: such a response is written once its message is open,
+and everything after it (later commands' answers too) waits behind it in order
+(:meth:`ProxySession.send_later`; bounded: the server is not read while more than
+``max_held`` octets wait).
 
 An APPEND whose mailbox is a literal is read up to the end of that literal before the
 session decides (a Sent folder named by a literal is still encrypted).  A synchronising
