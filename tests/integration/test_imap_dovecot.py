@@ -825,3 +825,42 @@ def test_non_uid_fetch_first_then_every_fetch_is_decrypted(world: World) -> None
         assert typ == "OK" and b"seq body" in body_of(data)
         assert b"seq body" in body_of(fetch(c, "2", "(BODY.PEEK[TEXT])"))
     c.logout()
+
+
+def test_first_sync_of_a_mixed_mailbox_keeps_the_servers_order(world: World) -> None:
+    """A first sync that opens 40 stored S/MIME messages (the last of them still in the
+    engine when the server answers the client's command): every response comes in the
+    server's order, plain ones byte for byte as direct, encrypted ones with the decrypted
+    message's structure and size; the next command's answer comes after them."""
+    from smimeproxy.imap.fetch import fetch_items
+
+    messages = [
+        world.encrypted(f"e{i}", f"secret {i}")
+        if i % 3 == 0
+        else plain_message(f"p{i}", f"plain {i}")
+        for i in range(120)
+    ]
+    mailbox(world, "Ordered", messages)
+    command = b"UID FETCH 1:* (UID RFC822.SIZE BODYSTRUCTURE)"
+    answers = {}
+    for name, conn in (("direct", world.direct()), ("proxy", world.client())):
+        conn.select("Ordered", readonly=True)
+        responses, tagged = _raw_fetch(conn, b"s1", command)
+        assert tagged.startswith(b"s1 OK")
+        answers[name] = responses
+        conn.logout()
+    direct, proxied = answers["direct"], answers["proxy"]
+    assert [r.split(b" FETCH ")[0] for r in proxied] == [r.split(b" FETCH ")[0] for r in direct]
+    c = world.client()
+    c.select("Ordered", readonly=True)
+    for i, (d, p) in enumerate(zip(direct, proxied, strict=True)):
+        if i % 3:
+            assert p == d
+            continue
+        items = dict(fetch_items(p)[1])
+        assert b"pkcs7-mime" not in items[b"BODYSTRUCTURE"].lower()
+        assert b'"mixed"' in items[b"BODYSTRUCTURE"].lower()  # the message and the footer
+        body = body_of(fetch(c, str(i + 1), "(BODY.PEEK[])"))
+        assert int(items[b"RFC822.SIZE"]) == len(body)
+        assert b"secret %d" % i in body
+    c.logout()
