@@ -181,6 +181,7 @@ class ProxySession(Protocol, TimeoutMixin):
         self._held_bytes = 0
         self._reading_paused = False
         self._close_when_released = False
+        self._server_said_bye = False
 
     # -- connection lifecycle ----------------------------------------------------------
     def connectionMade(self) -> None:
@@ -215,7 +216,8 @@ class ProxySession(Protocol, TimeoutMixin):
         self._on_fetch.clear()
         if not self._closed:
             self._log.info("imap.upstream.lost")
-            self.send(b"* BYE upstream connection lost\r\n")
+            if not self._server_said_bye:  # e.g. after LOGOUT: nothing may follow its OK
+                self.send(b"* BYE upstream connection lost\r\n")
             self.close()
 
     def timeoutConnection(self) -> None:
@@ -701,6 +703,8 @@ class ProxySession(Protocol, TimeoutMixin):
             self._tagged(line)
             return
         head = line[:64].upper()
+        if head.startswith(b"* BYE"):
+            self._server_said_bye = True  # the client has its reason for the close
         caps = None
         if b"CAPABILITY" in head and event.literal is None:
             caps = capabilities_in(line)

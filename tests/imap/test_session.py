@@ -814,9 +814,6 @@ def test_responses_after_one_still_being_opened_wait_for_it_in_order() -> None:
     assert h.session.rewrite is None
 
 
-LOST = b"* BYE upstream connection lost\r\n"  # the proxy's own, as without an opening
-
-
 def test_a_close_waits_for_responses_still_being_opened() -> None:
     """FETCH, then LOGOUT, and the server hangs up: the client still gets every
     response, in order, before the connection closes."""
@@ -835,7 +832,7 @@ def test_a_close_waits_for_responses_still_being_opened() -> None:
     engine.opening[0][1].callback(MessageView(b"Subject: s\r\n\r\nx\r\n"))
     out = h.to_client()
     assert out.startswith(b"* 2 FETCH (UID 2 BODYSTRUCTURE (")
-    assert out.endswith(b"c OK done\r\nd OK noop\r\n* BYE bye\r\ne OK done\r\n" + LOST)
+    assert out.endswith(b"c OK done\r\nd OK noop\r\n* BYE bye\r\ne OK done\r\n")
     assert h.client.disconnecting
 
 
@@ -855,3 +852,16 @@ def test_the_server_is_not_read_while_too_much_waits_behind_an_opening() -> None
     engine.opening[0][1].callback(MessageView(b"Subject: s\r\n\r\nx\r\n"))
     assert h.up_transport.producerState == "producing"
     assert h.to_client().endswith(b"c OK done\r\n")
+
+
+def test_logout_gets_the_servers_bye_and_nothing_after_its_ok() -> None:
+    """RFC 3501 6.1.3: after LOGOUT's tagged OK the connection closes; the proxy adds no
+    BYE of its own when the server gave one (it does when the server just vanishes)."""
+    h = _logged_in_and_selected()
+    h.to_client()
+    h.send(b"z LOGOUT\r\n")
+    assert h.to_server() == b"z LOGOUT\r\n"
+    h.server(b"* BYE Logging out\r\nz OK Logout completed.\r\n")
+    h.session.upstream_lost(None)
+    assert h.to_client() == b"* BYE Logging out\r\nz OK Logout completed.\r\n"
+    assert h.client.disconnecting
