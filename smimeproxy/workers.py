@@ -79,6 +79,10 @@ ARENA_ENV = "SMIMEPROXY_WORKER_ARENA"
 _ARENA_FD = 3
 #: seconds :meth:`ProcessEngine.close` waits for a worker to finish before SIGKILL
 CLOSE_TIMEOUT = 10.0
+#: seconds a worker may spend on one job before it is taken for stuck and killed (its
+#: jobs then fail like a dead worker's and a new one starts): far above any real message
+#: (a 10 MB one opens in well under a second), below the MTA's and clients' own timeouts
+JOB_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,8 @@ class _WorkerProcess(ProcessProtocol):
         self.started = time.monotonic()
         self.exited: defer.Deferred[None] = defer.Deferred()
         self.input_closed = False
+        #: fires when the oldest job has taken longer than the engine's job timeout
+        self.watchdog: Any = None
 
     @property
     def pid(self) -> int | None:
@@ -143,8 +149,31 @@ class _WorkerProcess(ProcessProtocol):
             frame = _framed(self.arena.dumps((function, args, slot), region))
         d: defer.Deferred[_Answer] = defer.Deferred()
         self.pending.append((d, slot))
+        if len(self.pending) == 1:
+            self._watch()
         self.transport.writeToChild(0, frame)
         return d
+
+    def _watch(self) -> None:
+        """(Re)start the watchdog for the job now oldest; none when nothing is held."""
+        if self.watchdog is not None and self.watchdog.active():
+            self.watchdog.cancel()
+        self.watchdog = None
+        if self.pending and not self.ended:
+            timeout = self.engine.job_timeout
+            self.watchdog = self.engine.reactor.callLater(timeout, self._stuck, timeout)
+
+    def _stuck(self, timeout: float) -> None:
+        self.watchdog = None
+        if self.ended or self.transport is None:
+            return
+        self.engine._log.error(
+            "{face}.worker_stuck pid={pid} seconds={seconds}",
+            face=self.engine.face,
+            pid=self.transport.pid,
+            seconds=timeout,
+        )
+        self.transport.signalProcess("KILL")
 
     def retire(self) -> None:
         """No new jobs; exit (end of input) once the jobs it holds are answered."""
@@ -164,6 +193,7 @@ class _WorkerProcess(ProcessProtocol):
             answer = pickle.loads(payload) if self.arena is None else self.arena.loads(payload)
             if slot is not None:  # read out: the slot may take the next job
                 self.free.append(slot)
+            self._watch()
             d.callback(answer)
         if self.retiring and not self.pending:
             self.transport.closeStdin()
@@ -174,6 +204,7 @@ class _WorkerProcess(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
+        self._watch()  # (cancels it)
         self.engine._ended(self, reason)  # out of the pool before anyone hears of it
         pending, self.pending = self.pending, deque()
         for d, _slot in pending:
@@ -202,14 +233,17 @@ class ProcessEngine:
         registry: Registry | None = None,
         *,
         face: str = "smtp",
+        job_timeout: float = JOB_TIMEOUT,
     ):
-        """``face`` names the service in the log events (``smtp.workers_ready``)."""
+        """``face`` names the service in the log events (``smtp.workers_ready``); a
+        worker that spends more than ``job_timeout`` seconds on one job is killed."""
         if workers < 1:
             raise ValueError("a process engine needs at least one worker")
         self.spec = spec
         self.workers = workers
         self.face = face
         self.reactor = reactor
+        self.job_timeout = job_timeout
         self.registry = registry or Registry()
         self.slots = defer.DeferredSemaphore(workers * PER_WORKER)
         self._pool: list[_WorkerProcess] = []

@@ -230,6 +230,29 @@ def test_a_message_that_kills_its_worker_gets_a_temporary_failure(tmp_path, pki)
         yield engine.close()
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_worker_stuck_on_one_job_is_killed_and_replaced(tmp_path, pki, events):
+    """A job that does not end (a hung library call, say) costs that worker, not the
+    service: after the job timeout the worker is killed, its jobs fail as a dead
+    worker's would (451 for an SMTP client) and a new worker answers."""
+    config = write_config(tmp_path, "workers = 1")
+    secret = create_key_file(tmp_path / "master.key")
+    open_store(config.keystore.url, secret, create=True, base=tmp_path)
+    engine = ProcessEngine(WorkerSpec(str(config.path), secret), 1, reactor, job_timeout=0.5)
+    try:
+        yield engine.start()
+        [pid] = engine.pids()
+        started = time.monotonic()
+        with pytest.raises(WorkerError):
+            yield engine._call(time.sleep, 30)
+        assert time.monotonic() - started < 10
+        assert any("smtp.worker_stuck" in formatEvent(e) for e in events)
+        yield engine.start()  # a fresh pool answers again
+        assert engine.pids() and pid not in engine.pids()
+    finally:
+        yield engine.close()
+
+
 def test_workers_key_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="workers"):
         write_config(tmp_path, "workers = -1")
