@@ -98,6 +98,18 @@ class WorkerSpec:
 
 
 @dataclass(frozen=True)
+class _Job:
+    """A job sent to a worker: who waits for its answer, its arena slot, the call
+    itself, and whether it was handed over again after another worker died."""
+
+    answer: defer.Deferred[Any]
+    slot: int | None
+    function: Callable[..., Any]
+    args: tuple[Any, ...]
+    retried: bool
+
+
+@dataclass(frozen=True)
 class _Answer:
     """One job's outcome as it crosses back: the result or the error, and what the
     worker logged and counted meanwhile."""
@@ -118,7 +130,8 @@ class _WorkerProcess(ProcessProtocol):
         self.arena = arena
         #: job slots of the arena not held by a job in flight
         self.free = list(range(arena.slots)) if arena is not None else []
-        self.pending: deque[tuple[defer.Deferred[_Answer], int | None]] = deque()
+        #: jobs sent and not answered, oldest first
+        self.pending: deque[_Job] = deque()
         self.buffer = bytearray()
         self.retiring = False
         self.ended = False
@@ -137,7 +150,7 @@ class _WorkerProcess(ProcessProtocol):
         return not (self.ended or self.retiring or self.input_closed)
 
     def send(
-        self, function: Callable[..., _Answer], args: tuple[Any, ...]
+        self, function: Callable[..., _Answer], args: tuple[Any, ...], retried: bool = False
     ) -> defer.Deferred[_Answer]:
         if self.ended or self.input_closed:
             return defer.fail(WorkerError("the worker process is gone"))
@@ -148,7 +161,7 @@ class _WorkerProcess(ProcessProtocol):
             region = None if slot is None else self.arena.input_region(slot)
             frame = _framed(self.arena.dumps((function, args, slot), region))
         d: defer.Deferred[_Answer] = defer.Deferred()
-        self.pending.append((d, slot))
+        self.pending.append(_Job(d, slot, function, args, retried))
         if len(self.pending) == 1:
             self._watch()
         self.transport.writeToChild(0, frame)
@@ -189,7 +202,8 @@ class _WorkerProcess(ProcessProtocol):
                 return
             payload = bytes(self.buffer[_HEADER.size : _HEADER.size + size])
             del self.buffer[: _HEADER.size + size]
-            d, slot = self.pending.popleft()
+            job = self.pending.popleft()
+            d, slot = job.answer, job.slot
             answer = pickle.loads(payload) if self.arena is None else self.arena.loads(payload)
             if slot is not None:  # read out: the slot may take the next job
                 self.free.append(slot)
@@ -207,8 +221,14 @@ class _WorkerProcess(ProcessProtocol):
         self._watch()  # (cancels it)
         self.engine._ended(self, reason)  # out of the pool before anyone hears of it
         pending, self.pending = self.pending, deque()
-        for d, _slot in pending:
-            d.errback(WorkerError(f"a worker process died: {reason.value}"))
+        error = WorkerError(f"a worker process died: {reason.value}")
+        for i, job in enumerate(pending):
+            # the oldest job was the one it was on (perhaps what killed it); the others
+            # had not started: another worker takes them, once
+            if i == 0 or job.retried or self.engine._closing:
+                job.answer.errback(error)
+            else:
+                self.engine._again(job)
         if self.arena is not None:
             self.arena.close()
             self.arena = None
@@ -373,6 +393,17 @@ class ProcessEngine:
         self, worker: _WorkerProcess, function: Callable[..., _Answer], *args: Any
     ) -> defer.Deferred[Any]:
         return worker.send(function, args).addCallback(self._settle)
+
+    def _again(self, job: _Job) -> None:
+        """Hand a job a dead worker had not started to another worker (its caller
+        still waits on ``job.answer``, which gets that worker's raw answer)."""
+        self._fill()
+        usable = [w for w in self._pool if w.usable]
+        if not usable:
+            job.answer.errback(WorkerError("the engine's workers are stopped"))
+            return
+        worker = min(usable, key=lambda w: len(w.pending))
+        worker.send(job.function, job.args, retried=True).chainDeferred(job.answer)
 
     def _settle(self, answer: _Answer) -> TransformResult | None:
         for namespace, level, text in answer.events:

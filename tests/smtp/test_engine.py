@@ -231,6 +231,31 @@ def test_a_message_that_kills_its_worker_gets_a_temporary_failure(tmp_path, pki)
 
 
 @pytest_twisted.inlineCallbacks
+def test_jobs_a_dead_worker_had_not_started_are_answered_by_another(tmp_path, pki):
+    """Only the job a worker was on when it died fails (it may be what killed it); the
+    ones queued behind it go to a new worker."""
+    from twisted.internet.defer import gatherResults
+
+    from smimeproxy.workers import _ping
+
+    config = write_config(tmp_path, "workers = 1")
+    secret = create_key_file(tmp_path / "master.key")
+    open_store(config.keystore.url, secret, create=True, base=tmp_path)
+    engine = ProcessEngine(WorkerSpec(str(config.path), secret), 1, reactor)
+    try:
+        yield engine.start()
+        [pid] = engine.pids()
+        killer = engine._call(os.kill, pid, signal.SIGKILL)
+        queued = [engine._call(_ping) for _ in range(3)]
+        with pytest.raises(WorkerError):
+            yield killer
+        assert (yield gatherResults(queued)) == [None, None, None]
+        assert engine.pids() and pid not in engine.pids()
+    finally:
+        yield engine.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_worker_stuck_on_one_job_is_killed_and_replaced(tmp_path, pki, events):
     """A job that does not end (a hung library call, say) costs that worker, not the
     service: after the job timeout the worker is killed, its jobs fail as a dead
