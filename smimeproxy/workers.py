@@ -23,9 +23,11 @@ with each message and the worker opens it with their keys only. What a worker lo
 counts comes back with each result and is emitted and counted here, so logs and
 ``/metrics`` look the same whichever way the work ran.
 
-Faults: a worker that dies (killed, out of memory) fails the jobs handed to it with
+Faults: a worker that dies (killed, out of memory) fails the job it was on with
 :class:`~smimeproxy.errors.WorkerError` (a gateway client gets 451 and retries; the
-proxy serves the message as stored) and a new worker is started for the next job. A
+proxy serves the message as stored); the jobs queued behind it go to another worker,
+once, and a new worker is started. One that spends more than :data:`JOB_TIMEOUT` on a
+job is killed, with the same outcome. A
 worker that cannot open the store does not die: it answers every job with the error
 that stopped it (a wrong master key is named as such), and :meth:`ProcessEngine.start`
 logs it. A reload (SIGHUP) starts new workers from the new file; the old ones finish
