@@ -256,9 +256,11 @@ class ProcessEngine:
         *,
         face: str = "smtp",
         job_timeout: float = JOB_TIMEOUT,
+        command: Sequence[str] | None = None,
     ):
         """``face`` names the service in the log events (``smtp.workers_ready``); a
-        worker that spends more than ``job_timeout`` seconds on one job is killed."""
+        worker that spends more than ``job_timeout`` seconds on one job is killed;
+        ``command`` starts a worker (default: this interpreter, :func:`main`)."""
         if workers < 1:
             raise ValueError("a process engine needs at least one worker")
         self.spec = spec
@@ -266,6 +268,10 @@ class ProcessEngine:
         self.face = face
         self.reactor = reactor
         self.job_timeout = job_timeout
+        self.command = list(command) if command is not None else _command()
+        #: after a worker died at start, none is started again before this time (a
+        #: broken install must not spawn a process per waiting job)
+        self._respawn_at = 0.0
         self.registry = registry or Registry()
         self.slots = defer.DeferredSemaphore(workers * PER_WORKER)
         self._pool: list[_WorkerProcess] = []
@@ -273,6 +279,8 @@ class ProcessEngine:
         self._fill()
 
     def _fill(self) -> None:
+        if self.reactor.seconds() < self._respawn_at:
+            return
         while len(self._pool) < self.workers and not self._closing:
             self._pool.append(self._spawn())
 
@@ -280,7 +288,7 @@ class ProcessEngine:
         created = Arena.create(PER_WORKER, SLOT_SIZE)
         arena, fd = created if created is not None else (None, None)
         worker = _WorkerProcess(self, arena)
-        command = _command()
+        command = self.command
         env = _environment()
         fds: dict[int, int | str] = {0: "w", 1: "r", 2: 2}
         if fd is not None:
@@ -307,6 +315,8 @@ class ProcessEngine:
                 )
                 # one that dies at once (cannot even start) is not restarted in a loop
                 quick = time.monotonic() - worker.started < 1.0
+                if quick:
+                    self._respawn_at = self.reactor.seconds() + 1.0
                 self.reactor.callLater(1.0 if quick else 0, self._fill)
 
     # -- the service's life ---------------------------------------------------------------
@@ -387,9 +397,14 @@ class ProcessEngine:
         self._fill()  # after deaths: a job waiting is reason enough to start again now
         usable = [w for w in self._pool if w.usable]
         if not usable:
-            return defer.fail(WorkerError("the engine's workers are stopped"))
+            return defer.fail(WorkerError(self._why_none()))
         worker = min(usable, key=lambda w: len(w.pending))
         return self._send(worker, function, *args)
+
+    def _why_none(self) -> str:
+        if self._closing:
+            return "the engine's workers are stopped"
+        return "no engine worker is running: they die as they start (see the log)"
 
     def _send(
         self, worker: _WorkerProcess, function: Callable[..., _Answer], *args: Any
@@ -402,7 +417,7 @@ class ProcessEngine:
         self._fill()
         usable = [w for w in self._pool if w.usable]
         if not usable:
-            job.answer.errback(WorkerError("the engine's workers are stopped"))
+            job.answer.errback(WorkerError(self._why_none()))
             return
         worker = min(usable, key=lambda w: len(w.pending))
         worker.send(job.function, job.args, retried=True).chainDeferred(job.answer)

@@ -256,6 +256,33 @@ def test_jobs_a_dead_worker_had_not_started_are_answered_by_another(tmp_path, pk
 
 
 @pytest_twisted.inlineCallbacks
+def test_workers_that_die_as_they_start_are_not_started_per_job(tmp_path, events):
+    """A broken install: every worker exits at once. Jobs fail at once with a reason, and
+    no more than about one worker a second is started, however many jobs wait."""
+    import sys
+
+    config = write_config(tmp_path, "workers = 1")
+    secret = create_key_file(tmp_path / "master.key")
+    broken = [sys.executable, "-c", "raise SystemExit(3)"]
+    engine = ProcessEngine(WorkerSpec(str(config.path), secret), 1, reactor, command=broken)
+    try:
+        yield deferLater(reactor, 0.5, lambda: None)  # the first one has died by now
+        failures = []
+        for _ in range(20):
+            try:
+                yield engine._call(os.getpid)
+            except WorkerError as e:
+                failures.append(str(e))
+            yield deferLater(reactor, 0.02, lambda: None)
+        assert len(failures) == 20
+        assert any("die as they start" in f for f in failures)
+        died = [e for e in events if "smtp.worker_died" in formatEvent(e)]
+        assert 1 <= len(died) <= 3  # in ~1 s: not one per job
+    finally:
+        yield engine.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_worker_stuck_on_one_job_is_killed_and_replaced(tmp_path, pki, events):
     """A job that does not end (a hung library call, say) costs that worker, not the
     service: after the job timeout the worker is killed, its jobs fail as a dead
