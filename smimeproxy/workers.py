@@ -142,6 +142,8 @@ class _WorkerProcess(ProcessProtocol):
         self.input_closed = False
         #: fires when the oldest job has taken longer than the engine's job timeout
         self.watchdog: Any = None
+        #: it has answered a job (so it could start)
+        self.answered = False
 
     @property
     def pid(self) -> int | None:
@@ -206,6 +208,7 @@ class _WorkerProcess(ProcessProtocol):
             del self.buffer[: _HEADER.size + size]
             job = self.pending.popleft()
             d, slot = job.answer, job.slot
+            self.answered = True
             answer = pickle.loads(payload) if self.arena is None else self.arena.loads(payload)
             if slot is not None:  # read out: the slot may take the next job
                 self.free.append(slot)
@@ -313,8 +316,9 @@ class ProcessEngine:
                     pid=worker.transport.pid,
                     reason=str(reason.value),
                 )
-                # one that dies at once (cannot even start) is not restarted in a loop
-                quick = time.monotonic() - worker.started < 1.0
+                # one that dies at once, never having answered (it cannot even start),
+                # is not restarted in a loop; one killed after it worked is, at once
+                quick = not worker.answered and time.monotonic() - worker.started < 1.0
                 if quick:
                     self._respawn_at = self.reactor.seconds() + 1.0
                 self.reactor.callLater(1.0 if quick else 0, self._fill)
