@@ -212,12 +212,17 @@ def test_wrong_master_key_is_named_at_start_and_per_message(tmp_path, pki, event
         yield engine.close()
 
 
-@pytest_twisted.inlineCallbacks
-def test_a_message_that_kills_its_worker_gets_a_temporary_failure(tmp_path, pki):
+def _one_worker(tmp_path, **options):
+    """A one-worker engine over a new, empty store in ``tmp_path``."""
     config = write_config(tmp_path, "workers = 1")
     secret = create_key_file(tmp_path / "master.key")
     open_store(config.keystore.url, secret, create=True, base=tmp_path)
-    engine = ProcessEngine(WorkerSpec(str(config.path), secret), 1, reactor)
+    return ProcessEngine(WorkerSpec(str(config.path), secret), 1, reactor, **options)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_message_that_kills_its_worker_gets_a_temporary_failure(tmp_path, pki):
+    engine = _one_worker(tmp_path)
     try:
         yield engine.start()
         [pid] = engine.pids()
@@ -238,10 +243,7 @@ def test_jobs_a_dead_worker_had_not_started_are_answered_by_another(tmp_path, pk
 
     from smimeproxy.workers import _ping
 
-    config = write_config(tmp_path, "workers = 1")
-    secret = create_key_file(tmp_path / "master.key")
-    open_store(config.keystore.url, secret, create=True, base=tmp_path)
-    engine = ProcessEngine(WorkerSpec(str(config.path), secret), 1, reactor)
+    engine = _one_worker(tmp_path)
     try:
         yield engine.start()
         [pid] = engine.pids()
@@ -261,10 +263,7 @@ def test_workers_that_die_as_they_start_are_not_started_per_job(tmp_path, events
     no more than about one worker a second is started, however many jobs wait."""
     import sys
 
-    config = write_config(tmp_path, "workers = 1")
-    secret = create_key_file(tmp_path / "master.key")
-    broken = [sys.executable, "-c", "raise SystemExit(3)"]
-    engine = ProcessEngine(WorkerSpec(str(config.path), secret), 1, reactor, command=broken)
+    engine = _one_worker(tmp_path, command=[sys.executable, "-c", "raise SystemExit(3)"])
     try:
         yield deferLater(reactor, 0.5, lambda: None)  # the first one has died by now
         failures = []
@@ -287,10 +286,7 @@ def test_a_worker_stuck_on_one_job_is_killed_and_replaced(tmp_path, pki, events)
     """A job that does not end (a hung library call, say) costs that worker, not the
     service: after the job timeout the worker is killed, its jobs fail as a dead
     worker's would (451 for an SMTP client) and a new worker answers."""
-    config = write_config(tmp_path, "workers = 1")
-    secret = create_key_file(tmp_path / "master.key")
-    open_store(config.keystore.url, secret, create=True, base=tmp_path)
-    engine = ProcessEngine(WorkerSpec(str(config.path), secret), 1, reactor, job_timeout=0.5)
+    engine = _one_worker(tmp_path, job_timeout=0.5)
     try:
         yield engine.start()
         [pid] = engine.pids()
