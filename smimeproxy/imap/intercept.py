@@ -3,13 +3,15 @@
 Each intercept runs with the session otherwise idle (no earlier command outstanding,
 later ones held) and issues its own tagged commands on the session's upstream.
 
-FETCH: ``[UID] FETCH set (UID BODY.PEEK[HEADER.FIELDS (CONTENT-TYPE)])`` finds the
-S/MIME messages in the set (:func:`smimeproxy.imap.fetch.is_smime`); those not in the
-cache are fetched whole by UID (``BODY.PEEK[]``, never setting ``\\Seen``), opened with the
-user's keys in the thread pool and cached; then the client's own command goes upstream
-unchanged and :class:`FetchRewrite` replaces the content items of the responses for the
-opened messages.  The server therefore still sets ``\\Seen`` for non-PEEK fetches and
-reports FLAGS, MODSEQ and VANISHED itself.
+FETCH: the mailbox's S/MIME messages are found once and kept per mailbox (UID FETCH:
+the highest UID, then ``UID SEARCH UID n:m HEADER Content-Type pkcs7-mime`` for those not
+classified yet; a FETCH by number asks ``FETCH set (UID BODY.PEEK[HEADER.FIELDS
+(CONTENT-TYPE)])``, :func:`smimeproxy.imap.fetch.is_smime`); those the command names and
+the cache lacks are fetched whole by UID (``BODY.PEEK[]``, never setting ``\\Seen``),
+opened with the user's keys (engine workers or the thread pool) and cached; then the
+client's own command goes upstream unchanged and :class:`FetchRewrite` replaces the
+content items of the responses for the opened messages.  The server therefore still
+sets ``\\Seen`` for non-PEEK fetches and reports FLAGS, MODSEQ and VANISHED itself.
 
 SEARCH: see :mod:`smimeproxy.imap.searchkeys`.
 
@@ -650,13 +652,43 @@ def _classify_from(known: Classification, found: list[tuple[int, int, bool]]) ->
         known.upto = max(known.upto, uid + 1)
 
 
+#: what S/MIME messages have in common for a SEARCH (is_smime needs a pkcs7-mime
+#: Content-Type; the rare one that is not S/MIME, certs-only, is then opened once and
+#: stays as stored)
+SMIME_SEARCH = b"HEADER Content-Type pkcs7-mime"
+_FETCHED_UID = re.compile(rb"\* [0-9]+ FETCH \(UID ([0-9]+)\)", re.IGNORECASE)
+
+
+def search_uids(result: Any) -> list[int]:
+    """The UIDs of a ``* SEARCH`` response among a command's untagged responses."""
+    uids: list[int] = []
+    for message in result.untagged:
+        head = message.lines[0]
+        if head.upper().startswith(b"* SEARCH"):
+            uids.extend(int(u) for u in head.split()[2:] if u.isdigit())
+    return uids
+
+
 async def classify(session: ProxySession) -> Classification:
-    """Bring the selected mailbox's classification up to date (one round trip that
-    returns only the messages not classified yet)."""
+    """Bring the selected mailbox's classification up to date: the highest UID, then
+    one SEARCH for the S/MIME messages among those not classified yet.  Two short
+    answers instead of a FETCH response per message (a first sync of 2,000 messages
+    spent 20-35 ms reading those).  The highest UID is asked for first and the SEARCH
+    names the range up to it, so a message that arrives in between is left for the
+    next classification, never taken for plain."""
     known = session.classification()
     session.mailbox_changed = False
-    result = await session.command(b"UID FETCH %d:*" % known.upto + _CT_ITEMS)
-    _classify_from(known, _uid_seq_smime(result.untagged))
+    top = await session.command(b"UID FETCH * (UID)")
+    found = [_FETCHED_UID.match(m.lines[0]) for m in top.untagged if m.lines]
+    highest = max((int(m.group(1)) for m in found if m is not None), default=0)
+    if highest < known.upto:
+        return known
+    result = await session.command(b"UID SEARCH UID %d:%d " % (known.upto, highest) + SMIME_SEARCH)
+    if result.ok:
+        known.smime.update(u for u in search_uids(result) if known.upto <= u <= highest)
+        known.upto = highest + 1
+    else:  # not classified: ask again at the next FETCH
+        session.mailbox_changed = True
     return known
 
 

@@ -150,14 +150,9 @@ def _rewrite(tokens: list[Token], views: dict[int, Any], charset: str) -> list[T
 async def search_intercept(
     session: ProxySession, tag: bytes, word: bytes, args: list[Token]
 ) -> None:
-    from smimeproxy.imap.intercept import views_for
+    from smimeproxy.imap.intercept import SMIME_SEARCH, search_uids, views_for
 
-    found = await session.command(b"UID SEARCH HEADER Content-Type pkcs7-mime")
-    uids: list[int] = []
-    for message in found.untagged:
-        head = message.lines[0]
-        if head.upper().startswith(b"* SEARCH"):
-            uids.extend(int(u) for u in head.split()[2:] if u.isdigit())
+    uids = search_uids(await session.command(b"UID SEARCH " + SMIME_SEARCH))
     views = await views_for(session, uids) if uids else {}
     prefix = tag + (b" UID SEARCH" if word == b"UID SEARCH" else b" SEARCH")  # one space follows
     message = build_message(prefix, args)

@@ -541,6 +541,18 @@ SMIME_HEADER = b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data
 SMIME_CT = b"BODY[HEADER.FIELDS (CONTENT-TYPE)] {%d}\r\n%s)\r\n" % (len(SMIME_HEADER), SMIME_HEADER)
 
 
+def _classify(h: Harness, highest: int, smime: list[int], first: int = 1, tag: int = 2) -> None:
+    """The proxy classifies the mailbox (UIDs ``first``..``highest``): the highest UID,
+    then one SEARCH; the server answers that ``smime`` are S/MIME."""
+    assert h.to_server() == b"smp%d UID FETCH * (UID)\r\n" % tag
+    h.server(b"* %d FETCH (UID %d)\r\nsmp%d OK done\r\n" % (highest, highest, tag))
+    assert h.to_server() == (
+        b"smp%d UID SEARCH UID %d:%d HEADER Content-Type pkcs7-mime\r\n" % (tag + 1, first, highest)
+    )
+    found = b"".join(b" %d" % u for u in smime)
+    h.server(b"* SEARCH" + found + b"\r\nsmp%d OK done\r\n" % (tag + 1))
+
+
 def test_non_uid_fetch_without_smime_messages_costs_no_extra_round_trip() -> None:
     """The first non-UID FETCH classifies the mailbox alongside its own Content-Type
     query (one round trip); once no message is S/MIME, the next goes straight on, until
@@ -576,24 +588,22 @@ def test_non_uid_fetch_in_a_classified_mailbox_asks_only_for_uids() -> None:
     assert h.to_server() == b"c UID FETCH 11:12 (FLAGS)\r\n"
     h.server(b"c OK done\r\n")
     h.send(b"d UID FETCH 12 (BODY.PEEK[])\r\n")  # classifies
-    assert h.to_server() == b"smp2 UID FETCH 1:*" + CT_QUERY
-    h.server(b"* 1 FETCH (UID 11 " + PLAIN_CT + b"* 2 FETCH (UID 12 " + SMIME_CT)
-    h.server(b"smp2 OK done\r\n")
+    _classify(h, 12, [12])
     assert h.to_server() == b"d UID FETCH 12 (BODY.PEEK[])\r\n"
     h.server(b"d OK done\r\n")
     h.to_client()
     h.send(b"e FETCH 1 (BODY.PEEK[])\r\n")
-    assert h.to_server() == b"smp3 FETCH 1 (UID)\r\n"
-    h.server(b"* 1 FETCH (UID 11)\r\nsmp3 OK done\r\n")
+    assert h.to_server() == b"smp4 FETCH 1 (UID)\r\n"
+    h.server(b"* 1 FETCH (UID 11)\r\nsmp4 OK done\r\n")
     assert h.to_server() == b"e FETCH 1 (BODY.PEEK[])\r\n"  # message 1 is not S/MIME
     h.server(b"* 1 FETCH (BODY[] {2}\r\nhi)\r\ne OK done\r\n")
     assert h.to_client() == b"* 1 FETCH (BODY[] {2}\r\nhi)\r\ne OK done\r\n"
     # a UID the classification does not cover yet: the Content-Type query decides
     h.send(b"f FETCH 1:* (BODY.PEEK[])\r\n")
-    assert h.to_server() == b"smp4 FETCH 1:* (UID)\r\n"
+    assert h.to_server() == b"smp5 FETCH 1:* (UID)\r\n"
     h.server(b"* 1 FETCH (UID 11)\r\n* 2 FETCH (UID 12)\r\n* 3 FETCH (UID 13)\r\n")
-    h.server(b"smp4 OK done\r\n")
-    assert h.to_server() == b"smp5 FETCH 1:*" + CT_QUERY
+    h.server(b"smp5 OK done\r\n")
+    assert h.to_server() == b"smp6 FETCH 1:*" + CT_QUERY
 
 
 def _with_cached_view() -> tuple[Harness, bytes]:
@@ -607,11 +617,11 @@ def _with_cached_view() -> tuple[Harness, bytes]:
     h.server(b"smp1 OK listed\r\n")
     h.send(b"b SELECT INBOX\r\n")
     h.server(b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\nb OK done\r\n")
+    h.to_server()
     h.send(b"c UID FETCH 1:* (FLAGS BODY.PEEK[HEADER])\r\n")  # classifies: UID 2 is S/MIME
-    h.server(b"* 1 FETCH (UID 1 " + PLAIN_CT + b"* 2 FETCH (UID 2 " + SMIME_CT)
     decrypted = b"Subject: secret\r\n\r\nthe plaintext\r\n"
     cache.put(("alice@acme.test", "INBOX", 7, 2), MessageView(decrypted))
-    h.server(b"smp2 OK done\r\n")
+    _classify(h, 2, [2])
     h.server(b"* 1 FETCH (UID 1 FLAGS ())\r\n* 2 FETCH (UID 2 FLAGS ())\r\nc OK done\r\n")
     h.to_client()
     h.to_server()
@@ -702,8 +712,8 @@ def test_unsolicited_flags_update_in_a_non_uid_fetch_passes_through_unchanged(
     """The same by sequence number: the update names the message only by number."""
     h, decrypted = _with_cached_view()
     h.send(b"t FETCH 2 (BODY.PEEK[])\r\n")
-    assert h.to_server() == b"smp3 FETCH 2 (UID)\r\n"
-    h.server(b"* 2 FETCH (UID 2)\r\nsmp3 OK done\r\n")
+    assert h.to_server() == b"smp4 FETCH 2 (UID)\r\n"
+    h.server(b"* 2 FETCH (UID 2)\r\nsmp4 OK done\r\n")
     assert h.to_server() == b"t FETCH 2 (BODY.PEEK[])\r\n"
     before = b"* 2 FETCH (FLAGS (\\Flagged))\r\n" if order in ("before", "both") else b""
     after = b"* 2 FETCH (FLAGS (\\Flagged \\Seen))\r\n" if order in ("after", "both") else b""
@@ -718,9 +728,9 @@ def test_unsolicited_flags_update_during_the_proxys_own_commands_reaches_the_cli
     they run is the client's (it was swallowed with their answers before)."""
     h, decrypted = _with_cached_view()
     h.send(b"t FETCH 2 (BODY.PEEK[])\r\n")
-    assert h.to_server() == b"smp3 FETCH 2 (UID)\r\n"
+    assert h.to_server() == b"smp4 FETCH 2 (UID)\r\n"
     h.server(b"* 1 FETCH (FLAGS (\\Seen))\r\n* 2 FETCH (UID 2)\r\n")
-    h.server(b"* 2 FETCH (UID 2 FLAGS (\\Flagged))\r\nsmp3 OK done\r\n")
+    h.server(b"* 2 FETCH (UID 2 FLAGS (\\Flagged))\r\nsmp4 OK done\r\n")
     assert h.to_client() == b"* 1 FETCH (FLAGS (\\Seen))\r\n* 2 FETCH (UID 2 FLAGS (\\Flagged))\r\n"
     assert h.to_server() == b"t FETCH 2 (BODY.PEEK[])\r\n"
     h.server(b"* 2 FETCH (BODY[] {%d}\r\n%s)\r\nt OK done\r\n" % (len(CIPHERTEXT), CIPHERTEXT))
@@ -777,13 +787,11 @@ def _first_sync_while_opening(**options: Any) -> tuple[Harness, OpeningEngine, b
     h.to_client()
     h.to_server()
     h.send(b"c UID FETCH 1:* (UID BODYSTRUCTURE)\r\nd NOOP\r\n")
-    assert h.to_server() == b"smp2 UID FETCH 1:*" + CT_QUERY
-    h.server(b"* 1 FETCH (UID 1 " + PLAIN_CT + b"* 2 FETCH (UID 2 " + SMIME_CT)
-    h.server(b"* 3 FETCH (UID 3 " + PLAIN_CT + b"smp2 OK done\r\n")
-    assert h.to_server() == b"smp3 UID FETCH 2 (UID BODY.PEEK[])\r\n"
+    _classify(h, 3, [2])
+    assert h.to_server() == b"smp4 UID FETCH 2 (UID BODY.PEEK[])\r\n"
     h.server(b"* 2 FETCH (UID 2 BODY[] {%d}\r\n%s)\r\n" % (len(CIPHERTEXT), CIPHERTEXT))
     assert [data for data, _ in engine.opening] == [CIPHERTEXT]
-    h.server(b"smp3 OK done\r\n")
+    h.server(b"smp4 OK done\r\n")
     # every ciphertext is here: the client's command goes on while it is being opened
     assert h.to_server() == b"c UID FETCH 1:* (UID BODYSTRUCTURE)\r\n"
     answer = b"".join(
