@@ -143,7 +143,7 @@ def open_view(opener: Opener, data: bytes, warm: bool = True) -> Any:
         return None
     if status.decryption is not None and not status.decryption.decrypted:
         return None
-    view = MessageView(opened.data)
+    view = MessageView(opened.data, crlf=opened.crlf)
     if warm:
         view.warm()
     return view

@@ -91,10 +91,13 @@ class MessageView:
     same message.
     """
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, crlf: bool = False):
+        """``crlf``: the caller knows every line of ``data`` ends with CRLF (the
+        engine's output for a CRLF message, :attr:`OpenedMessage.crlf`), so the
+        bare-LF check (~46 us for 70 KB) is skipped."""
         if not isinstance(data, bytes):
             raise TypeError("MessageView takes bytes")
-        if not is_crlf(data) and data.count(b"\n") != data.count(b"\r\n"):
+        if not crlf and not is_crlf(data) and data.count(b"\n") != data.count(b"\r\n"):
             # IMAP servers send CRLF line ends whatever they store (Dovecot converts bare
             # LF on output); ``size`` and every section are of the converted message.
             data = _BARE_LF.sub(b"\r\n", data)

@@ -82,6 +82,9 @@ class OpenedMessage:
     data: bytes
     status: MessageStatus
     changed: bool = True
+    #: every line of ``data`` ends with CRLF, and no CR or LF stands alone (it was
+    #: built for a CRLF message and canonicalised): readers need not check again
+    crlf: bool = False
 
 
 @dataclass
@@ -469,7 +472,8 @@ def open_message(
         return OpenedMessage(data, status, changed=False)
     hp_root = None  # may hold a copy of the signed part: not needed any more
     data = _finish(top, outer_headers, content, status, options)
-    return OpenedMessage(data, status)
+    # _finish canonicalises the line ends of a message with content to the message's own
+    return OpenedMessage(data, status, crlf=content is not None and top.eol == mime.CRLF)
 
 
 def _restore_body(top: mime.Entity, message: bytes, body_length: int) -> None:

@@ -54,6 +54,8 @@ def test_mime_parser_on_random_bytes(data):
 def test_open_random_bytes_never_raises(data):
     opened = open_message(data, options=OpenOptions(authserv_id="acme.test"))
     assert b"Authentication-Results: acme.test; smime=" in opened.data
+    # a reader may trust the flag and skip its own line-end check (the IMAP view does)
+    assert not opened.crlf or mime.is_crlf(opened.data)
 
 
 @settings(
@@ -71,3 +73,4 @@ def test_open_mutated_messages_never_raises(sealed, data):
         mutated[min(pos, len(mutated) - 1)] = byte
     opened = open_message(bytes(mutated), keys=[key], options=OpenOptions(authserv_id="acme.test"))
     assert opened.data
+    assert not opened.crlf or mime.is_crlf(opened.data)
