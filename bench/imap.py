@@ -19,7 +19,7 @@ each are printed, and the ratios of both.  The cold first sync runs once by natu
 The proxy runs with ``[imap] workers`` (``--workers``, default one per core): stored
 messages are opened in engine processes of their own, as deployed on a multi-core host;
 ``--workers 0`` opens them in the proxy's own thread pool. (On two cores the cold mixed
-sync measured 1.47-1.53x of its budget with 0 workers, 1.36-1.39x with 1, 0.96-1.14x
+sync measured 1.39-1.48x of its budget with 0 workers, 1.32-1.42x with 1, 0.89-1.04x
 with 2: the decryption comes in bursts, so unlike the gateway's steady load it gains
 from a worker on the reactor's core too.)
 
