@@ -202,18 +202,27 @@ def test_the_quick_reading_of_a_fetch_response_agrees_with_the_tokenizer(seq, ui
 
 
 @pytest.mark.parametrize(
-    "message",
+    ("message", "body"),
     [
-        Message([b"* 1 FETCH (BODY[] {3}\r\n", b" UID 7)\r\n"], [b"abc"]),  # UID after
-        Message([b"* 1 FETCH (UID 7 BODY[] {4}\r\n", b")\r\n"], [b"abc"]),  # wrong length
-        Message([b"* 1 FETCH (UID 7 BODY[] ~{3}\r\n", b")\r\n"], [b"abc"]),  # literal8
-        Message([b"* 1 FETCH (UID 7 BODY[] NIL)\r\n"], []),
-        Message([b"* 1 fetch (uid 7 body[] {3}\r\n", b")\r\n"], [b"abc"]),
+        (Message([b"* 1 FETCH (BODY[] {3}\r\n", b" UID 7)\r\n"], [b"abc"]), b"abc"),  # UID after
+        (Message([b"* 1 FETCH (UID 7 BODY[] {4}\r\n", b")\r\n"], [b"abc"]), b"abc"),  # length
+        (Message([b"* 1 FETCH (UID 7 BODY[] ~{3}\r\n", b")\r\n"], [b"abc"]), b"abc"),  # literal8
+        (Message([b"* 1 FETCH (UID 7 BODY[] NIL)\r\n"], []), None),
+        (Message([b"* 1 fetch (uid 7 body[] {3}\r\n", b")\r\n"], [b"abc"]), b"abc"),
+        (Message([b"* 1 FETCH (FLAGS () UID 7)\r\n"], []), None),
     ],
 )
-def test_other_shapes_take_the_tokenizer(message):
+def test_other_shapes_take_the_tokenizer(message, body):
     from smimeproxy.imap.intercept import _simple_response, _uid_and_body
 
     assert _simple_response(message) is None
-    uid, body = _uid_and_body(message)
-    assert uid == 7 and body in (b"abc", None)
+    assert _uid_and_body(message) == (7, body)
+
+
+@pytest.mark.parametrize("line", [b"* 3 FETCH (UID 70)\r\n", b"* 3 FETCH (FLAGS () UID 70)\r\n"])
+def test_a_uid_alone_is_read_alike_both_ways(line):
+    """``* n FETCH (UID u)`` (the answer to ``UID FETCH * (UID)``) takes the quick
+    reading; with more items the tokenizer; both give sequence number and UID."""
+    from smimeproxy.imap.intercept import _seq_uid_section
+
+    assert _seq_uid_section(Message([line], [])) == (3, 70, None)
