@@ -398,12 +398,18 @@ class ProcessEngine:
 
     def _call(self, function: Callable[..., _Answer], *args: Any) -> defer.Deferred[Any]:
         """``function(*args)`` in the least busy worker."""
+        return self._dispatch(function, args).addCallback(self._settle)
+
+    def _dispatch(
+        self, function: Callable[..., _Answer], args: tuple[Any, ...], retried: bool = False
+    ) -> defer.Deferred[_Answer]:
+        """Send a job to the least busy worker; its raw answer."""
         self._fill()  # after deaths: a job waiting is reason enough to start again now
         usable = [w for w in self._pool if w.usable]
         if not usable:
             return defer.fail(WorkerError(self._why_none()))
         worker = min(usable, key=lambda w: len(w.pending))
-        return self._send(worker, function, *args)
+        return worker.send(function, args, retried)
 
     def _why_none(self) -> str:
         if self._closing:
@@ -418,13 +424,7 @@ class ProcessEngine:
     def _again(self, job: _Job) -> None:
         """Hand a job a dead worker had not started to another worker (its caller
         still waits on ``job.answer``, which gets that worker's raw answer)."""
-        self._fill()
-        usable = [w for w in self._pool if w.usable]
-        if not usable:
-            job.answer.errback(WorkerError(self._why_none()))
-            return
-        worker = min(usable, key=lambda w: len(w.pending))
-        worker.send(job.function, job.args, retried=True).chainDeferred(job.answer)
+        self._dispatch(job.function, job.args, retried=True).chainDeferred(job.answer)
 
     def _settle(self, answer: _Answer) -> TransformResult | None:
         for namespace, level, text in answer.events:
