@@ -281,13 +281,23 @@ class ProxySession(Protocol, TimeoutMixin):
             if self._held is not None:
                 self._held.append(data)
                 self._held_bytes += len(data)
-                if self._held_bytes > self.ctx.max_held and not self._reading_paused:
+                if self._held_bytes > self.ctx.max_held:
                     # the server's responses wait in its socket, not in our memory
-                    self._reading_paused = True
-                    if self.upstream is not None and self.upstream.transport is not None:
-                        self.upstream.transport.pauseProducing()
+                    self._read_server(False)
             else:
                 self._emit(data)
+
+    def _read_server(self, reading: bool) -> None:
+        """Stop (or resume) reading the server's responses, once per change."""
+        paused = not reading
+        if self._reading_paused == paused:
+            return
+        self._reading_paused = paused
+        if self.upstream is not None and self.upstream.transport is not None:
+            if reading:
+                self.upstream.transport.resumeProducing()
+            else:
+                self.upstream.transport.pauseProducing()
 
     def _emit(self, data: bytes) -> None:
         if self._batch is not None:
@@ -326,14 +336,10 @@ class ProxySession(Protocol, TimeoutMixin):
             held.popleft()
         if not held:
             self._held = None
-            self._held_bytes = 0
         if out and not self._closed and self.transport is not None:
             self._emit(b"".join(out))  # into the batch of the read in progress, or out now
-        if self._held is None or self._held_bytes <= self.ctx.max_held // 2:
-            if self._reading_paused:
-                self._reading_paused = False
-                if self.upstream is not None and self.upstream.transport is not None:
-                    self.upstream.transport.resumeProducing()
+        if self._held_bytes <= self.ctx.max_held // 2:
+            self._read_server(True)
         if self._batch is None and not self._closed and self.transport is not None:
             flush(self.transport)
         if self._held is None and self._close_when_released:
