@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -15,6 +16,7 @@ from smimeproxy.config import Config, load_config
 from smimeproxy.keystore import MasterSecret, open_store
 from smimeproxy.processing import MessageProcessor
 from smimeproxy.testing import CertificateFactory
+from tests.smtp.loopback import Gateway
 
 PLAIN = (
     b"From: Alice <alice@acme.test>\r\n"
@@ -109,3 +111,18 @@ class ImmediatePool:
             on_result(False, Failure())
         else:
             on_result(True, result)
+
+
+@pytest.fixture
+def gateway(make_processor):
+    """``make(sink, extra="")``: gateways on loopback ports, stopped after the test."""
+    made = []
+
+    def make(sink, extra=""):
+        g = Gateway(make_processor, sink, extra)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        pytest_twisted.blockon(g.stop())

@@ -31,8 +31,8 @@ from tests.cms import openssl_decrypt, openssl_verify
 from tests.ports import free_port
 from tests.procs import alive
 from tests.smtp.conftest import PLAIN, write_config
+from tests.smtp.loopback import Gateway
 from tests.smtp.sink import Sink
-from tests.smtp.test_relay import Gateway
 
 
 class WorkerGateway(Gateway):

@@ -24,7 +24,6 @@ from smimeproxy.smtp.extensions import (
 from smimeproxy.smtp.relay import NextHop
 from smimeproxy.smtp.transform import Copy
 from tests.smtp.sink import Sink
-from tests.smtp.test_relay import Gateway
 from tests.smtp.test_server import ScriptedNextHop, Session
 
 UTF8_SENDER = "jösé@elsewhere.test"
@@ -340,20 +339,6 @@ def test_relay_sends_nothing_when_smtputf8_is_needed_and_not_offered(sender, rcp
 
 
 # -- through a loopback next hop -----------------------------------------------------------
-@pytest.fixture
-def gateway(make_processor):
-    made = []
-
-    def make(sink, extra=""):
-        g = Gateway(make_processor, sink, extra)
-        made.append(g)
-        return g
-
-    yield make
-    for g in made:
-        pytest_twisted.blockon(g.stop())
-
-
 def send(g, sender, recipients, data, mail_options=(), rcpt_options=None):
     """smtplib in a thread: (code, text) of the first refusal or of the end of data."""
     rcpt_options = rcpt_options or {}

@@ -18,8 +18,8 @@ from twisted.internet import threads
 from twisted.internet.testing import StringTransport
 
 from tests.smtp.conftest import PLAIN
+from tests.smtp.loopback import Gateway
 from tests.smtp.sink import Sink
-from tests.smtp.test_relay import Gateway
 from tests.smtp.test_server import ScriptedNextHop, Session
 
 
