@@ -3,12 +3,17 @@ key store per test, a configuration written as TOML (so the real loader is used)
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -126,3 +131,39 @@ def gateway(make_processor):
     yield make
     for g in made:
         pytest_twisted.blockon(g.stop())
+
+
+def server_certificate(pki, name: str) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) for a TLS server ``name``, issued by the test root."""
+    root = pki["factory"].root
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(root.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(root.private_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@pytest.fixture(scope="module")
+def tls_files(pki, tmp_path_factory):
+    """A directory with the gateway's TLS certificate (``gw.pem``, for localhost), its
+    key (``gw.key``) and the test root (``root.pem``)."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = server_certificate(pki, "localhost")
+    (d / "gw.pem").write_bytes(cert)
+    (d / "gw.key").write_bytes(key)
+    (d / "root.pem").write_bytes(pki["factory"].root.cert_pem)
+    return d

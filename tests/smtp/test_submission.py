@@ -42,7 +42,7 @@ from tests.ports import free_port
 from tests.smtp.conftest import PLAIN, ImmediatePool, ThreadlessReactor, write_config
 from tests.smtp.sink import Sink
 from tests.smtp.test_server import ScriptedNextHop, Session
-from tests.smtp.test_tls import TLSStringTransport, server_certificate
+from tests.smtp.test_tls import TLSStringTransport
 
 PASSWORD = "alice-secret-pw"
 STUFFED = PLAIN.replace(b"\r\n.", b"\r\n..")  # dot-stuffed for DATA
@@ -422,20 +422,10 @@ def test_config_submission_needs_auth_dovecot(tmp_path):
 # ------------------------------------------------------------- a real Dovecot
 
 
-@pytest.fixture(scope="module")
-def tls_pair(pki, tmp_path_factory):
-    d = tmp_path_factory.mktemp("subtls")
-    cert, key = server_certificate(pki, "localhost")
-    (d / "gw.pem").write_bytes(cert)
-    (d / "gw.key").write_bytes(key)
-    (d / "root.pem").write_bytes(pki["factory"].root.cert_pem)
-    return d
-
-
 class RealWorld:
     """A real Dovecot, the gateway with a submission listener using it, and a sink."""
 
-    def __init__(self, tmp_path, make_processor, tls_pair):
+    def __init__(self, tmp_path, make_processor, tls_files):
         from tests.integration.dovecot import start_dovecot
 
         self.dovecot = start_dovecot(tmp_path, {"alice": PASSWORD, "carol@acme.test": "carol-pw"})
@@ -445,10 +435,10 @@ class RealWorld:
         self.port = free_port()
         self.implicit_port = free_port()  # submissions, implicit TLS (RFC 8314)
         self.plain_port = free_port()
-        pem, key = tls_pair / "gw.pem", tls_pair / "gw.key"
+        pem, key = tls_files / "gw.pem", tls_files / "gw.key"
         implicit = f"ssl:{self.implicit_port}:interface=127.0.0.1:privateKey={key}:certKey={pem}"
         processor = make_processor(
-            f'tls_certificate = "{tls_pair / "gw.pem"}"\ntls_key = "{tls_pair / "gw.key"}"\n'
+            f'tls_certificate = "{tls_files / "gw.pem"}"\ntls_key = "{tls_files / "gw.key"}"\n'
             f'submission_listen = ["tcp:{self.port}:interface=127.0.0.1", "{implicit}"]\n'
             f'auth_dovecot = "unix:{self.socket}"',
             next_hop=f"tcp:127.0.0.1:{self.sink_port.getHost().port}",
@@ -458,7 +448,7 @@ class RealWorld:
         processor.store.add_login("alice@acme.test", "alice")
         self.service = make_service(processor.config, processor, reactor)
         self.service.startService()
-        self.context = stdlib_ssl.create_default_context(cafile=str(tls_pair / "root.pem"))
+        self.context = stdlib_ssl.create_default_context(cafile=str(tls_files / "root.pem"))
 
     def stop(self):
         d = self.service.stopService()
@@ -475,8 +465,8 @@ class RealWorld:
 
 
 @pytest.fixture
-def world(tmp_path, make_processor, tls_pair):
-    w = RealWorld(tmp_path, make_processor, tls_pair)
+def world(tmp_path, make_processor, tls_files):
+    w = RealWorld(tmp_path, make_processor, tls_files)
     yield w
     w.stop()
 
