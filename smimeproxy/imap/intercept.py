@@ -458,6 +458,8 @@ async def open_views(
             return None
         if cache is not None:
             cache.put(key, view)
+            if metrics is not None:  # as each lands: some land after this returns
+                metrics.cache_size(cache)
         views[key[3]] = view
         return view
 
@@ -491,8 +493,6 @@ async def open_views(
     finally:
         for fetching in fetches.values():  # given up half way (upstream lost): nobody waits
             fetching.addErrback(lambda _: None)
-    if metrics is not None and missing:
-        metrics.cache_size(cache)
     return views, pending
 
 
